@@ -1,0 +1,170 @@
+"""Devices, meshes and hosts: the one module that knows about them.
+
+Every sharded kernel in jaxmem runs through :func:`shard_examples`: the example axis
+(axis 0 of every input) is padded to a multiple of the device count, split over a 1-D
+mesh with :func:`jax.shard_map`, and the padding is dropped from the result. Kernels
+must therefore be *row-wise*: the output for example ``i`` depends only on input row
+``i`` (and on replicated arguments), which is what makes 1 device and 8 devices give
+the same numbers.
+
+Multi-host: call :func:`initialize_distributed` in every process before any other JAX
+call; :func:`make_mesh` then spans the devices of all processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+#: Name of the mesh axis that examples (or ensemble members) are split over.
+AXIS = "d"
+
+__all__ = [
+    "AXIS",
+    "make_mesh",
+    "shard_examples",
+    "pad_rows",
+    "replicate",
+    "initialize_distributed",
+]
+
+
+def make_mesh(
+    num_devices: int | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    axis_name: str = AXIS,
+) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: the first ``num_devices`` of ``jax.devices()``).
+
+    The axis type is ``Auto`` so that inputs are resharded onto the mesh as needed
+    (recent JAX defaults to ``Explicit``, where they are not).
+
+    Args:
+      num_devices: how many devices to use; ``None`` means all (of all processes).
+      devices: explicit device list; overrides ``num_devices``.
+      axis_name: name of the single mesh axis.
+
+    Returns:
+      A :class:`jax.sharding.Mesh` with one axis of size ``len(devices)``.
+    """
+    if devices is None:
+        all_devices = jax.devices()
+        if num_devices is None:
+            num_devices = len(all_devices)
+        if not 1 <= num_devices <= len(all_devices):
+            raise ValueError(
+                f"num_devices={num_devices} but {len(all_devices)} device(s) are available"
+            )
+        devices = all_devices[:num_devices]
+    devices = list(devices)
+    return jax.make_mesh(
+        (len(devices),), (axis_name,), axis_types=(AxisType.Auto,), devices=devices
+    )
+
+
+def pad_rows(x: Any, multiple: int) -> tuple[Any, int]:
+    """Pad axis 0 of every leaf of ``x`` to a multiple of ``multiple`` by repeating row 0.
+
+    Repeating a real row (rather than zeros) keeps padded rows finite for kernels
+    such as log-likelihoods, whose values for the padding are dropped anyway.
+
+    Returns:
+      ``(padded, n)`` where ``n`` is the original number of rows.
+    """
+    leaves = jax.tree.leaves(x)
+    if not leaves:
+        raise ValueError("pad_rows needs at least one array")
+    n = leaves[0].shape[0]
+    pad = (-n) % multiple
+    if pad == 0:
+        return x, n
+
+    def _pad(a):
+        filler = jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])
+        return jnp.concatenate([a, filler], axis=0)
+
+    return jax.tree.map(_pad, x), n
+
+
+def replicate(x: Any, mesh: Mesh) -> Any:
+    """Place every leaf of ``x`` fully replicated on ``mesh``."""
+    return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+def shard_examples(
+    fn: Callable[..., Any],
+    mesh: Mesh,
+    sharded: Any,
+    replicated: Any = (),
+    *,
+    axis_name: str = AXIS,
+    example_axis: int = 0,
+) -> Any:
+    """Run a row-wise ``fn(sharded, replicated)`` with ``sharded``'s rows split over ``mesh``.
+
+    Args:
+      fn: ``fn(sharded_block, replicated) -> outputs``; each output leaf has the
+        example axis at ``example_axis`` (0 or 1; 1 is for ``[models, examples]``
+        matrices). Must be row-wise (see the module docstring).
+      mesh: a 1-D mesh from :func:`make_mesh`.
+      sharded: pytree of arrays whose axis 0 is the example axis (same length n).
+      replicated: pytree of arrays every device sees in full (model states, keys).
+      axis_name: the mesh axis name.
+      example_axis: where the example axis is in ``fn``'s outputs.
+
+    Returns:
+      ``fn``'s outputs for all n examples, padding removed. Jit the caller (or this
+      call) to get one compiled program.
+    """
+    ndev = mesh.shape[axis_name]
+    padded, n = pad_rows(sharded, ndev)
+    out_spec = P(axis_name) if example_axis == 0 else P(None, axis_name)
+    mapped = jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(P(axis_name), P()),
+        out_specs=out_spec,
+        check_vma=False,
+    )
+    out = mapped(padded, replicated)
+    if example_axis == 0:
+        return jax.tree.map(lambda a: a[:n], out)
+    return jax.tree.map(lambda a: a[:, :n], out)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = None,
+) -> None:
+    """Join a multi-process JAX run (``jax.distributed.initialize``), once per process.
+
+    With no arguments JAX auto-detects the cluster (SLURM, TPU pods, ...). On CPU,
+    pass ``cpu_collectives="gloo"`` to let processes exchange data over TCP (as the
+    loopback tests do). Must be called before any other JAX operation.
+    """
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def host_local_rows(n: int) -> np.ndarray:
+    """Indices of the rows of an ``n``-row array that this process feeds in a multi-host run.
+
+    Contiguous blocks, process ``p`` of ``P`` getting ``[p*ceil(n/P), (p+1)*ceil(n/P))``.
+    """
+    nproc, pid = jax.process_count(), jax.process_index()
+    block = -(-n // nproc)
+    return np.arange(pid * block, min(n, (pid + 1) * block))
