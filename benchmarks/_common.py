@@ -1,0 +1,154 @@
+"""Shared benchmark plumbing: machine description, matmul peak, timing, tables, JSON.
+
+Every benchmark script imports this module, so each one reports the same header
+(backend, device kind, versions) and measures the same f32 matmul peak that its
+achieved FLOP/s are compared against. The scripts run unchanged on CPU, GPU and TPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine_info() -> dict[str, Any]:
+    """Backend, device kind and count, CPU count, Python and library versions."""
+    import importlib.metadata as md
+
+    def ver(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": ver("jaxlib"),
+        "flax": ver("flax"),
+        "optax": ver("optax"),
+        "numpy": np.__version__,
+        "torch": ver("torch"),
+        "statsmodels": ver("statsmodels"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def block(x: Any) -> Any:
+    """Wait for every array leaf of ``x`` (jax or torch) to be computed."""
+    for leaf in jax.tree.leaves(x):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    try:  # torch on GPU is asynchronous too
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:
+        pass
+    return x
+
+
+def timeit(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, min_time: float = 0.0) -> float:
+    """Best wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        block(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(fn())
+        best = min(best, time.perf_counter() - t0)
+        if min_time and best > min_time:
+            break
+    return best
+
+
+def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Measured f32 matmul FLOP/s of the default device (square products, best of ``repeats``).
+
+    ``size`` defaults to 2048 on CPU and 8192 on accelerators. Uses
+    ``precision="highest"`` off-CPU so that the peak is true-f32 (not TF32/bf16) — the
+    same precision the f32 kernels it is compared with are asked to use by default.
+    """
+    backend = jax.default_backend()
+    if size is None:
+        size = 2048 if backend == "cpu" else 8192
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (size, size), dtype)
+    b = jax.random.normal(k2, (size, size), dtype)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
+    secs = timeit(lambda: f(a, b), repeats=repeats, warmup=2)
+    return 2.0 * size**3 / secs
+
+
+def flops_of(compiled) -> float | None:
+    """FLOPs from a compiled XLA program's cost analysis (exact for dense matmuls)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost:
+        return None
+    return float(cost.get("flops", 0.0)) or None
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> None:
+    """Print rows as a fixed-width table (numbers to 4 significant digits)."""
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def header(name: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Print and return the machine description and problem sizes for a benchmark."""
+    info = machine_info()
+    print(f"# {name}")
+    print(
+        f"backend={info['backend']} device_kind={info['device_kind']} devices={info['num_devices']} "
+        f"cpus={info['cpu_count']} python={info['python']} jax={info['jax']} flax={info['flax']} "
+        f"numpy={info['numpy']} torch={info['torch']}"
+    )
+    print("sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return info
+
+
+def write_json(name: str, payload: dict[str, Any]) -> str:
+    """Write ``payload`` to ``benchmarks/results/<name>-<backend>.json`` and return the path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}-{jax.default_backend()}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    print(f"\nwrote {path}")
+    return path
