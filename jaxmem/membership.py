@@ -1,0 +1,402 @@
+"""Membership plans: which ensemble member trains on which example.
+
+A :class:`Plan` is a boolean matrix ``keep[models, examples]`` (True where model ``m``
+trains on example ``i``) together with the metadata that produced it. Everything
+downstream (ensemble training, :mod:`jaxmem.scores`) reads only ``keep``.
+
+Constructors, all seeded with a :class:`numpy.random.Generator` and deterministic,
+all O(models * examples) time and memory (the size of ``keep`` itself):
+
+- :func:`kfold`: K folds x R repeats, the design of van den Burg & Williams (2021);
+  each example is held out by exactly one model per repeat.
+- :func:`random_subsets`: every model trains on a uniformly random subset of exactly
+  ``round(rate * n)`` examples (Feldman & Zhang, 2020).
+- :func:`balanced_subsets`: every example is in exactly half of the models (as in
+  LiRA, Carlini et al., 2022).
+- :meth:`Plan.from_keep`: a user-supplied mask.
+
+Examples:
+  >>> plan = kfold(1000, k=10, repeats=2, seed=0)
+  >>> plan.keep.shape
+  (20, 1000)
+  >>> int(plan.out_counts().min()), int(plan.in_counts().min())
+  (2, 18)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Plan",
+    "kfold",
+    "random_subsets",
+    "balanced_subsets",
+    "load_plan",
+]
+
+_KINDS = ("kfold", "random", "balanced", "custom")
+_FORMAT_VERSION = 1
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _describe_indices(idx: np.ndarray, limit: int = 10) -> str:
+    """``"3 examples: [0, 5, 9]"`` with at most ``limit`` indices shown."""
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    more = ", ..." if idx.size > limit else ""
+    noun = "example" if idx.size == 1 else "examples"
+    return f"{idx.size} {noun}: [{shown}{more}]"
+
+
+def _check_keep(keep: Any) -> np.ndarray:
+    keep = np.asarray(keep)
+    if keep.dtype != np.bool_:
+        raise ValueError(
+            f"keep must be a boolean array [models, examples], got dtype {keep.dtype} "
+            "(convert a 0/1 mask with keep.astype(bool))"
+        )
+    if keep.ndim != 2:
+        raise ValueError(
+            f"keep must be 2-D [models, examples], got shape {keep.shape}"
+        )
+    if keep.shape[0] < 1 or keep.shape[1] < 1:
+        raise ValueError(f"keep must have at least one model and one example, got shape {keep.shape}")
+    return keep
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """A membership plan: ``keep[models, examples]`` plus how it was made.
+
+    Build one with :func:`kfold`, :func:`random_subsets`, :func:`balanced_subsets` or
+    :meth:`Plan.from_keep`; the arrays are read-only.
+
+    Attributes:
+      keep: bool ``[models, examples]``; True where model ``m`` trains on example ``i``.
+      kind: ``"kfold"``, ``"random"``, ``"balanced"`` or ``"custom"``.
+      seed: the seed of the generator that drew the plan (``None`` for custom).
+      k: number of folds (kfold only).
+      repeats: number of independent fold assignments (kfold only).
+      rate: fraction of examples each model trains on (random: as requested;
+        balanced: 0.5; kfold: ``(k-1)/k``; custom: ``None``).
+      fold: int32 ``[repeats, examples]`` (kfold only): ``fold[r, i]`` is the fold
+        that held example ``i`` out in repeat ``r``, i.e. model ``r * k + fold[r, i]``.
+    """
+
+    keep: np.ndarray
+    kind: str
+    seed: int | None = None
+    k: int | None = None
+    repeats: int | None = None
+    rate: float | None = None
+    fold: np.ndarray | None = None
+
+    def __post_init__(self):
+        keep = _readonly(np.array(_check_keep(self.keep), copy=True))
+        object.__setattr__(self, "keep", keep)
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.fold is not None:
+            fold = _readonly(np.array(self.fold, dtype=np.int32, copy=True))
+            if fold.ndim != 2 or fold.shape[1] != keep.shape[1]:
+                raise ValueError(
+                    f"fold must be [repeats, examples={keep.shape[1]}], got {fold.shape}"
+                )
+            object.__setattr__(self, "fold", fold)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return int(self.keep.shape[1])
+
+    @property
+    def num_models(self) -> int:
+        """Number of models (ensemble members)."""
+        return int(self.keep.shape[0])
+
+    # --------------------------------------------------------------- builders
+    @classmethod
+    def from_keep(cls, keep: Any) -> Plan:
+        """Wrap a user-supplied mask (e.g. from cached model outputs).
+
+        Args:
+          keep: bool ``[models, examples]``.
+
+        Returns:
+          A ``"custom"`` plan. Coverage is not enforced here; call :meth:`validate`.
+
+        Raises:
+          ValueError: if ``keep`` is not a 2-D boolean array with at least one model
+            and one example.
+        """
+        return cls(keep=_check_keep(keep), kind="custom")
+
+    # --------------------------------------------------------------- coverage
+    def in_counts(self) -> np.ndarray:
+        """int64 ``[examples]``: how many models train on each example."""
+        return self.keep.sum(axis=0, dtype=np.int64)
+
+    def out_counts(self) -> np.ndarray:
+        """int64 ``[examples]``: how many models hold each example out."""
+        return self.num_models - self.in_counts()
+
+    def missing_in(self) -> np.ndarray:
+        """Indices of examples that no model trains on (no "in" model)."""
+        return np.flatnonzero(self.in_counts() == 0)
+
+    def missing_out(self) -> np.ndarray:
+        """Indices of examples that every model trains on (no "out" model)."""
+        return np.flatnonzero(self.out_counts() == 0)
+
+    def validate(self) -> Plan:
+        """Check that every example has at least one "in" and one "out" model.
+
+        Returns:
+          ``self``, so that ``plan = kfold(...).validate()`` reads naturally.
+
+        Raises:
+          ValueError: naming the first few offending examples and their count.
+        """
+        problems = []
+        missing_in, missing_out = self.missing_in(), self.missing_out()
+        if missing_in.size:
+            problems.append(f"no model trains on {_describe_indices(missing_in)}")
+        if missing_out.size:
+            problems.append(f"no model holds out {_describe_indices(missing_out)}")
+        if problems:
+            raise ValueError(
+                "membership plan does not cover every example: "
+                + "; ".join(problems)
+                + " (each example needs at least one 'in' and one 'out' model)"
+            )
+        return self
+
+    # --------------------------------------------------------------- per model
+    def train_indices(self, m: int) -> np.ndarray:
+        """Sorted indices of the examples model ``m`` trains on."""
+        return np.flatnonzero(self.keep[self._model(m)])
+
+    def heldout_indices(self, m: int) -> np.ndarray:
+        """Sorted indices of the examples model ``m`` holds out."""
+        return np.flatnonzero(~self.keep[self._model(m)])
+
+    def fold_of_example(self, i: int) -> np.ndarray:
+        """int32 ``[repeats]``: the fold holding example ``i`` out in each repeat (kfold)."""
+        if self.fold is None:
+            raise ValueError(f"fold_of_example needs a kfold plan, this one is {self.kind!r}")
+        if not 0 <= i < self.n:
+            raise IndexError(f"example {i} out of range for a plan of {self.n} examples")
+        return self.fold[:, i]
+
+    def _model(self, m: int) -> int:
+        if not 0 <= m < self.num_models:
+            raise IndexError(f"model {m} out of range for a plan of {self.num_models} models")
+        return m
+
+    # -------------------------------------------------------------------- I/O
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable description (everything but the arrays)."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "kind": self.kind,
+            "n": self.n,
+            "num_models": self.num_models,
+            "seed": self.seed,
+            "k": self.k,
+            "repeats": self.repeats,
+            "rate": self.rate,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan to ``path`` (an ``.npz`` file: ``keep``, ``fold``, JSON metadata).
+
+        The file is written to exactly ``path`` (no suffix is appended) and is read back
+        losslessly by :func:`load_plan`.
+        """
+        arrays = {
+            "keep": self.keep,
+            "metadata": np.array(json.dumps(self.metadata())),
+        }
+        if self.fold is not None:
+            arrays["fold"] = self.fold
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return (
+            self.metadata() == other.metadata()
+            and np.array_equal(self.keep, other.keep)
+            and (self.fold is None) == (other.fold is None)
+            and (self.fold is None or np.array_equal(self.fold, other.fold))
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # arrays make plans unhashable
+
+    def __repr__(self) -> str:
+        meta = {k: v for k, v in self.metadata().items() if v is not None and k != "format_version"}
+        return "Plan(" + ", ".join(f"{k}={v!r}" for k, v in meta.items()) + ")"
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan written by :meth:`Plan.save`.
+
+    Raises:
+      ValueError: if the file is not a jaxmem plan or its contents disagree with
+        its metadata.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        if "keep" not in z or "metadata" not in z:
+            raise ValueError(f"{os.fspath(path)!r} is not a jaxmem plan (needs 'keep' and 'metadata')")
+        meta = json.loads(str(z["metadata"]))
+        keep = z["keep"]
+        fold = z["fold"] if "fold" in z else None
+    if meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"unsupported plan format version {meta.get('format_version')!r}")
+    if keep.shape != (meta["num_models"], meta["n"]):
+        raise ValueError(
+            f"plan file is inconsistent: keep has shape {keep.shape}, metadata says "
+            f"({meta['num_models']}, {meta['n']})"
+        )
+    return Plan(
+        keep=keep,
+        kind=meta["kind"],
+        seed=meta["seed"],
+        k=meta["k"],
+        repeats=meta["repeats"],
+        rate=meta["rate"],
+        fold=fold,
+    )
+
+
+# ---------------------------------------------------------------- constructors
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def kfold(n: int, k: int, repeats: int = 1, seed: int = 0) -> Plan:
+    """K-fold plan with ``repeats`` independent fold assignments.
+
+    In each repeat the examples are randomly permuted and dealt round-robin into
+    ``k`` folds (fold sizes differ by at most one); model ``r * k + j`` trains on
+    every example except fold ``j`` of repeat ``r``. Each example therefore has
+    ``repeats`` "out" models (one per repeat) and ``repeats * (k - 1)`` "in" models.
+    O(repeats * k * n): one permutation per repeat, no pairwise comparisons.
+
+    Args:
+      n: number of examples.
+      k: number of folds, ``2 <= k <= n``.
+      repeats: number of independent fold assignments, ``>= 1``.
+      seed: seed of the :class:`numpy.random.Generator`.
+
+    Returns:
+      A plan with ``repeats * k`` models and ``fold[repeats, n]``.
+
+    Raises:
+      ValueError: for ``k < 2``, ``k > n`` or ``repeats < 1``.
+
+    References:
+      van den Burg & Williams, "On Memorization in Probabilistic Deep Generative
+      Models", NeurIPS 2021 (K = 10, R = 10).
+    """
+    n = _check_int("n", n, 1)
+    k = _check_int("k", k, 2)
+    repeats = _check_int("repeats", repeats, 1)
+    if k > n:
+        raise ValueError(f"k={k} folds need at least k examples, got n={n}")
+    rng = np.random.default_rng(seed)
+    dealt = (np.arange(n) % k).astype(np.int32)
+    fold = np.empty((repeats, n), dtype=np.int32)
+    for r in range(repeats):
+        fold[r, rng.permutation(n)] = dealt
+    # keep[r, j, i] = fold[r, i] != j, then repeat-major model order r * k + j.
+    keep = fold[:, None, :] != np.arange(k, dtype=np.int32)[None, :, None]
+    return Plan(
+        keep=keep.reshape(repeats * k, n),
+        kind="kfold",
+        seed=seed,
+        k=k,
+        repeats=repeats,
+        rate=(k - 1) / k,
+        fold=fold,
+    )
+
+
+def random_subsets(n: int, num_models: int, rate: float, seed: int = 0) -> Plan:
+    """Each model trains on a uniformly random subset of exactly ``round(rate * n)`` examples.
+
+    Subset sizes are fixed (not Bernoulli per example) so that every model sees the
+    same amount of data, as in Feldman & Zhang (2020); the subsets of different
+    models are independent, so an example's number of "in" models is
+    Binomial-like and may be 0 or ``num_models`` for small ensembles: check with
+    :meth:`Plan.validate` or :meth:`Plan.missing_in` / :meth:`Plan.missing_out`.
+
+    Args:
+      n: number of examples.
+      num_models: number of models, ``>= 2``.
+      rate: fraction of examples per model, strictly between 0 and 1.
+      seed: seed of the :class:`numpy.random.Generator`.
+
+    Raises:
+      ValueError: for ``rate`` outside (0, 1), ``num_models < 2``, or a rate that
+        rounds to an empty or full subset.
+    """
+    n = _check_int("n", n, 1)
+    num_models = _check_int("num_models", num_models, 2)
+    rate = float(rate)
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be strictly between 0 and 1, got {rate}")
+    size = int(round(rate * n))
+    if not 0 < size < n:
+        raise ValueError(
+            f"rate={rate} of n={n} examples rounds to {size} per model; each model needs "
+            "at least one example in and one out"
+        )
+    rng = np.random.default_rng(seed)
+    keep = np.zeros((num_models, n), dtype=bool)
+    for m in range(num_models):
+        keep[m, rng.choice(n, size=size, replace=False)] = True
+    return Plan(keep=keep, kind="random", seed=seed, rate=rate)
+
+
+def balanced_subsets(n: int, num_models: int, seed: int = 0) -> Plan:
+    """Each example is in exactly half of the models (LiRA's design).
+
+    For every example an independent uniformly random half of the models trains on
+    it, so each example has ``num_models / 2`` "in" and "out" models; model training
+    set sizes vary around ``n / 2``. O(n * num_models * log(num_models)).
+
+    Args:
+      n: number of examples.
+      num_models: an even number of models, ``>= 2``.
+      seed: seed of the :class:`numpy.random.Generator`.
+
+    Raises:
+      ValueError: for ``num_models < 2`` or odd ``num_models``.
+
+    References:
+      Carlini et al., "Membership Inference Attacks From First Principles", 2022.
+    """
+    n = _check_int("n", n, 1)
+    num_models = _check_int("num_models", num_models, 2)
+    if num_models % 2:
+        raise ValueError(f"balanced_subsets needs an even num_models, got {num_models}")
+    rng = np.random.default_rng(seed)
+    # argsort of iid uniforms is a uniformly random permutation per column.
+    order = rng.random((num_models, n)).argsort(axis=0)
+    return Plan(keep=order < num_models // 2, kind="balanced", seed=seed, rate=0.5)

@@ -1,0 +1,150 @@
+"""Membership plans: invariants, determinism, validation, save/load."""
+import time
+
+import numpy as np
+import pytest
+
+from jaxmem.membership import Plan, balanced_subsets, kfold, load_plan, random_subsets
+
+
+@pytest.mark.parametrize("n,k,repeats", [(10, 3, 2), (101, 10, 3), (7, 7, 1)])
+def test_kfold_invariants(n, k, repeats):
+    plan = kfold(n, k, repeats, seed=3)
+    assert plan.keep.shape == (k * repeats, n) and plan.keep.dtype == np.bool_
+    assert (plan.n, plan.num_models, plan.kind) == (n, k * repeats, "kfold")
+    out = ~plan.keep.reshape(repeats, k, n)
+    # each example held out by exactly one model per repeat
+    np.testing.assert_array_equal(out.sum(axis=1), 1)
+    np.testing.assert_array_equal(plan.out_counts(), repeats)
+    np.testing.assert_array_equal(plan.in_counts(), repeats * (k - 1))
+    # fold sizes differ by at most one, and add up to n
+    sizes = out.sum(axis=2)
+    assert (sizes.max(axis=1) - sizes.min(axis=1) <= 1).all()
+    np.testing.assert_array_equal(sizes.sum(axis=1), n)
+    # the fold array is the model that holds each example out, repeat-major
+    for r in range(repeats):
+        for i in range(n):
+            m = r * k + plan.fold[r, i]
+            assert not plan.keep[m, i]
+        np.testing.assert_array_equal(plan.fold_of_example(0), plan.fold[:, 0])
+    for m in range(plan.num_models):
+        tr, ho = plan.train_indices(m), plan.heldout_indices(m)
+        np.testing.assert_array_equal(np.sort(np.concatenate([tr, ho])), np.arange(n))
+        np.testing.assert_array_equal(ho, np.flatnonzero(plan.fold[m // k] == m % k))
+    assert plan.validate() is plan
+
+
+def test_kfold_deterministic_and_seeded():
+    a, b, c = kfold(50, 5, 2, seed=1), kfold(50, 5, 2, seed=1), kfold(50, 5, 2, seed=2)
+    assert a == b and a != c
+    np.testing.assert_array_equal(a.keep, b.keep)
+    # repeats are different assignments, not copies of each other
+    assert not np.array_equal(a.fold[0], a.fold[1])
+    with pytest.raises(ValueError):  # read-only: a frozen plan stays frozen
+        a.keep[0, 0] = False
+
+
+def test_kfold_is_linear_time():
+    # 1e6 examples x 100 models: a quadratic construction would never finish.
+    t = time.perf_counter()
+    plan = kfold(1_000_000, 10, 10, seed=0)
+    elapsed = time.perf_counter() - t
+    assert plan.keep.shape == (100, 1_000_000)
+    np.testing.assert_array_equal(plan.out_counts()[:1000], 10)
+    assert elapsed < 10.0, elapsed  # ~1 s measured on the 2-core dev machine
+
+
+def test_random_subsets():
+    plan = random_subsets(200, 30, 0.7, seed=5)
+    np.testing.assert_array_equal(plan.keep.sum(axis=1), 140)  # exactly round(rate * n)
+    assert plan == random_subsets(200, 30, 0.7, seed=5)
+    assert plan != random_subsets(200, 30, 0.7, seed=6)
+    # inclusion frequency per example ~ rate: 30 * 200 Bernoulli-ish draws, sd ~ 0.006
+    assert abs(plan.keep.mean(axis=0).mean() - 0.7) < 1e-12  # exact by construction
+    assert 0.6 < plan.keep[:, :100].mean() < 0.8
+
+
+def test_balanced_subsets():
+    plan = balanced_subsets(300, 8, seed=0)
+    np.testing.assert_array_equal(plan.in_counts(), 4)
+    np.testing.assert_array_equal(plan.out_counts(), 4)
+    assert plan == balanced_subsets(300, 8, seed=0)
+    # the halves differ between examples (not one fixed split)
+    assert len({tuple(col) for col in plan.keep.T}) > 10
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: kfold(10, 1), "k must be >= 2"),
+        (lambda: kfold(5, 6), "k=6 folds need at least k examples"),
+        (lambda: kfold(10, 2, repeats=0), "repeats must be >= 1"),
+        (lambda: random_subsets(10, 4, 0.0), "strictly between 0 and 1"),
+        (lambda: random_subsets(10, 4, 1.0), "strictly between 0 and 1"),
+        (lambda: random_subsets(10, 4, 1.5), "strictly between 0 and 1"),
+        (lambda: random_subsets(10, 4, 0.01), "rounds to 0"),
+        (lambda: random_subsets(10, 1, 0.5), "num_models must be >= 2"),
+        (lambda: balanced_subsets(10, 1), "num_models must be >= 2"),
+        (lambda: balanced_subsets(10, 5), "even num_models"),
+        (lambda: Plan.from_keep(np.ones((3, 4), dtype=np.int32)), "boolean"),
+        (lambda: Plan.from_keep(np.ones(4, dtype=bool)), "2-D"),
+    ],
+)
+def test_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_coverage_api_names_examples():
+    keep = np.array(
+        [
+            [True, True, False, True, False],
+            [True, False, False, True, False],
+        ]
+    )
+    plan = Plan.from_keep(keep)
+    np.testing.assert_array_equal(plan.missing_in(), [2, 4])
+    np.testing.assert_array_equal(plan.missing_out(), [0, 3])
+    with pytest.raises(ValueError) as e:
+        plan.validate()
+    msg = str(e.value)
+    assert "no model trains on 2 examples: [2, 4]" in msg
+    assert "no model holds out 2 examples: [0, 3]" in msg
+    # long lists are cut short but the count is exact
+    big = Plan.from_keep(np.ones((2, 50), dtype=bool))
+    with pytest.raises(ValueError, match=r"50 examples: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\.\]"):
+        big.validate()
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        kfold(23, 4, 3, seed=9),
+        random_subsets(23, 6, 0.5, seed=1),
+        balanced_subsets(23, 6, seed=2),
+        Plan.from_keep(np.eye(3, dtype=bool)),
+    ],
+    ids=["kfold", "random", "balanced", "custom"],
+)
+def test_save_load_roundtrip(plan, tmp_path):
+    path = tmp_path / "plan.npz"
+    plan.save(path)
+    loaded = load_plan(path)
+    assert loaded == plan
+    assert loaded.metadata() == plan.metadata()
+    np.testing.assert_array_equal(loaded.keep, plan.keep)
+    if plan.fold is not None:
+        np.testing.assert_array_equal(loaded.fold, plan.fold)
+        assert loaded.fold.dtype == np.int32
+    else:
+        assert loaded.fold is None
+    # a path without the .npz suffix is written where asked
+    plan.save(tmp_path / "plain")
+    assert load_plan(tmp_path / "plain") == plan
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a jaxmem plan"):
+        load_plan(path)
