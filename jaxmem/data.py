@@ -1,0 +1,603 @@
+"""Data sets: the one place that knows TFDS and files.
+
+Every loader returns a :class:`Dataset` whose ``x`` is float32 ``[n, *example_shape]``
+(the batch contract of ``docs/CONTRACTS.md``): images are ``[n, height, width,
+channels]`` with pixel intensities in [0, 1]; tabular data keep their real values.
+
+Sources:
+
+- ``"digits"`` (the default): scikit-learn's ``load_digits``, 1,797 real 8x8
+  handwritten digits with intensities 0..16, shipped inside scikit-learn and so
+  available offline. Pixels are ``value / 16``.
+- TFDS catalogue data sets, read with ``tfds.data_source`` from prepared
+  array_record files (no TensorFlow needed to read, never a download):
+  ``mnist``, ``fashion_mnist``, ``binarized_mnist``, ``cifar10``, ``celeb_a``.
+- The user's own ``.npy`` (``x`` only), ``.npz`` (keys ``x`` and optional ``y``) or
+  ``.csv`` (numeric columns; an optional header whose ``y`` or ``label`` column
+  holds labels) files.
+
+Preprocessing follows van den Burg & Williams (2021):
+
+- 8-bit images are stored as ``k / 255`` for ``k`` in 0..255; ``metadata["levels"]``
+  (256) tells a continuous-likelihood model how to dequantize:
+  ``(round(x * (levels - 1)) + u) / levels`` with ``u ~ U[0, 1)``. Dequantization
+  noise is drawn by the model (it is per-key randomness, see CONTRACTS.md).
+- ``binarize="dynamic"`` keeps the intensities and records that the model must draw
+  a fresh Bernoulli sample each time it sees an example; ``binarize="static"`` draws
+  one Bernoulli sample per pixel here, from ``seed`` (the same pixels for example
+  ``i`` whatever ``limit`` is). ``binarized_mnist`` is already binary (the fixed
+  binarization of Larochelle & Murray, 2011).
+- ``pad_to=32`` zero-pads 28x28 MNIST-like images by 2 pixels on each side, as the
+  paper does; ``None`` leaves them unpadded.
+- ``celeb_a`` is center-cropped to 148x148 (from 218x178) and resized with Pillow's
+  antialiased bilinear filter to ``resize_to`` x ``resize_to`` (default 64; the
+  paper's lower resolution is 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Dataset",
+    "DatasetNotPreparedError",
+    "KNOWN_DATASETS",
+    "load_dataset",
+    "nearest_neighbours",
+]
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A TFDS data set is not prepared (as array_record files) in the data directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A data set held in host memory.
+
+    Attributes:
+      x: float32 ``[n, *example_shape]``; images are ``[n, height, width, channels]``
+        with intensities in [0, 1].
+      y: int32 ``[n]`` class labels, or None when the data set has none.
+      name: a short name (``"mnist"``, ``"digits"``, the file's stem).
+      metadata: JSON-serialisable facts about where the data came from and how it
+        was preprocessed: ``source``, ``split``, ``preprocessing`` (list of steps),
+        ``binarization`` (None, ``"static"``, ``"dynamic"`` or ``"fixed"``),
+        ``levels`` (number of quantization levels of the stored intensities, or
+        None for real-valued data) and ``num_classes`` (or None).
+    """
+
+    x: np.ndarray
+    y: np.ndarray | None
+    name: str
+    metadata: dict[str, Any]
+
+    def __post_init__(self):
+        _check_x(self.x, "x")
+        if self.x.dtype != np.float32:
+            raise ValueError(f"Dataset.x must be float32, got {self.x.dtype}")
+        if self.y is not None:
+            _check_y(self.y, len(self.x))
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one example, ``x.shape[1:]``."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        """True for ``[height, width, channels]`` examples."""
+        return len(self.example_shape) == 3
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+    label: str | None  # feature key of the class label
+    num_classes: int | None
+    binary: bool  # stored values are already {0, 1}
+    crop: int | None = None  # center crop side before resizing
+    default_resize: int | None = None
+
+
+_TFDS: dict[str, _TfdsSpec] = {
+    "mnist": _TfdsSpec("label", 10, binary=False),
+    "fashion_mnist": _TfdsSpec("label", 10, binary=False),
+    "binarized_mnist": _TfdsSpec(None, None, binary=True),
+    "cifar10": _TfdsSpec("label", 10, binary=False),
+    "celeb_a": _TfdsSpec(None, None, binary=False, crop=148, default_resize=64),
+}
+
+KNOWN_DATASETS: tuple[str, ...] = ("digits", *_TFDS)
+"""Names :func:`load_dataset` accepts besides file paths."""
+
+_FILE_SUFFIXES = (".npy", ".npz", ".csv")
+_READ_CHUNK = 1024  # records decoded per TFDS read: bounds memory for CelebA
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike = "digits",
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    binarize: Literal["static", "dynamic"] | None = None,
+    pad_to: int | None = None,
+    resize_to: int | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Loads a named data set or a user's file, validated and preprocessed.
+
+    Args:
+      name_or_path: one of :data:`KNOWN_DATASETS` or a path to a ``.npy``, ``.npz``
+        or ``.csv`` file.
+      split: the TFDS split (``"train"``, ``"test"``, or TFDS slicing such as
+        ``"train[:10%]"``). The embedded data set and files have only ``"train"``.
+      limit: keep only the first ``limit`` examples (in the source's order).
+      binarize: None (keep intensities), ``"static"`` (one Bernoulli draw per pixel
+        now, from ``seed``) or ``"dynamic"`` (keep intensities; the model draws).
+        Needs values in [0, 1].
+      pad_to: zero-pad images symmetrically to ``pad_to`` x ``pad_to`` pixels (the
+        paper pads 28x28 MNIST-like images to 32).
+      resize_to: resize images to ``resize_to`` x ``resize_to`` pixels (after the
+        CelebA crop; default 64 for ``celeb_a``, no resize otherwise).
+      seed: seed of static binarization.
+      data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``).
+
+    Returns:
+      A :class:`Dataset` with float32 ``x`` ``[n, *example_shape]``.
+
+    Raises:
+      FileNotFoundError: a file does not exist; :class:`DatasetNotPreparedError`
+        (a subclass) when a TFDS data set is not prepared locally. The message says
+        how to prepare it. Nothing is ever downloaded.
+      ValueError: an unknown name, a malformed file (wrong shape, empty, NaN or
+        inf, with the first offending example's index) or invalid options.
+    """
+    if limit is not None and (int(limit) != limit or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if binarize not in (None, "static", "dynamic"):
+        raise ValueError(
+            f"binarize must be None, 'static' or 'dynamic', got {binarize!r}"
+        )
+    for option, value in (("pad_to", pad_to), ("resize_to", resize_to)):
+        if value is not None and (int(value) != value or value < 1):
+            raise ValueError(f"{option} must be a positive integer or None, got {value!r}")
+
+    key = os.fspath(name_or_path)
+    if key == "digits":
+        _only_train(split, "the embedded 'digits' data set")
+        x, y, meta = _load_digits()
+        name = "digits"
+    elif key in _TFDS:
+        x, y, meta = _load_tfds(key, split, limit, resize_to, data_dir)
+        name = key
+    elif key.lower().endswith(_FILE_SUFFIXES) or os.path.exists(key):
+        _only_train(split, "a data file")
+        x, y, meta = _load_file(pathlib.Path(key))
+        name = pathlib.Path(key).stem
+    else:
+        raise ValueError(
+            f"unknown data set {key!r}: use one of {', '.join(KNOWN_DATASETS)}, "
+            f"or a path to a {', '.join(_FILE_SUFFIXES)} file"
+        )
+
+    if limit is not None:
+        x = x[:limit]
+        y = None if y is None else y[:limit]
+    if resize_to is not None and key not in _TFDS:  # TFDS resizes while reading
+        x = _resize(x, resize_to, meta)
+    if pad_to is not None:
+        x = _pad(x, pad_to, meta)
+    x = _binarize(x, binarize, seed, meta, already_binary=meta["binarization"] == "fixed")
+    return Dataset(x=np.ascontiguousarray(x, dtype=np.float32), y=y, name=name, metadata=meta)
+
+
+def _only_train(split: str, what: str) -> None:
+    if split != "train":
+        raise ValueError(f"{what} has a single split, 'train'; got split={split!r}")
+
+
+def _meta(source: str, split: str, levels: int | None, num_classes: int | None) -> dict:
+    return {
+        "source": source,
+        "split": split,
+        "preprocessing": [],
+        "binarization": None,
+        "levels": levels,
+        "num_classes": num_classes,
+    }
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits  # noqa: PLC0415  (heavy import, only here)
+
+    bunch = load_digits()
+    # Intensities are integers 0..16 (17 levels): / 16 puts them in [0, 1].
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None]
+    y = bunch.target.astype(np.int32)
+    meta = _meta("sklearn.datasets.load_digits", "train", levels=17, num_classes=10)
+    meta["preprocessing"].append("intensities 0..16 divided by 16")
+    return x, y, meta
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _prepare_hint(name: str, data_dir) -> str:
+    where = os.fspath(data_dir) if data_dir is not None else _default_tfds_dir()
+    return (
+        f"TFDS data set {name!r} is not prepared in {where}. jaxmem reads prepared "
+        "array_record files with tfds.data_source and never downloads. Prepare it once "
+        "on a machine with internet access and TensorFlow: "
+        f"`tfds build {name} --file_format=array_record --data_dir=DIR`, copy DIR here "
+        "if needed, then pass data_dir=DIR (or set TFDS_DATA_DIR=DIR)."
+    )
+
+
+def _default_tfds_dir() -> str:
+    from tensorflow_datasets.core import constants  # noqa: PLC0415
+
+    return os.fspath(constants.DATA_DIR)
+
+
+def _load_tfds(name, split, limit, resize_to, data_dir):
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import, only when used)
+
+    spec = _TFDS[name]
+    try:
+        # download=False: an offline download_and_prepare retries for minutes.
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as err:
+        # TFDS reports a missing data set in several ways (DatasetNotFoundError,
+        # NotImplementedError about the TFRecord default format...); decide by
+        # looking at the files rather than by parsing its messages.
+        if not _tfds_prepared(name, data_dir):
+            raise DatasetNotPreparedError(_prepare_hint(name, data_dir)) from None
+        raise ValueError(
+            f"TFDS could not open split {split!r} of {name!r} "
+            f"(prepared it with --file_format=array_record?): {err}"
+        ) from err
+
+    n = len(source) if limit is None else min(limit, len(source))
+    if n == 0:
+        raise ValueError(f"TFDS split {split!r} of {name!r} is empty")
+    size = resize_to if resize_to is not None else spec.default_resize
+
+    images, labels = [], []
+    for start in range(0, n, _READ_CHUNK):
+        keys = list(range(start, min(n, start + _READ_CHUNK)))
+        # One record at a time: decoding dominates the cost, and the batched
+        # __getitems__ of TFDS 4.9.10's mock_data is broken.
+        records = [source[k] for k in keys]
+        chunk = np.stack([np.asarray(r["image"]) for r in records])
+        if spec.crop is not None:
+            chunk = _center_crop(chunk, spec.crop)
+        if size is not None:
+            chunk = _resize_uint8(chunk, size)
+        images.append(chunk)
+        if spec.label is not None:
+            labels.extend(int(r[spec.label]) for r in records)
+    raw = np.concatenate(images)
+
+    meta = _meta(f"tfds:{name}", split, levels=2 if spec.binary else 256,
+                 num_classes=spec.num_classes)
+    if spec.binary:
+        if raw.max() > 1:
+            raise ValueError(f"{name!r} should hold binary pixels, found value {raw.max()}")
+        x = raw.astype(np.float32)
+        meta["binarization"] = "fixed"
+        meta["preprocessing"].append("fixed binarization of Larochelle & Murray (2011)")
+    else:
+        x = raw.astype(np.float32) / 255.0
+        meta["preprocessing"].append("8-bit intensities divided by 255")
+    if spec.crop is not None:
+        meta["preprocessing"].append(f"center crop to {spec.crop}x{spec.crop}")
+    if size is not None:
+        meta["preprocessing"].append(f"resize to {size}x{size} (Pillow, bilinear, antialiased)")
+    y = np.asarray(labels, dtype=np.int32) if spec.label is not None else None
+    return x, y, meta
+
+
+def _tfds_prepared(name: str, data_dir) -> bool:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    try:
+        return bool(tfds.builder(name, data_dir=data_dir).is_prepared())
+    except Exception:  # noqa: BLE001  (no builder at all means not prepared)
+        return False
+
+
+def _center_crop(images: np.ndarray, side: int) -> np.ndarray:
+    h, w = images.shape[1:3]
+    if side > h or side > w:
+        raise ValueError(f"cannot center-crop {h}x{w} images to {side}x{side}")
+    top, left = (h - side) // 2, (w - side) // 2
+    return images[:, top : top + side, left : left + side]
+
+
+def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image  # noqa: PLC0415
+
+    if images.shape[1:3] == (size, size):
+        return images
+    out = []
+    for img in images:
+        squeeze = img.shape[-1] == 1
+        pil = Image.fromarray(img[..., 0] if squeeze else img)
+        arr = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
+        out.append(arr[..., None] if squeeze else arr)
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------- user files
+
+
+def _load_file(path: pathlib.Path):
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a .npy, .npz or .csv file")
+    suffix = path.suffix.lower()
+    y = None
+    if suffix == ".npy":
+        x = _np_load(path)
+    elif suffix == ".npz":
+        with _np_load(path) as archive:
+            if "x" not in archive.files:
+                raise ValueError(
+                    f"{path} has no array named 'x' (found: {', '.join(archive.files) or 'none'}); "
+                    "save it with np.savez(path, x=x) or np.savez(path, x=x, y=y)"
+                )
+            x = archive["x"]
+            y = archive["y"] if "y" in archive.files else None
+    elif suffix == ".csv":
+        x, y = _read_csv(path)
+    else:
+        raise ValueError(f"unsupported file type {path.suffix!r}: use .npy, .npz or .csv")
+
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ValueError(f"{path}: x must be numeric, got dtype {x.dtype}")
+    _check_x(x, f"{path}: x")
+    meta = _meta(f"file:{path.resolve()}", "train", levels=None, num_classes=None)
+    if x.dtype == np.uint8:
+        # 8-bit pixels: scaled like the TFDS images so models see [0, 1].
+        x = x.astype(np.float32) / 255.0
+        meta["levels"] = 256
+        meta["preprocessing"].append("8-bit intensities divided by 255")
+    else:
+        x = x.astype(np.float32)
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            # finite in float64 but not in float32
+            _check_x(x, f"{path}: x (as float32)")
+    if y is not None:
+        y = _check_y(y, len(x), where=f"{path}: y")
+        meta["num_classes"] = int(y.max()) + 1
+    return x, y, meta
+
+
+def _np_load(path: pathlib.Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:  # object arrays need pickle, which we refuse
+        raise ValueError(f"{path}: cannot read as a numeric array ({err})") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a valid {path.suffix} file ({err})") from None
+
+
+def _read_csv(path: pathlib.Path):
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if not first.strip():
+        raise ValueError(f"{path}: x is empty (no rows)")
+    cells = [c.strip() for c in first.split(",")]
+    has_header = not all(_is_number(c) for c in cells)
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2,
+                           dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
+    if table.size == 0:
+        raise ValueError(f"{path}: x is empty (no data rows)")
+    y = None
+    if has_header:
+        names = [c.lower() for c in cells]
+        label_cols = [i for i, c in enumerate(names) if c in ("y", "label")]
+        if label_cols:
+            col = label_cols[0]
+            y = table[:, col]
+            table = np.delete(table, col, axis=1)
+    return table, y
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _check_x(x: np.ndarray, what: str) -> None:
+    if x.ndim < 2:
+        raise ValueError(
+            f"{what} must have shape [examples, *example_shape] (at least 2-D), got shape "
+            f"{x.shape}; reshape scalar examples to (n, 1)"
+        )
+    if x.shape[0] == 0 or x[0].size == 0:
+        raise ValueError(f"{what} is empty: shape {x.shape}")
+    if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating):
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            first = int(bad[0])
+            pos = np.argwhere(~np.isfinite(x[first]))[0]
+            kind = "NaN" if np.isnan(x[first][tuple(pos)]) else "inf"
+            raise ValueError(
+                f"{what} contains NaN or inf in {len(bad)} example(s); the first is "
+                f"example {first} ({kind} at position {tuple(int(p) for p in pos)})"
+            )
+
+
+def _check_y(y: np.ndarray, n: int, where: str = "y") -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{where} must have shape [{n}] (one label per example), got {y.shape}")
+    if np.issubdtype(y.dtype, np.floating):
+        finite = np.isfinite(y)
+        if not finite.all():
+            raise ValueError(f"{where} contains NaN or inf; the first is example "
+                             f"{int(np.flatnonzero(~finite)[0])}")
+        if not np.array_equal(y, np.round(y)):
+            first = int(np.flatnonzero(y != np.round(y))[0])
+            raise ValueError(f"{where} must hold integer class labels; example {first} "
+                             f"has {y[first]}")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where} must hold integer class labels, got dtype {y.dtype}")
+    if (y < 0).any():
+        raise ValueError(f"{where} must be non-negative; example {int(np.argmax(y < 0))} is "
+                         f"{y[np.argmax(y < 0)]}")
+    return y.astype(np.int32)
+
+
+# ------------------------------------------------------------------- preprocessing
+
+
+def _image_axes(x: np.ndarray, op: str) -> None:
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"{op} needs images [n, height, width(, channels)], got shape {x.shape}"
+        )
+
+
+def _pad(x: np.ndarray, size: int, meta: dict) -> np.ndarray:
+    _image_axes(x, "pad_to")
+    h, w = x.shape[1:3]
+    if size < h or size < w:
+        raise ValueError(f"pad_to={size} is smaller than the {h}x{w} images")
+    top, left = (size - h) // 2, (size - w) // 2
+    widths = [(0, 0), (top, size - h - top), (left, size - w - left)]
+    widths += [(0, 0)] * (x.ndim - 3)
+    meta["preprocessing"].append(f"zero-pad {h}x{w} to {size}x{size}")
+    return np.pad(x, widths)
+
+
+def _resize(x: np.ndarray, size: int, meta: dict) -> np.ndarray:
+    _image_axes(x, "resize_to")
+    if x.shape[1:3] == (size, size):
+        return x
+    # Antialiased linear resampling in [0, 1] floats (Pillow needs uint8 sources).
+    shape = (len(x), size, size, *x.shape[3:])
+    out = np.asarray(jax.image.resize(jnp.asarray(x), shape, "linear", antialias=True))
+    meta["preprocessing"].append(f"resize to {size}x{size} (linear, antialiased)")
+    return np.clip(out, 0.0, 1.0) if meta.get("levels") else out
+
+
+def _binarize(x, mode, seed, meta, *, already_binary: bool) -> np.ndarray:
+    if mode is None:
+        return x
+    if already_binary:
+        # Bernoulli draws of {0, 1} pixels are the pixels themselves.
+        return x
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"binarize={mode!r} needs intensities in [0, 1], the data span [{lo}, {hi}]"
+        )
+    meta["binarization"] = mode
+    meta["levels"] = 2 if mode == "static" else meta["levels"]
+    if mode == "dynamic":
+        meta["preprocessing"].append("dynamic binarization (drawn by the model)")
+        return x
+    # One draw per pixel in C order: example i gets the same pixels whatever `limit`.
+    u = np.random.default_rng(seed).random(x.shape, dtype=np.float32)
+    meta["preprocessing"].append(f"static binarization (Bernoulli, seed {seed})")
+    return (u < x).astype(np.float32)
+
+
+# ------------------------------------------------------------- nearest neighbours
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _nn_chunk(queries, pool, pool_sq, exclude, k):
+    # ||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2, in full float32 precision (no TF32).
+    cross = jnp.matmul(queries, pool.T, precision=jax.lax.Precision.HIGHEST)
+    d2 = jnp.sum(queries**2, axis=1, keepdims=True) - 2.0 * cross + pool_sq[None, :]
+    d2 = jnp.maximum(d2, 0.0)  # cancellation can make near-duplicates slightly negative
+    cols = jnp.arange(pool.shape[0])
+    d2 = jnp.where(cols[None, :] == exclude[:, None], jnp.inf, d2)
+    neg, idx = jax.lax.top_k(-d2, k)
+    return idx, jnp.sqrt(-neg)
+
+
+def nearest_neighbours(
+    queries: np.ndarray,
+    pool: np.ndarray,
+    k: int,
+    *,
+    exclude: np.ndarray | None = None,
+    chunk_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest pool examples of every query, by Euclidean distance in pixels.
+
+    Every query gets its own distances to the whole pool (no row of a batch stands in
+    for the others). Queries are processed ``chunk_size`` at a time, so memory is
+    ``O(chunk_size * len(pool))``.
+
+    Args:
+      queries: ``[q, *example_shape]``.
+      pool: ``[n, *example_shape]``, the candidates (e.g. the training set).
+      k: neighbours per query, ``1 <= k <= n`` (``n - 1`` with ``exclude``).
+      exclude: optional int ``[q]``: the pool index to skip for each query (its own
+        position when the queries are pool members; ``-1`` skips nothing).
+      chunk_size: queries per jitted call.
+
+    Returns:
+      ``(indices, distances)``: int32 ``[q, k]`` pool indices, nearest first, and
+      float32 ``[q, k]`` Euclidean distances in the data's units.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    pool = np.asarray(pool, dtype=np.float32)
+    if queries.shape[1:] != pool.shape[1:]:
+        raise ValueError(f"queries {queries.shape} and pool {pool.shape} differ in example shape")
+    q, n = len(queries), len(pool)
+    available = n - (exclude is not None)
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] for a pool of {n}, got {k}")
+    if exclude is None:
+        exclude = np.full(q, -1, dtype=np.int32)
+    exclude = np.asarray(exclude, dtype=np.int32)
+    if exclude.shape != (q,):
+        raise ValueError(f"exclude must have shape [{q}], got {exclude.shape}")
+    flat_q = queries.reshape(q, -1)
+    flat_p = jnp.asarray(pool.reshape(n, -1))
+    pool_sq = jnp.sum(flat_p**2, axis=1)
+    size = min(chunk_size, q)
+    indices, dists = [], []
+    for start in range(0, q, size):
+        stop = min(q, start + size)
+        # Pad the last chunk to the same shape: one compilation for all chunks.
+        pad = size - (stop - start)
+        cq = np.pad(flat_q[start:stop], [(0, pad), (0, 0)])
+        ce = np.pad(exclude[start:stop], (0, pad), constant_values=-1)
+        idx, dist = _nn_chunk(jnp.asarray(cq), flat_p, pool_sq, jnp.asarray(ce), k)
+        indices.append(np.asarray(idx)[: stop - start])
+        dists.append(np.asarray(dist)[: stop - start])
+    return np.concatenate(indices).astype(np.int32), np.concatenate(dists)

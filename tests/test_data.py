@@ -1,0 +1,256 @@
+"""Tests of jaxmem.data: the embedded digits, TFDS (mocked), user files, neighbours."""
+
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxmem.data import (
+    KNOWN_DATASETS,
+    Dataset,
+    DatasetNotPreparedError,
+    load_dataset,
+    nearest_neighbours,
+)
+
+
+# ------------------------------------------------------------------ embedded digits
+
+
+def test_digits_shape_range_labels_and_determinism():
+    from sklearn.datasets import load_digits
+
+    d = load_dataset()
+    assert d.name == "digits"
+    assert d.x.shape == (1797, 8, 8, 1) and d.x.dtype == np.float32
+    assert d.example_shape == (8, 8, 1) and d.is_image and len(d) == 1797
+    assert d.x.min() == 0.0 and d.x.max() == 1.0
+    # Intensities are exactly k/16: multiplying back gives integers 0..16.
+    np.testing.assert_array_equal(d.x[..., 0] * 16, load_digits().images)
+    assert d.y.dtype == np.int32 and set(np.unique(d.y)) == set(range(10))
+    assert d.metadata["levels"] == 17 and d.metadata["num_classes"] == 10
+    again = load_dataset("digits")
+    np.testing.assert_array_equal(d.x, again.x)
+
+
+def test_static_binarization_is_seeded_and_independent_of_limit():
+    full = load_dataset("digits", binarize="static", seed=3)
+    assert set(np.unique(full.x)) == {0.0, 1.0}
+    assert full.metadata["binarization"] == "static" and full.metadata["levels"] == 2
+    part = load_dataset("digits", binarize="static", seed=3, limit=50)
+    np.testing.assert_array_equal(part.x, full.x[:50])
+    other = load_dataset("digits", binarize="static", seed=4, limit=50)
+    assert not np.array_equal(other.x, part.x)
+    # Bernoulli(p): over all pixels the mean of the draws matches the mean intensity
+    # (1797*64 draws, std of the mean <= 0.5/sqrt(115008) = 0.0015: 0.01 is > 6 sd).
+    grey = load_dataset("digits")
+    assert abs(full.x.mean() - grey.x.mean()) < 0.01
+    # Pixels at 0 or 1 are never flipped.
+    np.testing.assert_array_equal(full.x[grey.x == 0.0], 0.0)
+    np.testing.assert_array_equal(full.x[grey.x == 1.0], 1.0)
+
+
+def test_dynamic_binarization_keeps_intensities_and_padding():
+    d = load_dataset("digits", binarize="dynamic", pad_to=12, limit=4)
+    assert d.x.shape == (4, 12, 12, 1) and d.metadata["binarization"] == "dynamic"
+    grey = load_dataset("digits", limit=4)
+    np.testing.assert_array_equal(d.x[:, 2:10, 2:10], grey.x)
+    assert d.x[:, :2].sum() == 0 and d.x[:, 10:].sum() == 0
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="binarize must be None, 'static' or 'dynamic'"):
+        load_dataset("digits", binarize="yes")
+    with pytest.raises(ValueError, match="pad_to=4 is smaller than the 8x8 images"):
+        load_dataset("digits", pad_to=4)
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        load_dataset("digits", limit=0)
+    with pytest.raises(ValueError, match="single split, 'train'"):
+        load_dataset("digits", split="test")
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ValueError) as err:
+        load_dataset("mnits")
+    for name in KNOWN_DATASETS:
+        assert name in str(err.value)
+    assert ".npz" in str(err.value)
+
+
+# ---------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_mnist_mock_padding_and_static_binarization():
+    with tfds.testing.mock_data(num_examples=6):
+        grey = load_dataset("mnist", pad_to=32)
+        binary = load_dataset("mnist", pad_to=32, binarize="static", seed=1)
+        raw = tfds.data_source("mnist", split="train")
+        pixels = np.stack([raw[i]["image"] for i in range(6)])
+        labels = np.array([raw[i]["label"] for i in range(6)])
+    assert grey.x.shape == (6, 32, 32, 1) and grey.x.dtype == np.float32
+    assert grey.metadata["source"] == "tfds:mnist" and grey.metadata["levels"] == 256
+    # Pad 2 on each side; the interior is exactly the stored bytes / 255.
+    np.testing.assert_array_equal(grey.x[:, 2:30, 2:30] * 255, pixels.astype(np.float32))
+    assert grey.x[:, :2].max() == 0 and grey.x[:, 30:].max() == 0
+    assert grey.x[:, :, :2].max() == 0 and grey.x[:, :, 30:].max() == 0
+    np.testing.assert_array_equal(grey.y, labels)
+    assert set(np.unique(binary.x)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(binary.x[grey.x == 0], 0.0)
+    assert binary.metadata["binarization"] == "static"
+
+
+def test_tfds_cifar10_and_celeb_a_shapes():
+    with tfds.testing.mock_data(num_examples=3):
+        cifar = load_dataset("cifar10", split="test", limit=2)
+        celeb = load_dataset("celeb_a", resize_to=32)
+    assert cifar.x.shape == (2, 32, 32, 3) and cifar.y.shape == (2,)
+    assert 0.0 <= cifar.x.min() and cifar.x.max() <= 1.0
+    assert celeb.x.shape == (3, 32, 32, 3) and celeb.y is None
+    assert "center crop to 148x148" in celeb.metadata["preprocessing"]
+
+
+def test_tfds_binarized_mnist_keeps_fixed_binarization():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 2, size=(4, 28, 28, 1), dtype=np.uint8)
+    # mock_data's random images ignore max_value, so serve real binary pixels.
+    with tfds.testing.mock_data(
+        as_data_source_fn=lambda *a, **k: [{"image": im} for im in images]
+    ):
+        d = load_dataset("binarized_mnist", binarize="static", pad_to=32)
+    assert d.metadata["binarization"] == "fixed" and d.y is None
+    np.testing.assert_array_equal(d.x[:, 2:30, 2:30], images.astype(np.float32))
+
+
+def test_tfds_not_prepared_gives_instructions_without_download(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotPreparedError) as err:
+        load_dataset("fashion_mnist", data_dir=tmp_path)
+    elapsed = time.perf_counter() - start
+    # A download attempt offline retries for minutes; reading metadata takes < 1 s.
+    assert elapsed < 5.0
+    msg = str(err.value)
+    assert "not prepared" in msg and str(tmp_path) in msg
+    assert "tfds build fashion_mnist --file_format=array_record" in msg
+    assert isinstance(err.value, FileNotFoundError)
+    assert not any(tmp_path.iterdir()) or not any(tmp_path.rglob("*.array_record*"))
+
+
+# ---------------------------------------------------------------------- user files
+
+
+def test_npz_and_npy_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3)).astype(np.float64)
+    y = rng.integers(0, 4, size=20)
+    np.savez(tmp_path / "table.npz", x=x, y=y)
+    d = load_dataset(tmp_path / "table.npz")
+    assert d.name == "table" and d.x.dtype == np.float32 and d.x.shape == (20, 3)
+    np.testing.assert_allclose(d.x, x, rtol=1e-7)  # float32 rounding of float64
+    np.testing.assert_array_equal(d.y, y)
+    assert d.metadata["num_classes"] == int(y.max()) + 1
+
+    pixels = rng.integers(0, 256, size=(5, 6, 6, 1), dtype=np.uint8)
+    np.save(tmp_path / "imgs.npy", pixels)
+    d = load_dataset(str(tmp_path / "imgs.npy"), pad_to=8)
+    assert d.y is None and d.x.shape == (5, 8, 8, 1) and d.metadata["levels"] == 256
+    np.testing.assert_array_equal(np.round(d.x[:, 1:7, 1:7] * 255), pixels)
+
+
+def test_csv_with_header_label_column(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,label,b\n1.5,0,2\n-1,1,3.25\n4,1,0\n")
+    d = load_dataset(path)
+    np.testing.assert_array_equal(d.x, [[1.5, 2], [-1, 3.25], [4, 0]])
+    np.testing.assert_array_equal(d.y, [0, 1, 1])
+    plain = tmp_path / "p.csv"
+    plain.write_text("1,2\n3,4\n")
+    d = load_dataset(plain)
+    assert d.y is None and d.x.shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: None, "data file not found"),
+        (lambda p: np.save(p, np.arange(5.0)), r"at least 2-D\), got shape \(5,\)"),
+        (lambda p: np.save(p, np.zeros((0, 3))), r"empty: shape \(0, 3\)"),
+        (lambda p: np.save(p, np.zeros((4, 0))), r"empty: shape \(4, 0\)"),
+        (
+            lambda p: np.save(p, np.where(np.arange(12).reshape(4, 3) == 7, np.nan, 1.0)),
+            r"NaN or inf in 1 example\(s\); the first is example 2 \(NaN at position \(1,\)\)",
+        ),
+        (
+            lambda p: np.save(p, np.where(np.arange(12).reshape(6, 2) >= 9, np.inf, 1.0)),
+            r"2 example\(s\); the first is example 4 \(inf at position \(1,\)\)",
+        ),
+        (lambda p: np.save(p, np.array([["a", "b"]])), "x must be numeric"),
+        (lambda p: p.write_text("not numpy"), "not a valid .npy file|cannot read"),
+    ],
+)
+def test_bad_npy_files(tmp_path, make, match):
+    path = tmp_path / "bad.npy"
+    make(path)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_dataset(path)
+
+
+def test_bad_npz_and_labels(tmp_path):
+    np.savez(tmp_path / "nox.npz", data=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"no array named 'x' \(found: data\)"):
+        load_dataset(tmp_path / "nox.npz")
+    np.savez(tmp_path / "ylen.npz", x=np.zeros((3, 2)), y=np.zeros(4, int))
+    with pytest.raises(ValueError, match=r"y must have shape \[3\]"):
+        load_dataset(tmp_path / "ylen.npz")
+    np.savez(tmp_path / "yfrac.npz", x=np.zeros((3, 2)), y=np.array([0, 1.5, 2]))
+    with pytest.raises(ValueError, match="integer class labels; example 1"):
+        load_dataset(tmp_path / "yfrac.npz")
+    (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
+    with pytest.raises(ValueError, match="not a numeric CSV"):
+        load_dataset(tmp_path / "bad.csv")
+    np.save(tmp_path / "real.npy", np.full((3, 4, 4), 2.0))
+    with pytest.raises(ValueError, match=r"needs intensities in \[0, 1\]"):
+        load_dataset(tmp_path / "real.npy", binarize="static")
+    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+        (tmp_path / "a.txt").write_text("1")
+        load_dataset(tmp_path / "a.txt")
+
+
+def test_dataset_validates_itself():
+    with pytest.raises(ValueError, match="must be float32"):
+        Dataset(x=np.zeros((2, 2)), y=None, name="a", metadata={})
+    with pytest.raises(ValueError, match=r"y must have shape \[2\]"):
+        Dataset(x=np.zeros((2, 2), np.float32), y=np.zeros(3, int), name="a", metadata={})
+
+
+# ------------------------------------------------------------------ nearest neighbours
+
+
+def test_nearest_neighbours_match_brute_force():
+    rng = np.random.default_rng(0)
+    pool = rng.random((300, 4, 4, 1)).astype(np.float32)
+    queries = rng.random((37, 4, 4, 1)).astype(np.float32)
+    idx, dist = nearest_neighbours(queries, pool, k=5, chunk_size=16)  # 3 chunks, padded
+    d = np.linalg.norm(
+        queries.reshape(37, 1, -1).astype(np.float64) - pool.reshape(1, 300, -1), axis=2
+    )
+    expected = np.argsort(d, axis=1)[:, :5]
+    np.testing.assert_array_equal(idx, expected)
+    # float32 expansion |q|^2 - 2q.p + |p|^2 with |q|^2 ~ 5: absolute error in d^2
+    # ~1e-6, i.e. ~1e-6 relative on distances ~1; 1e-4 leaves ample margin.
+    np.testing.assert_allclose(dist, np.take_along_axis(d, expected, 1), rtol=1e-4)
+
+
+def test_nearest_neighbours_exclude_self():
+    rng = np.random.default_rng(1)
+    pool = rng.random((50, 6)).astype(np.float32)
+    idx, dist = nearest_neighbours(pool[:10], pool, k=3)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(10))  # itself, at distance 0
+    assert np.all(dist[:, 0] < 1e-3)
+    idx, _ = nearest_neighbours(pool[:10], pool, k=3, exclude=np.arange(10))
+    assert not np.any(idx == np.arange(10)[:, None])
+    d = np.linalg.norm(pool[:10, None].astype(np.float64) - pool[None], axis=2)
+    d[np.arange(10), np.arange(10)] = np.inf
+    np.testing.assert_array_equal(idx, np.argsort(d, axis=1)[:, :3])
+    with pytest.raises(ValueError, match="k must be in"):
+        nearest_neighbours(pool[:2], pool, k=50, exclude=np.arange(2))
