@@ -1,0 +1,208 @@
+"""Run directories: orbax checkpoints of a training state plus the configuration behind it.
+
+The one module that knows orbax. A run directory holds
+
+* ``config.json`` — what the run is (plan fingerprint, data shapes, model structure,
+  optimizer state structure, batch size, seed, user config), written when the run starts;
+* ``checkpoints/<epoch>/`` — orbax ``CheckpointManager`` steps (``max_to_keep`` newest
+  kept), each with the full training state (any pytree of arrays, PRNG keys included)
+  and a JSON history of per-epoch metrics.
+
+Opening a run directory with another configuration raises :class:`ConfigMismatchError`
+naming every field that differs, so states from different plans, models or shapes are
+never mixed. Saves are asynchronous (orbax writes in a background thread into a
+temporary directory and renames it when complete), so a process killed mid-save leaves
+the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["RunCheckpoints", "ConfigMismatchError", "fingerprint_array", "describe_tree"]
+
+_FORMAT = 1
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory was written by a run with another configuration."""
+
+
+def fingerprint_array(a: Any) -> str:
+    """sha256 (hex) of an array's dtype, shape and bytes: e.g. a plan's ``keep``."""
+    a = np.ascontiguousarray(np.asarray(a))
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def describe_tree(tree: Any) -> dict[str, str]:
+    """``{path: "dtype[shape]"}`` for every array leaf of ``tree`` (structure fingerprint)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[jax.tree_util.keystr(path)] = f"{jax.numpy.dtype(leaf.dtype)}{list(np.shape(leaf))}"
+    return out
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_saveable(tree: Any) -> dict[str, Any]:
+    # Orbax stores plain arrays: typed PRNG keys go in as their raw key data, and the
+    # tree as a flat dict so that restoring needs only the caller's own structure.
+    leaves = jax.tree.leaves(tree)
+    return {
+        f"leaf_{i:05d}": jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)
+    }
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    data = jax.random.key_data(x) if _is_key(x) else x
+    sharding = getattr(data, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(data), data.dtype, sharding=sharding)
+
+
+class RunCheckpoints:
+    """Checkpoints of one training run in ``run_dir``, refusing other configurations.
+
+    Args:
+      run_dir: directory of the run (created if missing).
+      config: JSON-serialisable description of the run. If ``run_dir`` already has a
+        ``config.json``, every key must match (:class:`ConfigMismatchError` otherwise);
+        keys listed in ``mutable`` (e.g. the number of epochs) may change on resume.
+      max_to_keep: newest checkpoints kept.
+      mutable: config keys allowed to differ from the stored ones.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: dict[str, Any],
+        *,
+        max_to_keep: int = 3,
+        mutable: tuple[str, ...] = (),
+    ):
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        os.makedirs(self.run_dir, exist_ok=True)
+        config = json.loads(json.dumps({"format": _FORMAT, **config}))  # normalise tuples etc.
+        self.config = config
+        path = os.path.join(self.run_dir, "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                stored = json.load(f)
+            self._check(stored, config, mutable)
+        else:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(config, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: a killed process never leaves half a config
+        self._manager = ocp.CheckpointManager(
+            os.path.join(self.run_dir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def _check(self, stored: dict, config: dict, mutable: tuple[str, ...]) -> None:
+        diffs = []
+        for key in sorted(set(stored) | set(config)):
+            if key in mutable:
+                continue
+            old, new = stored.get(key, "<missing>"), config.get(key, "<missing>")
+            if old == new:
+                continue
+            if isinstance(old, dict) and isinstance(new, dict):
+                sub = [
+                    f"{key}.{k}: stored {old.get(k, '<missing>')} vs now {new.get(k, '<missing>')}"
+                    for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)
+                ]
+                diffs.append("; ".join(sub[:5]) + (f"; ... ({len(sub)} fields)" if len(sub) > 5 else ""))
+            else:
+                diffs.append(f"{key}: stored {_short(old)} vs now {_short(new)}")
+        if diffs:
+            raise ConfigMismatchError(
+                f"run directory {self.run_dir} was written with another configuration; "
+                "refusing to resume from it (use a new run directory). Differences:\n  "
+                + "\n  ".join(diffs)
+            )
+
+    def latest_epoch(self) -> int | None:
+        """Epoch of the newest complete checkpoint, or ``None``."""
+        return self._manager.latest_step()
+
+    def save(self, epoch: int, state: Any, history: dict[str, Any]) -> None:
+        """Start saving ``state`` (pytree of arrays) and ``history`` (JSON) as ``epoch``.
+
+        Asynchronous: returns once the arrays are copied; call :meth:`wait` before
+        relying on the files.
+        """
+        self._manager.save(
+            int(epoch),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_to_saveable(state)),
+                history=ocp.args.JsonSave(history),
+            ),
+        )
+
+    def restore(self, like: Any, epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restore the checkpoint of ``epoch`` (default: the latest) into ``like``'s structure.
+
+        Args:
+          like: a pytree with the structure, shapes, dtypes and shardings to restore
+            onto (e.g. a freshly initialised state); PRNG key leaves come back as keys.
+          epoch: which checkpoint.
+
+        Returns:
+          ``(state, history)``.
+        """
+        epoch = self.latest_epoch() if epoch is None else epoch
+        if epoch is None:
+            raise FileNotFoundError(f"no checkpoint in {self.run_dir}")
+        leaves, treedef = jax.tree.flatten(like)
+        target = {f"leaf_{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
+        try:
+            out = self._manager.restore(
+                epoch,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    history=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, KeyError) as e:  # structure changed under an unchanged config
+            raise ConfigMismatchError(
+                f"checkpoint {epoch} in {self.run_dir} does not fit the current state: {e}"
+            ) from e
+        restored = out["state"]
+        new_leaves = []
+        for i, like_leaf in enumerate(leaves):
+            x = restored[f"leaf_{i:05d}"]
+            if np.shape(x) != np.shape(target[f"leaf_{i:05d}"]):
+                raise ConfigMismatchError(
+                    f"checkpoint {epoch} leaf {i} has shape {np.shape(x)}, "
+                    f"the current state {target[f'leaf_{i:05d}'].shape}"
+                )
+            if _is_key(like_leaf):
+                x = jax.random.wrap_key_data(x, impl=jax.random.key_impl(like_leaf))
+            new_leaves.append(x)
+        return jax.tree.unflatten(treedef, new_leaves), out["history"]
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release orbax's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 80 else s[:77] + "..."

@@ -1,0 +1,590 @@
+"""The whole ensemble of a membership plan trained in one jitted program.
+
+Every member of a plan (``keep[m, i]``: member ``m`` trains on example ``i``) is the same
+Flax NNX model with its own parameters. The model is split once into
+``(graphdef, params, rest)``; the members' states are stacked on a leading axis of size
+``members``; one pure step (loss, gradient, optax update) is vmapped over members and
+``lax.scan``-ned over the steps of an epoch; the member axis is split over a 1-D device
+mesh with :func:`jaxmem.mesh.shard_examples` (members are the "rows"). The data lie on
+the device once and each member's batches are gathered on the device by index.
+
+Three levels, each usable alone (as in optax / blackjax):
+
+* :func:`make` returns an :class:`Ensemble`: pure ``init`` / ``step`` / ``epoch`` /
+  ``schedule`` / ``evaluate`` functions over an :class:`EnsembleState`; the jitted ones
+  are safe to call in a user's own loop.
+* :func:`fit` runs epochs with a progress bar, logs per-member losses, checkpoints to
+  a run directory with :mod:`jaxmem.checkpoint` and resumes from it.
+
+Batch schedules. Every epoch has the same number of steps for every member,
+``steps_per_epoch = ceil(max_m |train_m| / batch_size)``, so that one scanned program
+serves all members. Member ``m``'s schedule for epoch ``e`` is a uniformly random
+permutation of ITS OWN training indices (an ``argsort`` of uniform keys with its held-out
+examples' keys set to 2, i.e. sorted to the end), read cyclically to fill
+``steps_per_epoch * batch_size`` slots: every training example is seen at least once per
+epoch, members with fewer examples see ``steps*batch - |train_m|`` of theirs twice, and no
+member ever gathers an example it does not keep.
+
+Randomness depends only on (seed, member, epoch, step), never on the device count or on
+interruptions, so a resumed run continues bit for bit. With
+``member_key = fold_in(key(seed), m)``:
+
+* schedule of epoch ``e``: ``fold_in(fold_in(member_key, 0), e)``;
+* loss key of global step ``t``: ``fold_in(fold_in(member_key, 1), t)``;
+* held-out evaluation, chunk ``c``: ``fold_in(fold_in(member_key, 2), c)`` (the same
+  every epoch, so held-out losses of successive epochs are comparable);
+* initialisation: ``model_fn(member_init_seed(seed, m))`` when a factory is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxmem.mesh import AXIS, make_mesh, shard_examples
+
+__all__ = [
+    "EnsembleState",
+    "Ensemble",
+    "FitResult",
+    "make",
+    "fit",
+    "member",
+    "member_init_seed",
+    "default_mesh",
+]
+
+log = logging.getLogger(__name__)
+
+
+class EnsembleState(NamedTuple):
+    """Training state of all members, stacked on axis 0 (size ``members``).
+
+    Attributes:
+      params: ``nnx.State`` of the trainable ``nnx.Param`` variables, leaves ``[members, ...]``.
+      rest: ``nnx.State`` of every other variable (batch statistics, RNG counters, ...),
+        leaves ``[members, ...]``; carried through the loss so modules may update it.
+      opt_state: the optax state of every member, leaves ``[members, ...]``.
+      keys: ``[members]`` typed PRNG keys, ``fold_in(key(seed), m)``.
+      epoch: int32 ``[]``, epochs completed.
+      step: int32 ``[]``, optimizer steps taken (global, over all epochs).
+    """
+
+    params: Any
+    rest: Any
+    opt_state: Any
+    keys: jax.Array
+    epoch: jax.Array
+    step: jax.Array
+
+
+class Ensemble(NamedTuple):
+    """Pure functions that train all members of a plan together (see :func:`make`).
+
+    Attributes:
+      graphdef: the model's ``nnx.GraphDef``; ``nnx.merge(graphdef, params_m, rest_m)``
+        is member ``m``.
+      init: ``init(seed) -> EnsembleState`` (Python: builds the members' modules).
+      step: jitted ``step(state, batch) -> (state, loss)``, one optimizer step of every
+        member; ``batch`` leaves ``[members, batch_size, ...]``, ``loss`` f32
+        ``[members]`` mean training loss of the batch (nats per example).
+      epoch: jitted ``epoch(state, data) -> (state, metrics)``: one scanned epoch of
+        every member over its own schedule, then the held-out evaluation.
+        ``metrics = {"train_loss": f32[members], "heldout_loss": f32[members]}``, nats per
+        example (``heldout_loss`` is NaN for a member with no held-out example).
+      schedule: jitted ``schedule(state) -> int32[members, steps_per_epoch, batch_size]``,
+        the example indices of epoch ``state.epoch``.
+      evaluate: jitted ``evaluate(state, data) -> f32[members]``, each member's mean loss
+        over ITS held-out examples (nats per example).
+      keep: bool ``[members, examples]`` numpy copy of the plan.
+      steps_per_epoch: optimizer steps per epoch (the same for every member).
+      batch_size: examples per member per step.
+      mesh: the 1-D mesh the member axis is split over.
+    """
+
+    graphdef: Any
+    init: Callable[[int], EnsembleState]
+    step: Callable[..., tuple[EnsembleState, jax.Array]]
+    epoch: Callable[..., tuple[EnsembleState, dict[str, jax.Array]]]
+    schedule: Callable[[EnsembleState], jax.Array]
+    evaluate: Callable[..., jax.Array]
+    keep: np.ndarray
+    steps_per_epoch: int
+    batch_size: int
+    mesh: Mesh
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      graphdef: ``nnx.GraphDef`` of the model (``nnx.split(model)[0]``).
+      state: the members' full ``nnx.State`` (params and the rest), leaves
+        ``[members, ...]``: ``nnx.merge(graphdef, jax.tree.map(lambda a: a[m], state))``
+        is member ``m`` (docs/CONTRACTS.md).
+      train_state: the final :class:`EnsembleState` (optimizer state included).
+      history: ``{"train_loss": f32[epochs, members], "heldout_loss": f32[epochs, members]}``
+        numpy arrays, nats per example, one row per completed epoch (restored ones included).
+      ensemble: the :class:`Ensemble` that trained it.
+    """
+
+    graphdef: Any
+    state: Any
+    train_state: EnsembleState
+    history: dict[str, np.ndarray]
+    ensemble: Ensemble
+
+
+def member_init_seed(seed: int, m: int) -> int:
+    """The integer seed member ``m`` of a run with ``seed`` is initialised from.
+
+    ``model_fn(member_init_seed(seed, m))`` rebuilds member ``m``'s initial parameters.
+    Derived with ``jax.random`` from ``fold_in(key(seed), m)`` so that runs with nearby
+    seeds do not share members.
+    """
+    k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), m), 3)
+    return int(jax.random.randint(k, (), 0, np.iinfo(np.int32).max))
+
+
+def default_mesh(num_members: int) -> Mesh:
+    """The mesh used when none is given: as few devices as give the least members per device.
+
+    With ``D`` devices each holds ``ceil(members / D)`` members at best; using
+    ``ceil(members / that)`` devices gets the same per-device load with the least padding
+    (e.g. 10 members on 8 devices use 5 devices, 2 members each).
+    """
+    ndev = jax.device_count()
+    per_device = -(-num_members // ndev)
+    return make_mesh(-(-num_members // per_device))
+
+
+def member(graphdef: Any, state: Any, m: int) -> nnx.Module:
+    """Member ``m`` as an ``nnx.Module`` from a stacked state (``FitResult.state`` or
+    ``(EnsembleState.params, EnsembleState.rest)``)."""
+    states = state if isinstance(state, tuple) else (state,)
+    return nnx.merge(graphdef, *(jax.tree.map(lambda a: a[m], s) for s in states))
+
+
+def _as_keep(plan: Any) -> np.ndarray:
+    keep = np.asarray(getattr(plan, "keep", plan))
+    if keep.ndim != 2:
+        raise ValueError(f"keep must be a bool array [members, examples], got shape {keep.shape}")
+    if keep.dtype != np.bool_:
+        raise ValueError(f"keep must be boolean, got dtype {keep.dtype}")
+    empty = np.flatnonzero(~keep.any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"member(s) {empty[:10].tolist()} keep no training example; every member needs one"
+        )
+    return keep
+
+
+def _check_data(data: Any, n: int) -> None:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("data must be an array or a pytree of arrays")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+            raise ValueError(
+                f"data leaf {jax.tree_util.keystr(path) or 'x'} has shape {np.shape(leaf)}; "
+                f"axis 0 must be the {n} examples of the plan"
+            )
+
+
+def _graphdef_of(model: Any) -> Any:
+    """The graphdef of ``model`` (an instance, or a factory traced without allocating)."""
+    if isinstance(model, nnx.Module):
+        return nnx.split(model, nnx.Param, ...)[0]
+    if not callable(model):
+        raise TypeError(
+            "model must be an nnx.Module or a factory seed -> nnx.Module, "
+            f"got {type(model).__name__}"
+        )
+    abstract = nnx.eval_shape(lambda: model(0))
+    if not isinstance(abstract, nnx.Module):
+        raise TypeError(f"model factory returned {type(abstract).__name__}, not an nnx.Module")
+    return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def _build_members(model: Any, num_members: int, seed: int):
+    """(graphdef, stacked params, stacked rest) from a factory or a module instance."""
+    if isinstance(model, nnx.Module):
+        # One instance: every member starts from its parameters (a shared initialisation).
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        stack = lambda s: jax.tree.map(lambda a: jnp.stack([a] * num_members), s)  # noqa: E731
+        return graphdef, stack(params), stack(rest)
+    parts = []
+    for m in range(num_members):
+        module = model(member_init_seed(seed, m))
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"model factory returned {type(module).__name__}, not an nnx.Module")
+        parts.append(nnx.split(module, nnx.Param, ...))
+    graphdef = parts[0][0]
+    for m, (g, _, _) in enumerate(parts[1:], 1):
+        if g != graphdef:
+            raise ValueError(f"model factory built member {m} with another structure than member 0")
+    stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a), *(p[i] for p in parts))  # noqa: E731
+    return graphdef, stack(1), stack(2)
+
+
+def make(
+    model: nnx.Module | Callable[[int], nnx.Module],
+    tx: optax.GradientTransformation,
+    keep: Any,
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    eval_batch_size: int | None = None,
+) -> Ensemble:
+    """Pure training functions for every member of a membership plan.
+
+    Args:
+      model: a factory ``seed -> nnx.Module`` (members get independent initialisations,
+        member ``m`` from :func:`member_init_seed`), or an ``nnx.Module`` (every member
+        starts from its parameters). The module must have ``loss(batch, key) -> f32[B]``
+        (nats per example, docs/CONTRACTS.md).
+      tx: optax transformation, applied to each member separately.
+      keep: bool ``[members, examples]``, or a plan with a ``.keep`` attribute.
+      batch_size: examples per member per step.
+      mesh: 1-D mesh for the member axis (default :func:`default_mesh`). If ``members``
+        is not a multiple of its size, members are padded (repeats of member 0,
+        computed and dropped) inside each call.
+      eval_batch_size: chunk size of the held-out evaluation (default ``batch_size``).
+
+    Returns:
+      An :class:`Ensemble`.
+
+    Examples:
+      >>> ens = make(lambda s: MyVAE(rngs=nnx.Rngs(s)), optax.adam(1e-3), keep, batch_size=64)
+      >>> state = ens.init(0)
+      >>> for _ in range(10):
+      ...     state, metrics = ens.epoch(state, x)   # x: f32[examples, ...] on device
+    """
+    keep = _as_keep(keep)
+    num_members, n = keep.shape
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    eval_batch_size = eval_batch_size or batch_size
+    mesh = default_mesh(num_members) if mesh is None else mesh
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be 1-D (see jaxmem.mesh.make_mesh), got axes {mesh.axis_names}")
+    axis = mesh.axis_names[0]
+    train_sizes = keep.sum(axis=1)
+    steps = int(math.ceil(train_sizes.max() / batch_size))
+    max_out = int((~keep).sum(axis=1).max())
+    eval_chunks = int(math.ceil(max_out / eval_batch_size))
+    keep_dev = jax.device_put(jnp.asarray(keep), NamedSharding(mesh, P()))
+    graphdef = _graphdef_of(model)
+
+    def member_loss(params, rest, batch, key):
+        model_m = nnx.merge(graphdef, params, rest)
+        losses = model_m.loss(batch, key)
+        leading = jax.tree.leaves(batch)[0].shape[0]
+        if losses.shape != (leading,):
+            raise ValueError(
+                f"model.loss must return per-example losses of shape ({leading},), got {losses.shape}"
+            )
+        _, _, new_rest = nnx.split(model_m, nnx.Param, ...)
+        return losses, new_rest
+
+    def member_step(params, rest, opt_state, key, batch, t):
+        lkey = jax.random.fold_in(jax.random.fold_in(key, 1), t)
+
+        def objective(p):
+            losses, new_rest = member_loss(p, rest, batch, lkey)
+            return jnp.mean(losses), new_rest
+
+        (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, rest, opt_state, loss
+
+    def member_schedule(keep_row, key, epoch):
+        u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), (n,))
+        # Uniform keys lie in [0, 1): held-out examples (key 2) sort after every training one.
+        order = jnp.argsort(jnp.where(keep_row, u, 2.0))
+        count = jnp.sum(keep_row, dtype=jnp.int32)
+        pos = jnp.arange(steps * batch_size, dtype=jnp.int32) % count
+        return order[pos].reshape(steps, batch_size)
+
+    def member_evaluate(params, rest, keep_row, key, data):
+        if eval_chunks == 0:  # no member holds anything out
+            return jnp.float32(jnp.nan)
+        order = jnp.argsort(keep_row)  # stable: held-out examples first
+        count = jnp.sum(~keep_row, dtype=jnp.int32)
+        pos = jnp.arange(eval_chunks * eval_batch_size, dtype=jnp.int32)
+        weight = (pos < count).astype(jnp.float32).reshape(eval_chunks, eval_batch_size)
+        idx = order[jnp.minimum(pos, n - 1)].reshape(eval_chunks, eval_batch_size)
+        ekey = jax.random.fold_in(key, 2)
+
+        def chunk(total, c):
+            batch = jax.tree.map(lambda a: jnp.take(a, idx[c], axis=0), data)
+            losses, _ = member_loss(params, rest, batch, jax.random.fold_in(ekey, c))
+            # where(), not a product: a padded slot may hold a training example of any value.
+            return total + jnp.sum(jnp.where(weight[c] > 0, losses, 0.0)), None
+
+        total, _ = jax.lax.scan(chunk, jnp.float32(0.0), jnp.arange(eval_chunks))
+        return total / count  # NaN when the member holds nothing out
+
+    def member_epoch(params, rest, opt_state, key, keep_row, data, epoch, step0):
+        idx = member_schedule(keep_row, key, epoch)
+
+        def body(carry, s):
+            params, rest, opt_state = carry
+            batch = jax.tree.map(lambda a: jnp.take(a, idx[s], axis=0), data)
+            params, rest, opt_state, loss = member_step(
+                params, rest, opt_state, key, batch, step0 + s
+            )
+            return (params, rest, opt_state), loss
+
+        (params, rest, opt_state), losses = jax.lax.scan(
+            body, (params, rest, opt_state), jnp.arange(steps, dtype=jnp.int32)
+        )
+        heldout = member_evaluate(params, rest, keep_row, key, data)
+        return params, rest, opt_state, jnp.mean(losses), heldout
+
+    def sharded(fn, rows, replicated):
+        return shard_examples(fn, mesh, rows, replicated, axis_name=axis)
+
+    @jax.jit
+    def epoch_fn(state: EnsembleState, data, keep_arr):
+        def block(rows, rep):
+            params, rest, opt_state, keys, keep_rows = rows
+            data, epoch, step0 = rep
+            return jax.vmap(member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, None))(
+                params, rest, opt_state, keys, keep_rows, data, epoch, step0
+            )
+
+        rows = (state.params, state.rest, state.opt_state, state.keys, keep_arr)
+        params, rest, opt_state, train, heldout = sharded(
+            block, rows, (data, state.epoch, state.step)
+        )
+        new = EnsembleState(params, rest, opt_state, state.keys, state.epoch + 1, state.step + steps)
+        return new, {"train_loss": train, "heldout_loss": heldout}
+
+    @jax.jit
+    def step_fn(state: EnsembleState, batch):
+        def block(rows, t):
+            params, rest, opt_state, keys, batch = rows
+            return jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None))(
+                params, rest, opt_state, keys, batch, t
+            )
+
+        for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+            if leaf.ndim < 2 or leaf.shape[0] != num_members:
+                raise ValueError(
+                    f"batch leaf {jax.tree_util.keystr(path) or 'x'} has shape {leaf.shape}; "
+                    f"expected [members={num_members}, batch, ...]"
+                )
+        rows = (state.params, state.rest, state.opt_state, state.keys, batch)
+        params, rest, opt_state, loss = sharded(block, rows, state.step)
+        return state._replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1), loss
+
+    @jax.jit
+    def schedule_fn(state: EnsembleState, keep_arr):
+        return jax.vmap(member_schedule, in_axes=(0, 0, None))(keep_arr, state.keys, state.epoch)
+
+    @jax.jit
+    def evaluate_fn(state: EnsembleState, data, keep_arr):
+        def block(rows, data):
+            params, rest, keys, keep_rows = rows
+            return jax.vmap(member_evaluate, in_axes=(0, 0, 0, 0, None))(
+                params, rest, keep_rows, keys, data
+            )
+
+        return sharded(block, (state.params, state.rest, state.keys, keep_arr), data)
+
+    def check(data):
+        _check_data(data, n)
+        return data
+
+    def init(seed: int) -> EnsembleState:
+        built, params, rest = _build_members(model, num_members, seed)
+        if built != graphdef:
+            raise ValueError("the model factory built a model with another structure at init")
+        opt_state = jax.vmap(tx.init)(params)
+        keys = jax.vmap(lambda m: jax.random.fold_in(jax.random.key(seed), m))(
+            jnp.arange(num_members)
+        )
+        # Members split over the mesh when they divide evenly; otherwise replicated, and
+        # shard_examples pads them inside each call. Counters replicated: every array of
+        # the state lives on the mesh, so restored checkpoints land in the same place.
+        rows = NamedSharding(mesh, P(axis) if num_members % mesh.size == 0 else P())
+        put = lambda t: jax.device_put(t, rows)  # noqa: E731
+        counter = jax.device_put(jnp.int32(0), NamedSharding(mesh, P()))
+        state = EnsembleState(put(params), put(rest), put(opt_state), put(keys), counter, counter)
+        return state
+
+    return Ensemble(
+        graphdef=graphdef,
+        init=init,
+        step=step_fn,
+        epoch=lambda state, data: epoch_fn(state, check(data), keep_dev),
+        schedule=lambda state: schedule_fn(state, keep_dev),
+        evaluate=lambda state, data: evaluate_fn(state, check(data), keep_dev),
+        keep=keep,
+        steps_per_epoch=steps,
+        batch_size=batch_size,
+        mesh=mesh,
+    )
+
+
+def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: EnsembleState,
+                *, seed: int, epochs: int, user: Any) -> dict[str, Any]:
+    """What a run directory must agree on before a checkpoint of it may be resumed."""
+    from jaxmem.checkpoint import describe_tree, fingerprint_array
+
+    abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(lambda: model(0))
+    member0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.params)
+    opt0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.opt_state)
+    leaves = jax.tree.leaves(data)
+    return {
+        "members": int(ens.keep.shape[0]),
+        "examples": int(ens.keep.shape[1]),
+        "plan_sha256": fingerprint_array(ens.keep),
+        "data": {
+            "example_shapes": [f"{np.dtype(a.dtype)}{list(np.shape(a)[1:])}" for a in leaves],
+            "sha256": [fingerprint_array(np.asarray(a)) for a in leaves],
+        },
+        "model": {
+            "class": f"{type(abstract).__module__}.{type(abstract).__qualname__}",
+            "config": getattr(abstract, "config", None),
+            "params": describe_tree(member0),
+        },
+        "optimizer": {"config": tx_config, "state": describe_tree(opt0)},
+        "batch_size": ens.batch_size,
+        "steps_per_epoch": ens.steps_per_epoch,
+        "seed": int(seed),
+        "epochs": int(epochs),
+        "user": user,
+    }
+
+
+def fit(
+    model: nnx.Module | Callable[[int], nnx.Module],
+    tx: optax.GradientTransformation | float,
+    data: Any,
+    keep: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    run_dir: str | None = None,
+    checkpoint_every: int = 1,
+    keep_checkpoints: int = 3,
+    progress: bool = True,
+    mesh: Mesh | None = None,
+    callback: Callable[[int, EnsembleState, dict[str, np.ndarray]], None] | None = None,
+    config: Any = None,
+    eval_batch_size: int | None = None,
+) -> FitResult:
+    """Train every member of a plan, with progress, logging, checkpoints and resumption.
+
+    Args:
+      model: factory ``seed -> nnx.Module`` or a module (see :func:`make`).
+      tx: an optax transformation, or a learning rate for ``optax.adam``.
+      data: array or pytree of arrays, axis 0 the examples ``[examples, ...]``; placed
+        on the device(s) once, replicated.
+      keep: bool ``[members, examples]`` or a plan with ``.keep``.
+      epochs: total epochs (a resumed run continues up to it).
+      batch_size: examples per member per step.
+      seed: initialisation, batch order and loss randomness (see the module docstring).
+      run_dir: if given, checkpoints go there every ``checkpoint_every`` epochs (and
+        after the last); if it already holds a checkpoint of the same configuration,
+        training resumes from the latest one. Another configuration raises
+        :class:`jaxmem.checkpoint.ConfigMismatchError`.
+      checkpoint_every: epochs between checkpoints.
+      keep_checkpoints: newest checkpoints kept.
+      progress: show a tqdm bar counting member-epochs.
+      mesh: mesh for the member axis (default :func:`default_mesh`).
+      callback: ``callback(epoch, state, metrics)`` after each epoch trained in this call
+        (``epoch`` = epochs completed; metrics as numpy ``[members]``), e.g. to score
+        members at several epochs. Not replayed for epochs restored from a checkpoint.
+      config: extra JSON-serialisable configuration (e.g. model and optimizer settings)
+        stored in the run directory and required to match on resume.
+      eval_batch_size: chunk size of the held-out evaluation.
+
+    Returns:
+      A :class:`FitResult`; ``history`` holds per-member train and held-out losses (nats
+      per example) of every epoch.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if isinstance(tx, (int, float)):
+        tx_config: Any = {"name": "adam", "learning_rate": float(tx)}
+        tx = optax.adam(float(tx))
+    else:
+        tx_config = None
+    keep = _as_keep(keep)
+    num_members = keep.shape[0]
+    _check_data(data, keep.shape[1])
+    ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
+    state = ens.init(seed)
+    data = jax.device_put(data, NamedSharding(ens.mesh, P()))
+    history: dict[str, list] = {"train_loss": [], "heldout_loss": []}
+
+    ckpt = None
+    if run_dir is not None:
+        from jaxmem.checkpoint import RunCheckpoints
+
+        cfg = _run_config(ens, model, tx_config, data, state, seed=seed, epochs=epochs, user=config)
+        ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",))
+        latest = ckpt.latest_epoch()
+        if latest is not None:
+            state, restored = ckpt.restore(state, latest)
+            history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
+            log.info("resumed %s from epoch %d", run_dir, latest)
+
+    start = int(state.epoch)
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=num_members * max(epochs, start), initial=num_members * start,
+            disable=not progress, unit="member-epoch", desc="ensemble",
+        )
+    except ImportError:  # tqdm is a dependency; keep training without it anyway
+        bar = None
+    try:
+        for e in range(start, epochs):
+            state, metrics = ens.epoch(state, data)
+            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            for k in history:
+                history[k].append(metrics[k].astype(float).tolist())
+            done = e + 1
+            log.info(
+                "epoch %d: train loss per member %s; held-out loss per member %s (nats)",
+                done, np.array2string(metrics["train_loss"], precision=3),
+                np.array2string(metrics["heldout_loss"], precision=3),
+            )
+            if bar is not None:
+                bar.update(num_members)
+                bar.set_postfix(
+                    train=f"{np.nanmean(metrics['train_loss']):.4g}",
+                    heldout=f"{np.nanmean(metrics['heldout_loss']):.4g}"
+                    if np.isfinite(metrics["heldout_loss"]).any() else "-",
+                )
+            if ckpt is not None and (done % checkpoint_every == 0 or done == epochs):
+                ckpt.save(done, state, history)
+            if callback is not None:
+                callback(done, state, metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+
+    full = nnx.merge_state(state.params, state.rest)
+    hist = {k: np.asarray(v, dtype=np.float32).reshape(-1, num_members) for k, v in history.items()}
+    return FitResult(ens.graphdef, full, state, hist, ens)
