@@ -1,0 +1,509 @@
+"""Memorization scores from a log-likelihood matrix and a membership mask.
+
+Inputs are ``ll[models, examples]`` (per-model log-likelihoods of each example, nats)
+and ``keep[models, examples]`` (True where the model trained on the example), whether
+they came from jaxmem's ensemble or from a user's cached model outputs.
+
+* :func:`memorization_scores` -- the leave-one-out density ratio of van den Burg &
+  Williams (2021), with per-example uncertainty and "highly memorized" flags.
+* :func:`feldman_zhang` -- Feldman & Zhang's (2020) label memorization from per-model
+  correctness or ``log p(y | x)``.
+* :func:`quantile_flags` -- the examples above a quantile of a score.
+
+Each function validates its inputs on the host (non-finite values, shapes, coverage),
+then runs one jitted program in which the per-example work is sharded over a device
+mesh with :func:`jaxmem.mesh.shard_examples`; results agree between 1 and 8 devices
+to float rounding. Computation is in ``ll``'s floating dtype (float32 unless x64 is
+enabled and ``ll`` is float64).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxmem.membership import Plan
+from jaxmem.mesh import make_mesh, shard_examples
+
+__all__ = [
+    "Scores",
+    "LabelMemorization",
+    "memorization_scores",
+    "feldman_zhang",
+    "quantile_flags",
+]
+
+# How many offending (model, example) pairs an error message lists.
+_SHOW = 10
+_UNCERTAINTY = ("jackknife", "bootstrap")
+
+
+class Scores(NamedTuple):
+    """Per-example memorization scores (all arrays ``[examples]``, log terms in nats).
+
+    Attributes:
+      U: ``logmeanexp`` of ``ll`` over the models that trained on the example.
+      V: ``logmeanexp`` of ``ll`` over the models that held it out.
+      M: the memorization score ``U - V`` (computed from max-shifted sums, so it keeps
+        its precision even when ``U`` and ``V`` are large, e.g. around -1e5).
+      stderr: standard error of ``M`` (jackknife or bootstrap over models, see
+        :func:`memorization_scores`); NaN where a side has a single model (a spread
+        cannot be estimated from one value).
+      dof: Welch-Satterthwaite degrees of freedom of ``stderr`` (for t intervals).
+      n_in: int32, number of "in" models behind ``U``.
+      n_out: int32, number of "out" models behind ``V``.
+      highly_memorized: bool, ``M > threshold``.
+      threshold: scalar, the requested quantile of ``M`` over all examples.
+    """
+
+    U: jax.Array
+    V: jax.Array
+    M: jax.Array
+    stderr: jax.Array
+    dof: jax.Array
+    n_in: jax.Array
+    n_out: jax.Array
+    highly_memorized: jax.Array
+    threshold: jax.Array
+
+    def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Two-sided Student-t confidence interval for ``M`` at ``level``.
+
+        ``M +- t_{dof}((1 + level) / 2) * stderr``. With the paper's 10 out-models the
+        t quantile matters: a normal (1.96) interval covers about 92% instead of 95%
+        on log-normal synthetic data, the t interval about 95%.
+
+        Returns:
+          ``(lower, upper)``, float64 numpy ``[examples]``, nats.
+        """
+        from scipy import stats  # scipy ships with scikit-learn, a jaxmem dependency
+
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        q = stats.t.ppf(0.5 + level / 2, np.asarray(self.dof, dtype=np.float64))
+        half = q * np.asarray(self.stderr, dtype=np.float64)
+        m = np.asarray(self.M, dtype=np.float64)
+        return m - half, m + half
+
+
+class LabelMemorization(NamedTuple):
+    """Feldman & Zhang label memorization per example (arrays ``[examples]``).
+
+    Attributes:
+      mem: ``mean_in - mean_out`` (accuracy difference, or nats for log-probs).
+      mean_in: mean over the "in" models of correctness (or of ``log p(y|x)``).
+      mean_out: the same over the "out" models.
+      stderr: Welch standard error ``sqrt(s_in^2 / n_in + s_out^2 / n_out)`` with
+        sample variances (ddof = 1); NaN where a side has a single model.
+      n_in: int32 number of "in" models.
+      n_out: int32 number of "out" models.
+    """
+
+    mem: jax.Array
+    mean_in: jax.Array
+    mean_out: jax.Array
+    stderr: jax.Array
+    n_in: jax.Array
+    n_out: jax.Array
+
+
+# --------------------------------------------------------------------- validation
+def _describe_pairs(pairs: np.ndarray, values: np.ndarray) -> str:
+    shown = ", ".join(
+        f"(model {int(m)}, example {int(i)})={v}" for (m, i), v in zip(pairs[:_SHOW], values)
+    )
+    more = ", ..." if len(pairs) > _SHOW else ""
+    noun = "entry" if len(pairs) == 1 else "entries"
+    return f"{len(pairs)} {noun} (model, example): {shown}{more}"
+
+
+def _check_values(values: Any, name: str) -> jax.Array | np.ndarray:
+    """2-D, finite; checked before anything else so a NaN never becomes a NaN score."""
+    if not hasattr(values, "shape") or not hasattr(values, "dtype"):
+        values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [models, examples], got shape {values.shape}")
+    if jnp.issubdtype(values.dtype, jnp.bool_):
+        return values
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array (nats), got dtype {values.dtype}")
+    # On-device reduction first: a large ll is only copied to the host when it is bad.
+    finite = (
+        bool(jnp.all(jnp.isfinite(values)))
+        if isinstance(values, jax.Array)
+        else bool(np.isfinite(values).all())
+    )
+    if not finite:
+        host = np.asarray(values)
+        pairs = np.argwhere(~np.isfinite(host))
+        vals = host[tuple(pairs[:_SHOW].T)]
+        raise ValueError(f"{name} has NaN or inf at {_describe_pairs(pairs, vals)}")
+    return values
+
+
+def _as_plan(keep: Any, shape: tuple[int, int], name: str) -> Plan:
+    plan = keep if isinstance(keep, Plan) else Plan.from_keep(keep)
+    if plan.keep.shape != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {tuple(shape)} but keep has shape {plan.keep.shape} "
+            "(both must be [models, examples])"
+        )
+    return plan.validate()
+
+
+def _float_dtype(values) -> jnp.dtype:
+    # Half precision cannot hold log-likelihoods of -1e5 to useful accuracy.
+    dtype = jnp.dtype(values.dtype)
+    if dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def _resolve_mesh(mesh: Mesh | None) -> Mesh:
+    return make_mesh() if mesh is None else mesh
+
+
+def _check_quantile(quantile: float) -> float:
+    quantile = float(quantile)
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    return quantile
+
+
+# ---------------------------------------------------------------------- kernels
+def _logmeanexp_side(x: jax.Array, w: jax.Array):
+    """Max-shifted log-mean-exp of ``x`` over the columns where ``w``, per row.
+
+    Returns ``(m, s, n)`` with ``logmeanexp = m + s``: ``m`` the row max (over ``w``),
+    ``s = log(sum exp(x - m)) - log(n)`` small, ``n`` the count. Keeping ``m`` apart lets
+    callers form differences of large log-likelihoods without rounding them first.
+    """
+    n = jnp.sum(w, axis=1)
+    xm = jnp.where(w, x, -jnp.inf)
+    m = jnp.max(xm, axis=1)
+    e = jnp.exp(xm - m[:, None])  # 0 off the mask, 1 at the max
+    total = jnp.sum(e, axis=1)
+    s = jnp.log(total) - jnp.log(n.astype(x.dtype))
+    return m, s, n, e, total
+
+
+def _jackknife_var(x: jax.Array, w: jax.Array, m, n, e, total):
+    """Jackknife variance of the log-mean-exp over the masked columns, per row.
+
+    Leave-one-out sums are ``total - e_j``, exact to 2 ulps because the max term (= 1)
+    stays in them; leaving out the max itself is recomputed around the second-largest
+    value instead, so no sum ever cancels catastrophically. All values are relative
+    to ``m`` so that deviations of ~1e-3 nats survive ll of -1e5 in float32.
+    """
+    dtype = x.dtype
+    xm = jnp.where(w, x, -jnp.inf)
+    top = jax.nn.one_hot(jnp.argmax(xm, axis=1), x.shape[1], dtype=jnp.bool_)
+    rest = w & ~top
+    two = n >= 2
+    m2 = jnp.where(two, jnp.max(jnp.where(rest, x, -jnp.inf), axis=1), m)
+    total2 = jnp.sum(jnp.exp(jnp.where(rest, x - m2[:, None], -jnp.inf)), axis=1)
+    log_nm1 = jnp.log(jnp.maximum(n - 1, 1).astype(dtype))
+    loo_top = (m2 - m) + jnp.log(total2) - log_nm1  # leave out the max: [B]
+    loo_rest = jnp.log(jnp.maximum(total[:, None] - e, 0)) - log_nm1[:, None]  # [B, M]
+    theta = jnp.where(top, loo_top[:, None], loo_rest)
+    theta = jnp.where(w, theta, 0)
+    nf = n.astype(dtype)
+    theta_bar = jnp.sum(theta, axis=1) / nf
+    dev = jnp.where(w, theta - theta_bar[:, None], 0)
+    var = (nf - 1) / nf * jnp.sum(dev * dev, axis=1)
+    return jnp.where(two, var, jnp.nan)
+
+
+def _bootstrap_var(x, w, m, n, total, keys, num_bootstrap):
+    """Bootstrap variance of the log-mean-exp: resample the masked columns per row.
+
+    Each replicate draws ``n`` of the row's ``n`` masked models with replacement, from
+    the row's own key (derived from the example index), so results do not depend on
+    how examples are split over devices. Replicates are looped, not stacked, to keep
+    memory at O(rows * models).
+    """
+    dtype = x.dtype
+    num_cols = x.shape[1]
+    # Masked columns first, so that "pick one of the n" is an index below n.
+    order = jnp.argsort(~w, axis=1, stable=True)
+    xs = jnp.take_along_axis(x, order, axis=1)
+    valid = jnp.arange(num_cols)[None, :] < n[:, None]
+    nf = jnp.maximum(n, 1).astype(dtype)
+    log_total = jnp.log(total)
+
+    def body(b, acc):
+        sum_d, sum_d2 = acc
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, b), (num_cols,)))(keys)
+        pos = jnp.minimum((u * nf[:, None]).astype(jnp.int32), jnp.maximum(n - 1, 0)[:, None])
+        picked = jnp.take_along_axis(xs, pos, axis=1)
+        tot = jnp.sum(jnp.where(valid, jnp.exp(picked - m[:, None]), 0), axis=1)
+        d = jnp.log(tot) - log_total  # replicate minus point estimate
+        return sum_d + d, sum_d2 + d * d
+
+    zero = jnp.zeros(x.shape[0], dtype)
+    sum_d, sum_d2 = jax.lax.fori_loop(0, num_bootstrap, body, (zero, zero))
+    var = (sum_d2 - sum_d * sum_d / num_bootstrap) / (num_bootstrap - 1)
+    return jnp.where(n >= 2, jnp.maximum(var, 0), jnp.nan)
+
+
+def _welch(var_a, var_b, n_a, n_b):
+    """Standard error and Welch-Satterthwaite degrees of freedom of a difference."""
+    var = var_a + var_b
+    dtype = var.dtype
+    denom = var_a**2 / jnp.maximum(n_a - 1, 1).astype(dtype) + var_b**2 / jnp.maximum(
+        n_b - 1, 1
+    ).astype(dtype)
+    pooled = (n_a + n_b - 2).astype(dtype)
+    dof = jnp.where(denom > 0, var * var / jnp.where(denom > 0, denom, 1), pooled)
+    # A side with one model has no variance estimate, hence no dof either.
+    dof = jnp.where(jnp.isnan(var), jnp.nan, dof)
+    return jnp.sqrt(var), dof
+
+
+def _scores_block(sharded, replicated, *, method, num_bootstrap):
+    x, w, idx = sharded  # x: [B, models], w: [B, models] bool, idx: [B] example indices
+    (key,) = replicated
+    m_in, s_in, n_in, e_in, tot_in = _logmeanexp_side(x, w)
+    m_out, s_out, n_out, e_out, tot_out = _logmeanexp_side(x, ~w)
+    if method == "jackknife":
+        var_in = _jackknife_var(x, w, m_in, n_in, e_in, tot_in)
+        var_out = _jackknife_var(x, ~w, m_out, n_out, e_out, tot_out)
+    else:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+        k_in = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+        k_out = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        var_in = _bootstrap_var(x, w, m_in, n_in, tot_in, k_in, num_bootstrap)
+        var_out = _bootstrap_var(x, ~w, m_out, n_out, tot_out, k_out, num_bootstrap)
+    stderr, dof = _welch(var_in, var_out, n_in, n_out)
+    # Subtract the (large) maxima first: one rounding, instead of rounding U and V.
+    M = (m_in - m_out) + (s_in - s_out)
+    return m_in + s_in, m_out + s_out, M, stderr, dof, n_in, n_out
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "method", "num_bootstrap"))
+def _scores_program(ll, keep, key, quantile, *, mesh, method, num_bootstrap):
+    n = ll.shape[1]
+    sharded = (ll.T, keep.T, jnp.arange(n, dtype=jnp.int32))
+    block = functools.partial(_scores_block, method=method, num_bootstrap=num_bootstrap)
+    U, V, M, stderr, dof, n_in, n_out = shard_examples(block, mesh, sharded, (key,))
+    flags, threshold = _quantile_flags(M, quantile)
+    return Scores(
+        U=U,
+        V=V,
+        M=M,
+        stderr=stderr,
+        dof=dof,
+        n_in=n_in.astype(jnp.int32),
+        n_out=n_out.astype(jnp.int32),
+        highly_memorized=flags,
+        threshold=threshold,
+    )
+
+
+def _quantile_flags(scores, q):
+    threshold = jnp.quantile(scores, q)  # linear interpolation, numpy's default
+    return scores > threshold, threshold
+
+
+# ------------------------------------------------------------------- public API
+def memorization_scores(
+    ll: Any,
+    keep: Any,
+    *,
+    mesh: Mesh | None = None,
+    quantile: float = 0.95,
+    uncertainty: str = "jackknife",
+    num_bootstrap: int = 200,
+    key: jax.Array | None = None,
+) -> Scores:
+    r"""Leave-one-out density-ratio memorization scores (van den Burg & Williams 2021).
+
+    For each example ``i``, with ``I`` the models that trained on it and ``O`` the
+    models that held it out:
+
+    .. math::
+
+      U_i = \log \frac{1}{|I|} \sum_{m \in I} e^{ll_{m,i}}, \qquad
+      V_i = \log \frac{1}{|O|} \sum_{m \in O} e^{ll_{m,i}}, \qquad M_i = U_i - V_i
+
+    i.e. densities are averaged over models, not log-densities. Every sum is shifted
+    by its own maximum, so log-likelihoods of -1e5, and examples whose in- and
+    out-values differ by orders of magnitude, give results exact to float rounding.
+
+    Uncertainty is over the ensemble's models, treating the in- and the out-models
+    as two independent samples (they are disjoint): ``stderr^2 = var(U) + var(V)``.
+
+    * ``"jackknife"`` (default, deterministic): delete-one-model jackknife of ``U``
+      over the in-models and of ``V`` over the out-models.
+    * ``"bootstrap"``: ``num_bootstrap`` resamples of the in-models and of the
+      out-models (with replacement, within each group), per example, from
+      ``key`` folded with the example index.
+
+    Both need two models on a side; with one, ``stderr`` is NaN (not estimable). ``dof`` holds
+    Welch-Satterthwaite degrees of freedom for t intervals (:meth:`Scores.interval`).
+
+    Args:
+      ll: float ``[models, examples]``, log-likelihoods in nats (numpy or JAX).
+      keep: bool ``[models, examples]`` or a :class:`~jaxmem.membership.Plan`;
+        True where the model trained on the example.
+      mesh: 1-D device mesh to shard examples over (:func:`jaxmem.mesh.make_mesh`);
+        ``None`` uses all devices.
+      quantile: ``highly_memorized`` is ``M`` above this quantile of ``M`` over all
+        examples (0.95 in the paper; 0.995 / 0.999 for its figures).
+      uncertainty: ``"jackknife"`` or ``"bootstrap"``.
+      num_bootstrap: number of bootstrap replicates (``"bootstrap"`` only), >= 2.
+      key: PRNG key for the bootstrap; ``None`` means ``jax.random.key(0)``.
+
+    Returns:
+      :class:`Scores`, arrays ``[examples]``.
+
+    Raises:
+      ValueError: ``ll`` contains NaN or inf (the message names the (model, example)
+        pairs; checked first), ``ll`` and ``keep`` differ in shape, some example has
+        no in- or no out-model (named), or an option is out of range.
+      TypeError: ``ll`` is not floating or ``keep`` is not boolean.
+
+    Examples:
+      >>> import numpy as np, jaxmem
+      >>> plan = jaxmem.membership.kfold(50, k=5, repeats=2, seed=0)
+      >>> ll = np.random.default_rng(0).normal(-10, 1, plan.keep.shape).astype("f4")
+      >>> s = memorization_scores(ll, plan, mesh=jaxmem.make_mesh(1))
+      >>> s.M.shape, int(s.n_in[0]), int(s.n_out[0])
+      ((50,), 8, 2)
+
+    References:
+      van den Burg & Williams, "On Memorization in Probabilistic Deep Generative
+      Models", NeurIPS 2021.
+    """
+    ll = _check_values(ll, "ll")
+    if jnp.issubdtype(ll.dtype, jnp.bool_):
+        raise TypeError("ll must be a floating array of log-likelihoods (nats), got bool")
+    plan = _as_plan(keep, ll.shape, "ll")
+    quantile = _check_quantile(quantile)
+    if uncertainty not in _UNCERTAINTY:
+        raise ValueError(f"uncertainty must be one of {_UNCERTAINTY}, got {uncertainty!r}")
+    num_bootstrap = int(num_bootstrap)
+    if uncertainty == "bootstrap" and num_bootstrap < 2:
+        raise ValueError(f"num_bootstrap must be >= 2, got {num_bootstrap}")
+    if key is None:
+        key = jax.random.key(0)
+    dtype = _float_dtype(ll)
+    return _scores_program(
+        jnp.asarray(ll, dtype),
+        jnp.asarray(plan.keep),
+        key,
+        jnp.asarray(quantile, dtype),
+        mesh=_resolve_mesh(mesh),
+        method=uncertainty,
+        num_bootstrap=num_bootstrap if uncertainty == "bootstrap" else 0,
+    )
+
+
+def _label_block(sharded, replicated):
+    x, w = sharded  # [B, models]
+    del replicated
+    out = []
+    for mask in (w, ~w):
+        n = jnp.sum(mask, axis=1)
+        nf = n.astype(x.dtype)
+        mean = jnp.sum(jnp.where(mask, x, 0), axis=1) / nf
+        dev = jnp.where(mask, x - mean[:, None], 0)
+        var = jnp.sum(dev * dev, axis=1) / jnp.maximum(nf - 1, 1)
+        # variance of the mean, undefined for a single model
+        out.append((mean, jnp.where(n >= 2, var / nf, jnp.nan), n))
+    (mean_in, v_in, n_in), (mean_out, v_out, n_out) = out
+    return mean_in - mean_out, mean_in, mean_out, jnp.sqrt(v_in + v_out), n_in, n_out
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _label_program(values, keep, *, mesh):
+    mem, mean_in, mean_out, stderr, n_in, n_out = shard_examples(
+        _label_block, mesh, (values.T, keep.T)
+    )
+    return LabelMemorization(
+        mem, mean_in, mean_out, stderr, n_in.astype(jnp.int32), n_out.astype(jnp.int32)
+    )
+
+
+def feldman_zhang(
+    correct_or_logp: Any,
+    keep: Any,
+    *,
+    mesh: Mesh | None = None,
+) -> LabelMemorization:
+    r"""Feldman & Zhang (2020) label memorization from per-model predictions.
+
+    .. math::
+
+      \mathrm{mem}_i = \frac{1}{|I|} \sum_{m \in I} c_{m,i}
+                     - \frac{1}{|O|} \sum_{m \in O} c_{m,i}
+
+    with ``c`` either the correctness ``1[h_m(x_i) = y_i]`` (pass a bool array: the
+    estimator of the paper, a difference of accuracies in [-1, 1]) or
+    ``log p_m(y_i | x_i)`` (pass a float array: a difference of *mean* log-probs in
+    nats). For the density-ratio version (log of mean probabilities), call
+    :func:`memorization_scores` on the log-probs instead.
+
+    Args:
+      correct_or_logp: bool ``[models, examples]`` correctness, or float
+        ``[models, examples]`` log-probabilities of the true label (nats, <= 0).
+      keep: bool ``[models, examples]`` or a :class:`~jaxmem.membership.Plan`.
+      mesh: device mesh to shard examples over; ``None`` uses all devices.
+
+    Returns:
+      :class:`LabelMemorization`, arrays ``[examples]``, with a Welch standard error.
+
+    Raises:
+      ValueError: non-finite log-probs (named), log-probs above 0 (a float 0/1 array
+        is refused: pass correctness as bool), shape mismatch, or an example with no
+        in- or out-model (named).
+
+    References:
+      Feldman & Zhang, "What Neural Networks Memorize and Why: Discovering the Long
+      Tail via Influence Estimation", NeurIPS 2020.
+    """
+    values = _check_values(correct_or_logp, "correct_or_logp")
+    if jnp.issubdtype(values.dtype, jnp.bool_):
+        dtype = jnp.dtype(jnp.float32)
+    else:
+        positive = np.argwhere(np.asarray(values) > 0)
+        if positive.size:
+            host = np.asarray(values)
+            raise ValueError(
+                "correct_or_logp as floats means log p(y|x) <= 0, but it is positive at "
+                f"{_describe_pairs(positive, host[tuple(positive[:_SHOW].T)])}; pass "
+                "correctness as a bool array"
+            )
+        dtype = _float_dtype(values)
+    plan = _as_plan(keep, values.shape, "correct_or_logp")
+    return _label_program(
+        jnp.asarray(values, dtype), jnp.asarray(plan.keep), mesh=_resolve_mesh(mesh)
+    )
+
+
+def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
+    """Flag the examples whose score lies above the ``quantile`` quantile of all scores.
+
+    This is the paper's "highly memorized" rule (quantile 0.95): the threshold is a
+    quantile of the scores, not the score value 0.95.
+
+    Args:
+      scores: float ``[examples]``, e.g. ``Scores.M`` (nats).
+      quantile: in [0, 1].
+
+    Returns:
+      ``(flags, threshold)``: bool ``[examples]`` (``scores > threshold``) and the
+      scalar threshold (linear interpolation, as :func:`numpy.quantile`).
+    """
+    scores = jnp.asarray(scores)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D [examples], got shape {scores.shape}")
+    return _quantile_flags_jit(scores, jnp.asarray(_check_quantile(quantile), scores.dtype))
+
+
+_quantile_flags_jit = jax.jit(_quantile_flags)

@@ -1,0 +1,232 @@
+"""Scores against an independent float64 numpy reference of DESIGN.md §1.1."""
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from jaxmem.membership import Plan, balanced_subsets, kfold
+from jaxmem.mesh import make_mesh
+from jaxmem.scores import feldman_zhang, memorization_scores
+
+
+# ------------------------------------------------------------- the reference
+def _lme(x):
+    return logsumexp(x) - np.log(len(x))
+
+
+def reference_scores(ll, keep):
+    """Loop-per-example float64 U, V, M and stratified delete-one jackknife stderr."""
+    ll = np.asarray(ll, dtype=np.float64)
+    n = ll.shape[1]
+    U, V, se = np.empty(n), np.empty(n), np.empty(n)
+    for i in range(n):
+        var = 0.0
+        for side, mask in ((U, keep[:, i]), (V, ~keep[:, i])):
+            x = ll[mask, i]
+            side[i] = _lme(x)
+            if len(x) < 2:
+                var = np.nan
+                continue
+            theta = np.array([_lme(np.delete(x, j)) for j in range(len(x))])
+            var += (len(x) - 1) / len(x) * np.sum((theta - theta.mean()) ** 2)
+        se[i] = np.sqrt(var)
+    return U, V, U - V, se
+
+
+def _check_against_reference(s, ll, keep, *, u_rtol, m_atol):
+    U, V, M, se = reference_scores(ll, keep)
+    np.testing.assert_allclose(np.asarray(s.U), U, rtol=u_rtol, atol=m_atol)
+    np.testing.assert_allclose(np.asarray(s.V), V, rtol=u_rtol, atol=m_atol)
+    np.testing.assert_allclose(np.asarray(s.M), M, rtol=1e-5, atol=m_atol)
+    np.testing.assert_array_equal(np.asarray(s.n_in), keep.sum(0))
+    np.testing.assert_array_equal(np.asarray(s.n_out), (~keep).sum(0))
+    np.testing.assert_allclose(np.asarray(s.stderr), se, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+MESH1 = None  # built lazily: conftest must set the device count first
+
+
+def mesh1():
+    global MESH1
+    if MESH1 is None:
+        MESH1 = make_mesh(1)
+    return MESH1
+
+
+# --------------------------------------------------------------- correctness
+def test_random_inputs_match_reference():
+    plan = kfold(37, 4, 3, seed=0)  # 37: not a multiple of 8, exercises padding
+    rng = np.random.default_rng(0)
+    ll = rng.normal(-40, 5, plan.keep.shape).astype(np.float32)
+    s = memorization_scores(ll, plan, mesh=mesh1())
+    # float32 kernel vs float64 reference on the same float32 inputs: values are O(50),
+    # float32 relative rounding ~6e-8 per op over ~12 terms -> 1e-5 absolute.
+    _check_against_reference(s, ll, plan.keep, u_rtol=1e-6, m_atol=1e-5)
+    # the quantile flags use the quantile of M, not "M > 0.95"
+    thr = np.quantile(np.asarray(s.M), 0.95)
+    np.testing.assert_allclose(float(s.threshold), thr, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(s.highly_memorized), np.asarray(s.M) > float(s.threshold))
+    assert int(np.asarray(s.highly_memorized).sum()) == 2  # 5% of 37 examples, rounded up
+
+
+def test_adversarial_magnitudes_and_single_models():
+    rng = np.random.default_rng(1)
+    models, n = 6, 8
+    keep = np.zeros((models, n), dtype=bool)
+    keep[:3] = True  # default: 3 in, 3 out
+    keep[:, 4] = [True, False, False, False, False, False]  # a single in-model
+    keep[:, 5] = [True, True, True, True, True, False]  # a single out-model
+    ll = rng.normal(0, 1, (models, n))
+    ll[:, 0] += -1e5  # all around -1e5
+    ll[:, 1] += -3.0  # ordinary
+    ll[:3, 2] = -3.0 + ll[:3, 2]  # in-models at -3, out-models at -1e5: M ~ 1e5
+    ll[3:, 2] = -1e5 + ll[3:, 2]
+    ll[:, 3] = [-3.0, -1e5, -2e3, -1e5, -4.0, -7e4]  # mixed within each side
+    ll[:, 6] = [0.0, -200.0, -200.5, -1.0, -300.0, -150.0]  # one model dominates a side:
+    # deleting it in the jackknife needs log-space leave-one-out sums (exp(-200) underflows)
+    ll[:, 7] += -1e5
+    ll = ll.astype(np.float32)
+    s = memorization_scores(ll, keep, mesh=mesh1())
+    # U, V ~ 1e5: a float32 ulp there is 0.0078, so compare U, V relatively (2 ulp);
+    # M is assembled from shifted O(1) parts and stays accurate to 1e-5 absolute... except
+    # for example 2, whose true M is itself ~1e5 (relative check via rtol=1e-5).
+    _check_against_reference(s, ll, keep, u_rtol=2.4e-7, m_atol=1e-5)
+    assert np.isnan(np.asarray(s.stderr)[[4, 5]]).all()  # one in / one out: not estimable
+    np.testing.assert_array_equal(np.asarray(s.U)[4], ll[0, 4])  # mean of one density
+    np.testing.assert_array_equal(np.asarray(s.V)[5], ll[5, 5])
+    assert np.isfinite(np.asarray(s.stderr)[[0, 1, 2, 3, 6, 7]]).all()
+
+
+def test_m_keeps_precision_at_minus_1e5():
+    # in-models all 0.25 nats above out-models, everything near -1e5: U and V are each
+    # rounded to float32 (spacing 0.0078) but M must come out at 0.25 nearly exactly.
+    plan = kfold(16, 4, 2, seed=3)
+    rng = np.random.default_rng(3)
+    base = np.float32(-1e5) + rng.normal(0, 1, 16).astype(np.float32)
+    ll = np.where(plan.keep, base + np.float32(0.25), base).astype(np.float32)
+    delta = (base + np.float32(0.25)) - base  # the float32-representable increment
+    s = memorization_scores(ll, plan, mesh=mesh1())
+    np.testing.assert_allclose(np.asarray(s.M), delta, atol=1e-6)
+
+
+def test_sharded_equals_unsharded(devices8):
+    plan = kfold(45, 5, 2, seed=1)
+    rng = np.random.default_rng(2)
+    ll = rng.normal(-100, 10, plan.keep.shape).astype(np.float32)
+    for unc in ("jackknife", "bootstrap"):
+        a = memorization_scores(ll, plan, mesh=mesh1(), uncertainty=unc, num_bootstrap=50)
+        b = memorization_scores(ll, plan, mesh=make_mesh(8), uncertainty=unc, num_bootstrap=50)
+        for name in a._fields:
+            # row-wise kernels, per-example bootstrap keys: only float reassociation differs
+            np.testing.assert_allclose(
+                np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), rtol=1e-6, atol=1e-6,
+                err_msg=f"{unc}: {name}",
+            )
+    fa = feldman_zhang(ll, plan, mesh=mesh1())
+    fb = feldman_zhang(ll, plan, mesh=make_mesh(8))
+    for name in fa._fields:
+        np.testing.assert_allclose(np.asarray(getattr(fa, name)), np.asarray(getattr(fb, name)), rtol=1e-6)
+
+
+def test_plan_and_array_agree():
+    plan = kfold(10, 2, 2, seed=0)
+    ll = np.random.default_rng(0).normal(size=plan.keep.shape).astype(np.float32)
+    a = memorization_scores(ll, plan, mesh=mesh1())
+    b = memorization_scores(ll, plan.keep, mesh=mesh1(), quantile=0.5)
+    np.testing.assert_array_equal(np.asarray(a.M), np.asarray(b.M))
+    assert int(np.asarray(b.highly_memorized).sum()) == 5  # above the median of 10
+
+
+# -------------------------------------------------------------------- errors
+def test_nonfinite_names_model_and_example():
+    plan = kfold(10, 2, 1, seed=0)
+    ll = np.zeros(plan.keep.shape, dtype=np.float32)
+    ll[1, 5] = np.nan
+    ll[0, 7] = -np.inf
+    with pytest.raises(ValueError) as e:
+        memorization_scores(ll, plan, mesh=mesh1())
+    msg = str(e.value)
+    assert "NaN or inf" in msg and "2 entries" in msg
+    assert "(model 0, example 7)" in msg and "(model 1, example 5)" in msg
+    with pytest.raises(ValueError, match=r"\(model 1, example 5\)"):
+        feldman_zhang(ll, plan, mesh=mesh1())
+
+
+def test_shape_coverage_and_option_errors():
+    plan = kfold(10, 2, 1, seed=0)
+    ll = np.zeros(plan.keep.shape, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"shape \(2, 9\) but keep has shape \(2, 10\)"):
+        memorization_scores(ll[:, :9], plan)
+    keep = plan.keep.copy()
+    keep[:, 3] = True
+    with pytest.raises(ValueError, match=r"no model holds out 1 example: \[3\]"):
+        memorization_scores(ll, keep)
+    with pytest.raises(ValueError, match="boolean"):
+        memorization_scores(ll, keep.astype(np.float32))
+    with pytest.raises(ValueError, match="quantile"):
+        memorization_scores(ll, plan, quantile=95)
+    with pytest.raises(ValueError, match="uncertainty"):
+        memorization_scores(ll, plan, uncertainty="delta")
+
+
+# --------------------------------------------------------------- uncertainty
+def _lognormal_ll(plan, seed, sigma=0.5):
+    """ll with a known true score: exp(ll) log-normal with log E[exp(ll)] = mu +- side."""
+    rng = np.random.default_rng(seed)
+    n = plan.n
+    mu_in = rng.normal(0, 1, n)
+    mu_out = mu_in - rng.exponential(1.0, n)
+    mu = np.where(plan.keep, mu_in, mu_out)
+    ll = mu - sigma**2 / 2 + sigma * rng.standard_normal(plan.keep.shape) - 100.0
+    return ll.astype(np.float32), mu_in - mu_out
+
+
+@pytest.mark.parametrize(
+    "uncertainty,n,lo,hi",
+    [
+        # 4,000 examples: binomial sd of a 95% rate is 0.0034; the band is ~ +-3.5 sd
+        # around 0.95 (jackknife measured 0.946 with these seeds).
+        ("jackknife", 4000, 0.938, 0.962),
+        # 2,000 examples (sd 0.0049); the bootstrap's plug-in variance is (n-1)/n low,
+        # so the band is shifted down by 0.01 (measured 0.934 at 4,000 examples).
+        ("bootstrap", 2000, 0.920, 0.960),
+    ],
+)
+def test_interval_coverage(uncertainty, n, lo, hi):
+    plan = balanced_subsets(n, 80, seed=1)  # 40 in / 40 out per example
+    ll, true_m = _lognormal_ll(plan, seed=2)
+    s = memorization_scores(ll, plan, mesh=mesh1(), uncertainty=uncertainty, num_bootstrap=100)
+    err = np.asarray(s.M) - true_m
+    se = np.asarray(s.stderr)
+    coverage = np.mean(np.abs(err) <= 1.96 * se)
+    assert lo <= coverage <= hi, coverage
+    # and the standard error is the right size, not merely wide enough
+    assert abs(se.mean() / err.std() - 1) < 0.06
+
+
+# ------------------------------------------------------------ Feldman & Zhang
+def test_feldman_zhang_hand_computed():
+    # models x examples; example 0: in = {0, 1}, out = {2, 3}; example 1: out = {1} only
+    keep = np.array([[1, 1], [1, 0], [0, 1], [0, 1]], dtype=bool)
+    correct = np.array([[1, 1], [1, 1], [0, 0], [1, 1]], dtype=bool)
+    fz = feldman_zhang(correct, keep, mesh=mesh1())
+    # example 0: 2/2 in-models correct, 1/2 out-models correct -> 1 - 0.5 = 0.5;
+    # s_in^2 = 0, s_out^2 = var([0, 1], ddof=1) = 0.5 -> se = sqrt(0.5 / 2) = 0.5.
+    # example 1: in-models {0, 2, 3} correct 2/3, the out-model correct -> -1/3; se NaN.
+    np.testing.assert_allclose(np.asarray(fz.mem), [0.5, -1 / 3], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(fz.n_in), [2, 3])
+    np.testing.assert_array_equal(np.asarray(fz.n_out), [2, 1])
+    np.testing.assert_allclose(np.asarray(fz.stderr)[0], 0.5, rtol=1e-6)
+    assert np.isnan(np.asarray(fz.stderr)[1])
+
+
+def test_feldman_zhang_log_prob_variant_matches_numpy():
+    plan = kfold(29, 5, 2, seed=4)
+    rng = np.random.default_rng(4)
+    logp = (-np.abs(rng.normal(0, 2, plan.keep.shape)) - 1e3 * (rng.random(plan.keep.shape) < 0.1)).astype(np.float32)
+    fz = feldman_zhang(logp, plan, mesh=mesh1())
+    x = logp.astype(np.float64)
+    for i in range(plan.n):
+        a, b = x[plan.keep[:, i], i], x[~plan.keep[:, i], i]
+        np.testing.assert_allclose(float(fz.mem[i]), a.mean() - b.mean(), rtol=1e-5, atol=1e-3)
+        se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+        np.testing.assert_allclose(float(fz.stderr[i]), se, rtol=1e-5, atol=1e-4)
