@@ -1,0 +1,138 @@
+"""Tests of jaxmem.report: summary numbers by hand, Spearman vs scipy, every figure."""
+
+import numpy as np
+import pytest
+import scipy.stats
+from PIL import Image
+
+from jaxmem import report
+from jaxmem.data import load_dataset
+from jaxmem.report import (
+    figure3_bins,
+    spearman_correlation,
+    summary,
+    summary_markdown,
+)
+
+
+def _synthetic(n=1000, seed=0):
+    """M a permutation of 0..n-1, logp = 0..n-1, so every number is known by hand.
+
+    With n = 1000 the 0.95 quantile of M is 949.05 (linear interpolation at
+    0.95 * 999), so the 50 examples with M >= 950 are highly memorized. The central
+    90% of logp is [49.95, 949.05]: positions 50..949. We put 30 of the 50 highly
+    memorized examples there and 20 in the tails: the share is 30/50 = 0.6.
+    """
+    rng = np.random.default_rng(seed)
+    logp = np.arange(n, dtype=np.float64)
+    high_pos = np.r_[rng.choice(np.arange(50, 950), 30, replace=False),
+                     rng.choice(np.r_[0:50, 950:1000], 20, replace=False)]
+    rest = np.setdiff1d(np.arange(n), high_pos)
+    M = np.empty(n)
+    M[high_pos] = rng.permutation(np.arange(950, 1000))
+    M[rest] = rng.permutation(np.arange(950))
+    return M, logp, high_pos
+
+
+def test_summary_numbers_by_hand():
+    M, logp, high_pos = _synthetic()
+    s = summary(M, logp=logp, in_counts=np.full(1000, 90), out_counts=np.r_[np.full(999, 10), 9])
+    # Linear-interpolation quantiles of 0..999: q * 999.
+    expected = {"0.5": 499.5, "0.9": 899.1, "0.95": 949.05, "0.99": 989.01,
+                "0.995": 994.005, "0.999": 998.001}
+    assert s["quantiles"].keys() == expected.keys()
+    for q, v in expected.items():
+        assert s["quantiles"][q] == pytest.approx(v, abs=1e-9)
+    assert s["threshold"] == pytest.approx(949.05)
+    assert s["num_highly_memorized"] == 50
+    assert s["central_90_logp"] == pytest.approx([49.95, 949.05])
+    assert s["share_highly_memorized_in_central_90"] == pytest.approx(0.6)
+    assert s["mean"] == pytest.approx(499.5) and s["max"] == 999.0
+    assert s["in_counts"] == {"min": 90, "median": 90.0, "max": 90}
+    assert s["out_counts"] == {"min": 9, "median": 10.0, "max": 10}
+    assert s["spearman_leverage"] is None
+    md = summary_markdown(s)
+    assert "| M | 499.500 | 899.100 | 949.050 | 989.010 | 994.005 | 998.001 |" in md
+    assert "60.0% (more than half, as in the paper)" in md
+    assert "50 examples" in md and "min 9, median 10, max 10" in md
+
+
+def test_summary_with_given_mask_and_leverage():
+    M, logp, high_pos = _synthetic()
+    mask = np.zeros(1000, bool)
+    mask[high_pos[20:]] = True  # the 20 tail examples only and 10 central ones
+    s = summary(M, logp=logp, leverage=M * 2 + 1, highly_memorized=mask)
+    assert s["num_highly_memorized"] == 30
+    assert s["share_highly_memorized_in_central_90"] == pytest.approx(10 / 30)
+    assert s["spearman_leverage"] == pytest.approx(1.0)  # leverage monotone in M
+    assert "not more than half" in summary_markdown(s)
+
+
+def test_summary_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"M contains NaN or inf at 1 example\(s\); the first is example 3"):
+        summary(np.array([0.0, 1, 2, np.nan, 4]))
+    with pytest.raises(ValueError, match="logp has 2 values, expected 3"):
+        summary(np.zeros(3), logp=np.zeros(2))
+    with pytest.raises(ValueError, match="must be 1-D"):
+        summary(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"highly_memorized must be a bool array of shape \[3\]"):
+        summary(np.zeros(3), highly_memorized=np.zeros(3, int))
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a = np.round(rng.normal(size=500), 1)  # many ties
+    b = np.round(a + rng.normal(size=500), 0)
+    # Same formula on ranks in float64: agreement to rounding.
+    assert spearman_correlation(a, b) == pytest.approx(scipy.stats.spearmanr(a, b)[0], abs=1e-12)
+    np.testing.assert_array_equal(report._ranks(b), scipy.stats.rankdata(b))
+    assert spearman_correlation(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(spearman_correlation(a, np.ones(500)))
+
+
+def test_figure3_bins_counts():
+    logp = np.array([0.0, 0.5, 1.0, 2.5, 3.0, 4.0])
+    high = np.array([False, True, False, True, True, False])
+    edges, n_high, n_regular = figure3_bins(logp, high, bins=4)  # width 1 on [0, 4]
+    np.testing.assert_allclose(edges, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(n_high, [1, 0, 1, 1])  # 0.5 | - | 2.5 | 3.0
+    np.testing.assert_array_equal(n_regular, [1, 1, 0, 1])  # 0.0 | 1.0 | - | 4.0
+
+
+def _check_png(path, min_size=(500, 300)):
+    assert path.exists() and path.stat().st_size > 10_000
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size[0] >= min_size[0] and img.size[1] >= min_size[1]
+        # Not a blank canvas: a real plot has many distinct colours.
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+def test_every_figure_writes_a_png(tmp_path):
+    M, logp, _ = _synthetic()
+    rng = np.random.default_rng(1)
+    leverage = rng.beta(2, 30, 1000)
+    _check_png(report.plot_score_distribution(M, tmp_path / "dist.png"))
+    _check_png(report.plot_figure3(logp, M > np.quantile(M, 0.95), tmp_path / "fig3.png"))
+    _check_png(report.plot_memorization_vs_leverage(M, leverage, tmp_path / "lev.png"))
+    epochs = np.arange(1, 6)
+    _check_png(report.plot_scores_over_epochs(
+        epochs, M[None] * epochs[:, None] / 5, tmp_path / "sub" / "epochs.png"))
+    resid = rng.standard_t(4, 1000)
+    _check_png(report.plot_influence(leverage, resid, resid**2 * leverage,
+                                     tmp_path / "infl.png", num_params=10))
+
+
+def test_examples_grid_and_its_errors(tmp_path):
+    digits = load_dataset("digits", limit=200)
+    M = np.linspace(0, 3, 200)
+    path = report.plot_examples_grid(digits.x, M, digits.x, tmp_path / "grid.png",
+                                     per_group=2, neighbours=3)
+    _check_png(path, min_size=(400, 400))
+    with pytest.raises(ValueError, match="exclude_self needs images to be the training images"):
+        report.plot_examples_grid(digits.x[:10], M[:10], digits.x, tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"images must be \[n, height, width"):
+        report.plot_examples_grid(np.zeros((20, 4)), np.zeros(20), np.zeros((20, 4)),
+                                  tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"M_by_epoch must be \[3 epochs, n\]"):
+        report.plot_scores_over_epochs([1, 2, 3], np.zeros((2, 5)), tmp_path / "e.png")
