@@ -1,0 +1,122 @@
+"""Models with one interface for training and scoring (docs/CONTRACTS.md).
+
+Every model is a Flax NNX module with, per example and in nats:
+
+- ``loss(batch, key) -> f32[B]``: the training loss (negative ELBO, cross-entropy);
+- ``log_prob(batch, keys, num_samples) -> f32[B]``: importance-weighted log p(x)
+  (exact log p(y|x) for the classifier), one PRNG key per example;
+- ``elbo(batch, keys) -> f32[B]``.
+
+Build one from a JSON-serialisable configuration::
+
+    cfg = jaxmem.models.model_config("mlp_vae", (32, 32), hidden=[512, 256])
+    model = jaxmem.models.from_config(cfg, seed=0)
+    # equivalently
+    model = jaxmem.models.create("mlp_vae", (32, 32), seed=0, hidden=[512, 256])
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+
+from jaxmem.models._latent import LatentVariableModel as LatentVariableModel
+from jaxmem.models.classifier import Classifier as Classifier
+from jaxmem.models.linear_gaussian import LinearGaussianVAE as LinearGaussianVAE
+from jaxmem.models.vae import ConvVAE as ConvVAE
+from jaxmem.models.vae import MLPVAE as MLPVAE
+
+__all__ = [
+    "MODELS",
+    "create",
+    "model_config",
+    "from_config",
+    "MLPVAE",
+    "ConvVAE",
+    "LinearGaussianVAE",
+    "Classifier",
+    "LatentVariableModel",
+]
+
+#: Registered model names and their classes.
+MODELS: dict[str, type[nnx.Module]] = {
+    "mlp_vae": MLPVAE,
+    "conv_vae": ConvVAE,
+    "linear_gaussian_vae": LinearGaussianVAE,
+    "classifier": Classifier,
+}
+
+
+def _defaults(cls) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "rngs"
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def model_config(name: str, example_shape: Sequence[int], **kwargs: Any) -> dict[str, Any]:
+    """The full, JSON-serialisable configuration of a model: name, shape, every option.
+
+    Defaults are filled in, so two configurations compare equal exactly when they build
+    the same architecture (what checkpoints and result files record and check).
+
+    Args:
+      name: one of :data:`MODELS`.
+      example_shape: shape of one example.
+      **kwargs: the model's keyword options (see each class).
+
+    Returns:
+      ``{"name": ..., "example_shape": [...], **options}`` (tuples become lists).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    defaults = _defaults(MODELS[name])
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for model {name!r}; it takes {sorted(defaults)}")
+    shape = [int(s) for s in example_shape]
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"example_shape must be non-empty and positive, got {tuple(example_shape)}")
+    cfg = {"name": name, "example_shape": shape}
+    cfg.update({k: _jsonable(kwargs.get(k, v)) for k, v in defaults.items()})
+    json.dumps(cfg)  # fail here, not when a checkpoint is written
+    return cfg
+
+
+def from_config(config: dict[str, Any], *, seed: int) -> nnx.Module:
+    """Build the model described by ``config`` (from :func:`model_config`), initialised from ``seed``."""
+    cfg = dict(config)
+    try:
+        name, shape = cfg.pop("name"), cfg.pop("example_shape")
+    except KeyError as e:
+        raise ValueError(f"model config lacks {e.args[0]!r}: {config}") from None
+    cfg = model_config(name, shape, **cfg)  # validate and fill defaults
+    del cfg["name"], cfg["example_shape"]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    return MODELS[name](tuple(shape), **kwargs, rngs=nnx.Rngs(seed))
+
+
+def create(name: str, example_shape: Sequence[int], *, seed: int, **kwargs: Any) -> nnx.Module:
+    """Build model ``name`` for examples of shape ``example_shape``, initialised from ``seed``.
+
+    Args:
+      name: ``"mlp_vae"``, ``"conv_vae"``, ``"linear_gaussian_vae"`` or ``"classifier"``.
+      example_shape: shape of one example (e.g. ``(32, 32)``, ``(32, 32, 3)``, ``(d,)``).
+      seed: parameter initialisation seed.
+      **kwargs: model options (see :class:`MLPVAE`, :class:`ConvVAE`,
+        :class:`LinearGaussianVAE`, :class:`Classifier`).
+
+    Returns:
+      An ``nnx.Module`` with ``loss``, ``log_prob`` and ``elbo``.
+    """
+    return from_config(model_config(name, example_shape, **kwargs), seed=seed)

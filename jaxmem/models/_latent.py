@@ -1,0 +1,225 @@
+"""Shared machinery of the latent-variable models (VAEs): ELBO, importance weights, keys.
+
+A subclass supplies three pieces:
+
+- ``preprocess(x, keys) -> x``: evaluation/training-time input transform (dynamic
+  binarisation, dequantisation), one key per example;
+- ``encode(x) -> (mean, scale)``: the Gaussian encoder q(z|x); ``scale`` is either the
+  diagonal standard deviations ``[B, L]`` or a lower-triangular Cholesky factor
+  ``[B, L, L]`` (full covariance);
+- ``log_likelihood(x, z) -> [B, S]``: the decoder's log p(x|z) for ``z`` of shape
+  ``[B, S, L]``.
+
+Everything else — the importance weights ``log p(x, z) - log q(z|x)``, the
+importance-weighted estimate of log p(x), the ELBO, the training loss — is written once
+here, with the reparameterisation ``z = mean + scale @ eps``, ``eps ~ N(0, I)``, for which
+``log q(z|x) = log N(eps; 0, I) - log|det scale|`` whatever the form of ``scale``.
+
+Randomness contract (docs/CONTRACTS.md): at evaluation, example ``b`` gets one key
+``keys[b]``. From it, preprocessing noise is drawn with ``fold_in(keys[b], 0)`` and the
+noise of importance sample ``s`` with ``fold_in(fold_in(keys[b], 1), s)``. Sample ``s``
+of an example is therefore the same number whether the samples are drawn all at once or
+in chunks of any size, and whichever chunk or device the example lands in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+# Sub-streams of a per-example key (see the module docstring).
+_PREPROCESS_STREAM = 0
+_SAMPLE_STREAM = 1
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "tanh": jnp.tanh,
+    "softplus": jax.nn.softplus,
+    "elu": jax.nn.elu,
+}
+
+
+def activation_fn(name: str):
+    """The activation function called ``name`` (one of :data:`ACTIVATIONS`)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def std_normal_log_prob(z: jax.Array) -> jax.Array:
+    """log N(z; 0, I) summed over the last axis (nats)."""
+    return -0.5 * jnp.sum(z * z, axis=-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+def logmeanexp(a: jax.Array, axis: int = -1) -> jax.Array:
+    """log(mean(exp(a))) along ``axis``, computed stably."""
+    return jax.nn.logsumexp(a, axis=axis) - math.log(a.shape[axis])
+
+
+def preprocess_keys(keys: jax.Array) -> jax.Array:
+    """Per-example keys for preprocessing noise, from the per-example keys ``[B]``."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, _PREPROCESS_STREAM))(keys)
+
+
+def sample_noise(keys: jax.Array, sample_ids: jax.Array, latent_dim: int) -> jax.Array:
+    """Standard normal noise ``[B, S, latent_dim]`` for samples ``sample_ids`` of each example.
+
+    Sample ``s`` of example ``b`` is drawn from ``fold_in(fold_in(keys[b], 1), s)``, so it
+    does not depend on which other samples are drawn with it.
+    """
+
+    def per_example(k):
+        root = jax.random.fold_in(k, _SAMPLE_STREAM)
+        return jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(root, s), (latent_dim,)))(sample_ids)
+
+    return jax.vmap(per_example)(keys)
+
+
+def check_batch(x: jax.Array, example_shape: tuple[int, ...], what: str) -> None:
+    """Raise a clear error unless ``x`` has shape ``[B, *example_shape]``."""
+    shape = tuple(getattr(x, "shape", ()))
+    if shape[1:] != tuple(example_shape) or len(shape) != len(example_shape) + 1:
+        raise ValueError(
+            f"{what} expects a batch of shape [B, {', '.join(map(str, example_shape))}], got {shape}"
+        )
+
+
+def check_keys(keys: jax.Array, batch_size: int) -> None:
+    """Raise a clear error unless ``keys`` holds one PRNG key per example."""
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        n = keys.shape[0] if keys.ndim == 1 else None
+    else:  # raw uint32 keys [B, 2]
+        n = keys.shape[0] if keys.ndim == 2 else None
+    if n != batch_size:
+        raise ValueError(
+            f"keys must hold one PRNG key per example ({batch_size}), got shape {keys.shape}; "
+            "derive them as jax.vmap(lambda i: jax.random.fold_in(key, i))(example_indices)"
+        )
+
+
+class LatentVariableModel(nnx.Module):
+    """Base class of the VAEs: p(z) = N(0, I), Gaussian q(z|x), a decoder p(x|z).
+
+    Subclasses set ``self.example_shape`` and ``self.latent_dim`` and implement
+    ``preprocess``, ``encode`` and ``log_likelihood`` (see the module docstring).
+    """
+
+    example_shape: tuple[int, ...]
+    latent_dim: int
+
+    # -- to implement ----------------------------------------------------------------
+    def preprocess(self, x: jax.Array, keys: jax.Array) -> jax.Array:
+        """Input transform with one key per example; identity by default."""
+        del keys
+        return x
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def log_likelihood(self, x: jax.Array, z: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------
+    def _reparameterize(self, mean, scale, eps):
+        """z = mean + scale @ eps and log q(z|x); eps ``[B, S, L]`` -> (z, log_q ``[B, S]``)."""
+        if scale.ndim == mean.ndim:  # diagonal
+            z = mean[:, None, :] + scale[:, None, :] * eps
+            log_det = jnp.sum(jnp.log(scale), axis=-1)
+        else:  # lower-triangular Cholesky factor [B, L, L]
+            z = mean[:, None, :] + jnp.einsum("bij,bsj->bsi", scale, eps, precision="highest")
+            log_det = jnp.sum(jnp.log(jnp.diagonal(scale, axis1=-2, axis2=-1)), axis=-1)
+        return z, std_normal_log_prob(eps) - log_det[:, None]
+
+    def prepare(self, batch: jax.Array, keys: jax.Array):
+        """Preprocess and encode a batch once, before any importance samples are drawn.
+
+        Args:
+          batch: f32 ``[B, *example_shape]``.
+          keys: PRNG keys ``[B]``, one per example.
+
+        Returns:
+          ``(x, (mean, scale))``: the preprocessed inputs and the encoder's q(z|x).
+        """
+        check_batch(batch, self.example_shape, type(self).__name__)
+        check_keys(keys, batch.shape[0])
+        x = self.preprocess(batch, preprocess_keys(keys))
+        return x, self.encode(x)
+
+    def log_weights(self, x, q, keys: jax.Array, sample_ids: jax.Array) -> jax.Array:
+        """Importance log-weights ``log p(x, z_s) - log q(z_s|x)`` for samples ``sample_ids``.
+
+        Args:
+          x, q: the output of :meth:`prepare` for a batch of B examples.
+          keys: PRNG keys ``[B]``, the same ones given to :meth:`prepare`.
+          sample_ids: int32 ``[S]``, which importance samples to draw (see the module
+            docstring: sample ``s`` is the same whichever others are drawn with it).
+
+        Returns:
+          f32 ``[B, S]``, nats.
+        """
+        mean, scale = q
+        eps = sample_noise(keys, sample_ids, self.latent_dim)
+        z, log_q = self._reparameterize(mean, scale, eps)
+        return std_normal_log_prob(z) + self.log_likelihood(x, z) - log_q
+
+    def log_prob(self, batch: jax.Array, keys: jax.Array, num_samples: int) -> jax.Array:
+        """Importance-weighted estimate of log p(x) with ``num_samples`` samples from q(z|x).
+
+        .. math:: \\log \\frac{1}{S} \\sum_{s=1}^S \\frac{p(x, z_s)}{q(z_s | x)}, \\quad z_s \\sim q(z|x)
+
+        A lower bound of log p(x) in expectation, tightening as S grows (Burda et al., 2016).
+
+        Args:
+          batch: f32 ``[B, *example_shape]``.
+          keys: PRNG keys ``[B]``, one per example (``fold_in(base_key, example_index)``).
+          num_samples: S, the number of importance samples.
+
+        Returns:
+          f32 ``[B]``, nats per example.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        x, q = self.prepare(batch, keys)
+        return logmeanexp(self.log_weights(x, q, keys, jnp.arange(num_samples)), axis=-1)
+
+    def elbo(self, batch: jax.Array, keys: jax.Array, num_samples: int = 1) -> jax.Array:
+        """Monte Carlo ELBO, the mean of ``num_samples`` importance log-weights (nats, ``[B]``).
+
+        Uses the same samples as :meth:`log_prob` with the same keys, so
+        ``log_prob >= elbo`` holds example by example (Jensen's inequality).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        x, q = self.prepare(batch, keys)
+        return jnp.mean(self.log_weights(x, q, keys, jnp.arange(num_samples)), axis=-1)
+
+    def loss(self, batch: jax.Array, key: jax.Array) -> jax.Array:
+        """Training loss per example: the negative ELBO (nats, ``[B]``).
+
+        One reparameterised sample for the reconstruction term and the KL divergence to
+        N(0, I) in closed form (lower variance than sampling it). ``key`` is one PRNG key
+        for the whole batch; it seeds preprocessing and the sample.
+        """
+        check_batch(batch, self.example_shape, type(self).__name__)
+        b = batch.shape[0]
+        k_pre, k_eps = jax.random.split(key)
+        x = self.preprocess(batch, jax.random.split(k_pre, b))
+        mean, scale = self.encode(x)
+        eps = jax.random.normal(k_eps, (b, 1, self.latent_dim))
+        z, _ = self._reparameterize(mean, scale, eps)
+        recon = self.log_likelihood(x, z)[:, 0]
+        if scale.ndim == mean.ndim:
+            trace = jnp.sum(scale * scale, axis=-1)
+            log_det = 2.0 * jnp.sum(jnp.log(scale), axis=-1)
+        else:
+            trace = jnp.sum(scale * scale, axis=(-2, -1))
+            log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(scale, axis1=-2, axis2=-1)), axis=-1)
+        kl = 0.5 * (trace + jnp.sum(mean * mean, axis=-1) - self.latent_dim - log_det)
+        return kl - recon

@@ -1,0 +1,135 @@
+"""The linear-Gaussian VAE: a latent-variable model whose marginal likelihood is exact.
+
+Generative model ``p(z) = N(0, I_k)``, ``p(x|z) = N(W z + b, sigma^2 I_d)``, so
+``p(x) = N(x; b, W W^T + sigma^2 I)`` (probabilistic PCA, Tipping & Bishop, 1999), and
+the posterior is Gaussian too:
+
+.. math:: p(z|x) = N\\big(\\Sigma W^T (x - b) / \\sigma^2,\\ \\Sigma\\big), \\quad
+          \\Sigma = (I + W^T W / \\sigma^2)^{-1}.
+
+The encoder is amortised and linear with a full (shared) covariance,
+``q(z|x) = N(A x + c, L L^T)``, a family that contains the true posterior: with
+:meth:`LinearGaussianVAE.set_exact_posterior` every importance weight equals p(x)
+exactly. This makes the model the oracle for the likelihood estimators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmem.models._latent import LOG_2PI, LatentVariableModel
+
+__all__ = ["LinearGaussianVAE"]
+
+_HI = jax.lax.Precision.HIGHEST  # the oracle must not lose digits to TF32 on GPUs
+
+
+class LinearGaussianVAE(LatentVariableModel):
+    """Linear-Gaussian VAE (probabilistic PCA with a linear Gaussian encoder).
+
+    Parameters: decoder ``W [d, k]``, ``b [d]``, ``log_sigma []``; encoder
+    ``A [k, d]``, ``c [k]`` and ``L_raw [k, k]`` (``L`` = strictly lower part of
+    ``L_raw`` plus ``exp`` of its diagonal, a Cholesky factor).
+
+    Args:
+      example_shape: ``(d,)``.
+      latent_dim: k.
+      init_log_sigma: initial log of the observation noise standard deviation.
+      rngs: parameter initialisation.
+    """
+
+    def __init__(
+        self,
+        example_shape: Sequence[int],
+        *,
+        latent_dim: int = 2,
+        init_log_sigma: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        example_shape = tuple(int(s) for s in example_shape)
+        if len(example_shape) != 1:
+            raise ValueError(f"LinearGaussianVAE needs example_shape (d,), got {example_shape}")
+        d, k = example_shape[0], int(latent_dim)
+        if k < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        self.example_shape = example_shape
+        self.latent_dim = k
+        self.init_log_sigma = float(init_log_sigma)
+        self.W = nnx.Param(jax.random.normal(rngs.params(), (d, k)) / math.sqrt(k))
+        self.b = nnx.Param(jnp.zeros((d,)))
+        self.log_sigma = nnx.Param(jnp.asarray(float(init_log_sigma), jnp.float32))
+        self.A = nnx.Param(0.1 * jax.random.normal(rngs.params(), (k, d)) / math.sqrt(d))
+        self.c = nnx.Param(jnp.zeros((k,)))
+        self.L_raw = nnx.Param(jnp.zeros((k, k)))
+
+    # -- encoder / decoder -------------------------------------------------------------
+    def _cholesky_q(self) -> jax.Array:
+        raw = self.L_raw[...]
+        return jnp.tril(raw, -1) + jnp.diag(jnp.exp(jnp.diagonal(raw)))
+
+    def encode(self, x):
+        mean = jnp.dot(x, self.A[...].T, precision=_HI) + self.c[...]
+        scale = jnp.broadcast_to(self._cholesky_q(), (x.shape[0], self.latent_dim, self.latent_dim))
+        return mean, scale
+
+    def log_likelihood(self, x, z):
+        d = self.example_shape[0]
+        pred = jnp.einsum("bsk,dk->bsd", z, self.W[...], precision=_HI) + self.b[...]
+        r = x[:, None, :] - pred
+        sigma2 = jnp.exp(2.0 * self.log_sigma[...])
+        return -0.5 * jnp.sum(r * r, axis=-1) / sigma2 - d * self.log_sigma[...] - 0.5 * d * LOG_2PI
+
+    # -- closed forms ------------------------------------------------------------------
+    def marginal_covariance(self) -> jax.Array:
+        """``W W^T + sigma^2 I``, the covariance of p(x), ``[d, d]``."""
+        w = self.W[...]
+        d = self.example_shape[0]
+        return jnp.dot(w, w.T, precision=_HI) + jnp.exp(2.0 * self.log_sigma[...]) * jnp.eye(d)
+
+    def exact_log_prob(self, x: jax.Array) -> jax.Array:
+        """Exact ``log p(x) = log N(x; b, W W^T + sigma^2 I)`` via a Cholesky factor.
+
+        Args:
+          x: f32 ``[B, d]``.
+
+        Returns:
+          f32 ``[B]``, nats per example (float64 when x64 is enabled).
+        """
+        if x.ndim != 2 or x.shape[1] != self.example_shape[0]:
+            raise ValueError(f"exact_log_prob expects [B, {self.example_shape[0]}], got {x.shape}")
+        d = self.example_shape[0]
+        chol = jnp.linalg.cholesky(self.marginal_covariance())
+        r = (x - self.b[...]).T  # [d, B]
+        white = jax.scipy.linalg.solve_triangular(chol, r, lower=True)
+        maha = jnp.sum(white * white, axis=0)
+        log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+        return -0.5 * (maha + log_det + d * LOG_2PI)
+
+    def exact_posterior(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The encoder parameters ``(A, c, L)`` for which q(z|x) = p(z|x) exactly.
+
+        ``A = Sigma W^T / sigma^2``, ``c = -A b``, ``L = cholesky(Sigma)`` with
+        ``Sigma = (I + W^T W / sigma^2)^{-1}``.
+        """
+        w = self.W[...]
+        sigma2 = jnp.exp(2.0 * self.log_sigma[...])
+        precision = jnp.eye(self.latent_dim) + jnp.dot(w.T, w, precision=_HI) / sigma2
+        # Sigma = P^{-1}; with P = R R^T (Cholesky), Sigma = R^{-T} R^{-1}.
+        r = jnp.linalg.cholesky(precision)
+        r_inv = jax.scipy.linalg.solve_triangular(r, jnp.eye(self.latent_dim), lower=True)
+        sigma = jnp.dot(r_inv.T, r_inv, precision=_HI)
+        a = jnp.dot(sigma, w.T, precision=_HI) / sigma2
+        c = -jnp.dot(a, self.b[...], precision=_HI)
+        return a, c, jnp.linalg.cholesky(sigma)
+
+    def set_exact_posterior(self) -> None:
+        """Overwrite the encoder with the true posterior (in place): q(z|x) = p(z|x)."""
+        a, c, chol = self.exact_posterior()
+        self.A[...] = a
+        self.c[...] = c
+        self.L_raw[...] = jnp.tril(chol, -1) + jnp.diag(jnp.log(jnp.diagonal(chol)))
