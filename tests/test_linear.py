@@ -1,0 +1,285 @@
+"""jaxmem.linear against statsmodels' OLSInfluence and against brute-force refits in numpy.
+
+References are independent of the code under test: statsmodels (pinv-based hat matrix,
+LOO refit loop for the external quantities) and n explicit least-squares refits without
+example i (numpy lstsq), on real tables that statsmodels ships.
+"""
+
+import math
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import statsmodels.api as sm
+from statsmodels.stats.outliers_influence import OLSInfluence
+
+import jaxmem.linear as jl
+from jaxmem.mesh import make_mesh
+
+F64 = jnp.float64
+
+# Scaled condition numbers (after column equilibration): stackloss 50, ccard 23, cpunish 55,
+# scotland 365, longley 4.3e4.
+
+
+def load(name):
+    d = getattr(sm.datasets, name).load_pandas()
+    X = sm.add_constant(np.asarray(d.exog, dtype=np.float64), has_constant="add")
+    return X, np.asarray(d.endog, dtype=np.float64)
+
+
+def close(actual, desired, rtol):
+    """Relative agreement; entries near zero are judged relative to the array's scale,
+    because a difference of rounding-level size cannot be relatively small there."""
+    desired = np.asarray(desired, dtype=np.float64)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), desired, rtol=rtol, atol=rtol * 1e-2 * np.max(np.abs(desired))
+    )
+
+
+# Cholesky on the well-conditioned tables; QR (the robust path) on the worst (longley) too.
+# Each new shape costs a few small compilations, so the matrix is kept to five cases.
+@pytest.mark.parametrize(
+    "name, method",
+    [("stackloss", "cholesky"), ("ccard", "cholesky"), ("scotland", "cholesky"), ("longley", "qr"), ("cpunish", "qr")],
+)
+def test_matches_statsmodels_ols_influence(name, method):
+    X, y = load(name)
+    ref = OLSInfluence(sm.OLS(y, X).fit())
+    got = jl.influence(X, y, method=method, dtype=F64)
+    # 1e-8 relative in float64. Cholesky's error is ~eps*kappa^2: 4e-7 for longley
+    # (kappa 4.3e4), so longley is held to 1e-5 there; QR (error ~eps*kappa) meets 1e-8.
+    rtol = 1e-5 if (name == "longley" and method == "cholesky") else 1e-8
+    assert got.rank == X.shape[1]
+    assert got.dfbetas.dtype == jnp.float64
+    close(got.leverage, ref.hat_matrix_diag, rtol)
+    close(got.beta, ref.results.params, rtol)
+    close(got.sigma2, ref.results.mse_resid, rtol)
+    close(got.studentized_internal, ref.resid_studentized_internal, rtol)
+    close(got.studentized_external, ref.resid_studentized_external, rtol)
+    close(got.cooks_distance, ref.cooks_distance[0], rtol)
+    close(got.dffits, ref.dffits[0], rtol)
+    close(got.dfbetas, ref.dfbetas, rtol)
+    close(got.loo_residuals, ref.resid_press, rtol)
+    assert not np.any(np.asarray(got.undefined))
+
+
+def brute_force(X, y):
+    """n least-squares refits without example i: LOO residual, s_(i)^2, x_i's leverage
+    relative to the reduced data, and both predictive log-densities of y_i."""
+    n = X.shape[0]
+    out = {k: np.empty(n) for k in ("loo_e", "s2_loo", "h_new", "ml", "unb", "post")}
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r = np.linalg.matrix_rank(X)
+    e = y - X @ beta
+    sse = e @ e
+    h = np.einsum("ij,ji->i", X, np.linalg.pinv(X))
+    for i in range(n):
+        Xi, yi = np.delete(X, i, 0), np.delete(y, i)
+        b, *_ = np.linalg.lstsq(Xi, yi, rcond=None)
+        ri = yi - Xi @ b
+        res = y[i] - X[i] @ b
+        hn = np.sum((np.linalg.pinv(Xi).T @ X[i]) ** 2)  # x^T (Xi^T Xi)^+ x, SVD-based
+        out["loo_e"][i] = res
+        out["s2_loo"][i] = ri @ ri / (n - 1 - r)
+        out["h_new"][i] = hn
+        out["ml"][i] = scipy.stats.norm.logpdf(res, scale=math.sqrt(ri @ ri / (n - 1)))
+        out["unb"][i] = scipy.stats.norm.logpdf(res, scale=math.sqrt(ri @ ri / (n - 1 - r)))
+        out["post"][i] = scipy.stats.t.logpdf(
+            res, df=n - 1 - r, scale=math.sqrt(ri @ ri / (n - 1 - r) * (1 + hn))
+        )
+    out["in_ml"] = scipy.stats.norm.logpdf(e, scale=math.sqrt(sse / n))
+    out["in_unb"] = scipy.stats.norm.logpdf(e, scale=math.sqrt(sse / (n - r)))
+    out["in_post"] = scipy.stats.t.logpdf(e, df=n - r, scale=np.sqrt(sse / (n - r) * (1 + h)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["stackloss", "scotland"])
+def test_loo_quantities_match_brute_force_refits(name):
+    X, y = load(name)
+    bf = brute_force(X, y)
+    # The closed form's own identity for the LOO predictive variance.
+    inf = jl.influence(X, y, dtype=F64)
+    h = np.asarray(inf.leverage)
+    close(h / (1 - h), bf["h_new"], 1e-8)
+    close(inf.loo_residuals, bf["loo_e"], 1e-8)
+    close(inf.sigma2_loo, bf["s2_loo"], 1e-8)
+    for predictive, variance, key in [
+        ("plugin", "ml", "ml"),
+        ("plugin", "unbiased", "unb"),
+        ("posterior", "ml", "post"),
+    ]:
+        got = jl.loo_log_density_ratio_regression(X, y, predictive=predictive, variance=variance, dtype=F64)
+        in_key = "in_" + key
+        close(got.log_p_in, bf[in_key], 1e-8)
+        close(got.log_p_out, bf[key], 1e-8)
+        close(got.score, bf[in_key] - bf[key], 1e-8)
+        close(got.leverage, h, 1e-12)
+
+
+def gaussian_brute_force(X):
+    n = X.shape[0]
+    mvn = scipy.stats.multivariate_normal
+    lp_in = mvn.logpdf(X, X.mean(0), np.cov(X.T, bias=True))
+    lp_out = np.array(
+        [mvn.logpdf(X[i], np.delete(X, i, 0).mean(0), np.cov(np.delete(X, i, 0).T, bias=True)) for i in range(n)]
+    )
+    return lp_in, lp_out
+
+
+# (cpunish has dummy columns, so some LOO covariances are singular: not a valid test case.)
+@pytest.mark.parametrize("name, method", [("stackloss", "cholesky"), ("ccard", "qr")])
+def test_gaussian_density_ratio_matches_brute_force_refits(name, method):
+    X = load(name)[0][:, 1:]  # drop the constant: the Gaussian is fitted to the raw rows
+    lp_in, lp_out = gaussian_brute_force(X)
+    got = jl.loo_log_density_ratio_gaussian(X, method=method, dtype=F64)
+    close(got.log_p_in, lp_in, 1e-8)
+    close(got.log_p_out, lp_out, 1e-8)
+    close(got.score, lp_in - lp_out, 1e-8)
+    # h_i = 1/n + d_i is the leverage of the design [1, X].
+    close(got.leverage, jl.leverage(sm.add_constant(X), method="qr", dtype=F64), 1e-10)
+
+
+def test_qr_and_cholesky_agree_and_float32_tolerance():
+    X, y = load("scotland")  # kappa = 365
+    h_qr = np.asarray(jl.leverage(X, method="qr", dtype=F64))
+    h_ch = np.asarray(jl.leverage(X, method="cholesky", dtype=F64))
+    close(h_ch, h_qr, 1e-10)  # eps * kappa^2 = 3e-11
+    np.testing.assert_allclose(h_qr.sum(), X.shape[1], rtol=1e-12)  # trace(H) = rank
+    # float32 (the default): relative error ~ eps32 * kappa^2 = 1.6e-2 for Cholesky on scotland;
+    # QR's ~ eps32 * kappa = 4e-5. Checked against float64 with a 5x margin.
+    for method, rtol in [("cholesky", 5e-2), ("qr", 2e-4)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            h32 = jl.leverage(X, method=method)
+        assert h32.dtype == jnp.float32
+        close(h32, h_qr, rtol)
+    # Well-conditioned stackloss (kappa 50): float32 Cholesky within 1e-3 of float64, with
+    # residual errors absolute at the scale of the largest residual (eps32 * kappa * |y|).
+    Xs, ys = load("stackloss")
+    t64 = np.asarray(jl.influence(Xs, ys, dtype=F64).studentized_external)
+    t32 = np.asarray(jl.influence(Xs, ys).studentized_external)
+    np.testing.assert_allclose(t32, t64, rtol=1e-3, atol=1e-3 * np.abs(t64).max())
+
+
+def test_ill_conditioned_float32_cholesky_warns():
+    X, _ = load("scotland")
+    with pytest.warns(RuntimeWarning, match="ill-conditioned"):
+        jl.leverage(X)
+
+
+@pytest.mark.usefixtures("devices8")
+def test_sharded_equals_unsharded():
+    X, y = load("ccard")  # n = 72: not a multiple of 8 devices after slicing below
+    X, y = X[:69], y[:69]
+    one = jl.influence(X, y, dtype=F64, mesh=make_mesh(1))
+    eight = jl.influence(X, y, dtype=F64, mesh=make_mesh(8))  # 69 rows -> padded to 72
+    # Only the summation order of the psum differs: agreement to rounding.
+    for field in ("leverage", "beta", "studentized_external", "dfbetas", "cooks_distance"):
+        close(getattr(eight, field), getattr(one, field), 1e-11)
+    # And both equal the in-memory QR path (independent factorization), as in float64.
+    close(eight.leverage, jl.leverage(X, method="qr", dtype=F64), 1e-11)
+    assert eight.dfbetas.shape == X.shape
+
+
+def test_streamed_equals_in_memory(tmp_path):
+    X, _ = load("modechoice") if hasattr(sm.datasets, "modechoice") else load("ccard")
+    ref = np.asarray(jl.leverage(X, method="qr", dtype=F64))
+    mm = np.lib.format.open_memmap(tmp_path / "X.npy", mode="w+", dtype=np.float64, shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    ro = np.load(tmp_path / "X.npy", mmap_mode="r")
+    h = jl.leverage_streamed(ro, block_rows=97, dtype=F64)  # ragged last block
+    close(h, ref, 1e-10)
+    # A callable returning blocks of uneven size, written into a caller's buffer.
+    edges = [0, 5, 300, 301, X.shape[0]]
+    out = np.zeros(X.shape[0])
+    jl.leverage_streamed(lambda b: X[edges[b] : edges[b + 1]], num_blocks=4, dtype=F64, out=out)
+    close(out, ref, 1e-10)
+    bad = X.copy()
+    bad[333, 2] = np.nan
+    with pytest.raises(ValueError, match=r"X\[333, 2\] is nan"):
+        jl.leverage_streamed(bad, block_rows=100)
+
+
+@pytest.mark.filterwarnings("ignore::statsmodels.tools.sm_exceptions.SingularMatrixWarning")
+def test_rank_deficient_is_pseudo_inverse():
+    X, y = load("stackloss")
+    dup = np.c_[X, 2 * X[:, 1] - X[:, 2]]  # exactly collinear extra column
+    near = np.c_[X, X[:, 1] * (1 + 1e-11 * np.cos(np.arange(len(X))))]  # singular at rcond
+    ref = jl.influence(X, y, dtype=F64, method="qr")
+    sm_ref = OLSInfluence(sm.OLS(y, dup).fit())  # statsmodels also uses the pseudo-inverse
+    for Xd in (dup, near):
+        for method in ("cholesky", "qr"):
+            got = jl.influence(Xd, y, dtype=F64, method=method)
+            assert got.rank == X.shape[1]
+            close(got.leverage, ref.leverage, 1e-8)
+            close(got.residuals, ref.residuals, 1e-8)
+            close(got.studentized_external, ref.studentized_external, 1e-8)
+            close(got.dffits, ref.dffits, 1e-8)
+            assert np.all(np.isfinite(np.asarray(got.dfbetas)))
+    close(jl.influence(dup, y, dtype=F64).studentized_external, sm_ref.resid_studentized_external, 1e-8)
+    # Zero column: rank drops, nothing blows up.
+    assert jl.influence(np.c_[X, np.zeros(len(X))], y, dtype=F64).rank == X.shape[1]
+
+
+def test_leverage_one_rows_are_flagged_not_huge():
+    X, y = load("ccard")
+    spike = np.zeros(len(X))
+    spike[7] = 1.0  # a dummy that only example 7 has: h_7 = 1, its residual is exactly 0
+    Xd = np.c_[X, spike]
+    inf = jl.influence(Xd, y, dtype=F64)
+    und = np.asarray(inf.undefined)
+    assert und.tolist() == [i == 7 for i in range(len(X))]
+    np.testing.assert_allclose(np.asarray(inf.leverage)[7], 1.0, atol=1e-12)
+    for field in ("loo_residuals", "studentized_external", "studentized_internal", "cooks_distance", "dffits"):
+        v = np.asarray(getattr(inf, field))
+        assert np.isnan(v[7]) and np.all(np.isfinite(np.delete(v, 7))), field
+    assert np.all(np.isnan(np.asarray(inf.dfbetas)[7]))
+    assert np.isnan(float(inf.press))
+    rat = jl.loo_log_density_ratio_regression(Xd, y, dtype=F64)
+    assert np.isnan(np.asarray(rat.score)[7]) and np.asarray(rat.undefined)[7]
+    # The other rows still equal brute-force refits (removing them keeps the dummy's fit).
+    bf = brute_force(Xd, y)
+    keep = np.arange(len(X)) != 7
+    close(np.asarray(rat.score)[keep], (bf["in_ml"] - bf["ml"])[keep], 1e-8)
+    close(np.asarray(inf.sigma2_loo)[keep], bf["s2_loo"][keep], 1e-8)
+
+
+def test_bad_inputs_raise_clear_errors():
+    X, y = load("stackloss")
+    bad = X.copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(ValueError, match=r"X\[4, 2\] is nan"):
+        jl.leverage(bad)
+    with pytest.raises(ValueError, match=r"X\[4, 2\] is nan"):
+        jl.leverage(bad, method="qr")
+    bad[4, 2] = np.inf
+    with pytest.raises(ValueError, match=r"X\[4, 2\] is inf"):
+        jl.influence(bad, y)
+    yb = y.copy()
+    yb[9] = np.nan
+    with pytest.raises(ValueError, match=r"y\[9\] is nan"):
+        jl.influence(X, yb)
+    with pytest.raises(ValueError, match="n <= p"):
+        jl.leverage(X[:4])
+    with pytest.raises(ValueError, match="n >= 6"):
+        jl.influence(X[:5], y[:5])  # n = p + 1: no LOO variance
+    with pytest.raises(ValueError, match="2-D"):
+        jl.leverage(y)
+    with pytest.raises(ValueError, match=r"y must have shape \(21,\)"):
+        jl.influence(X, y[:-1])
+    with pytest.raises(ValueError, match="method"):
+        jl.leverage(X, method="svd")
+    with pytest.raises(ValueError, match="no sharded path"):
+        jl.leverage(X, method="qr", mesh=make_mesh(1))
+    with pytest.raises(ValueError, match="dtype"):
+        jl.leverage(X, dtype=np.float16)
+    with pytest.raises(ValueError, match="predictive"):
+        jl.loo_log_density_ratio_regression(X, y, predictive="bayes")
+    with pytest.raises(ValueError, match="singular"):
+        jl.loo_log_density_ratio_gaussian(np.c_[X[:, 1:], X[:, 1] + X[:, 2]], dtype=F64)
+    with pytest.raises(ValueError, match="num_blocks"):
+        jl.leverage_streamed(lambda b: X)
