@@ -1,0 +1,408 @@
+"""The end-to-end call: data -> plan -> ensemble -> log-likelihood matrix -> scores.
+
+:func:`memorization` trains every member of a membership plan in one jitted program
+(:mod:`jaxmem.ensemble`), evaluates the importance-weighted log-likelihood of every
+example under every member (:mod:`jaxmem.likelihood`), and turns the matrix into
+memorization scores (:mod:`jaxmem.scores`). The result saves to and loads from a
+results directory::
+
+    DIR/config.json      the full configuration (data, model, plan, training, scoring)
+    DIR/scores.csv       one row per example: index, label, fold, U, V, M, stderr, n_in,
+                         n_out, highly_memorized, logp_full, leverage
+    DIR/result.npz       every array (ll, keep, scores, history, scores over epochs)
+    DIR/checkpoints/     orbax checkpoints of the ensemble (resumable)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmem import ensemble as _ensemble
+from jaxmem import membership as _membership
+from jaxmem import models as _models
+from jaxmem.likelihood import loglik_matrix
+from jaxmem.scores import feldman_zhang, memorization_scores
+
+__all__ = ["MemorizationResult", "memorization", "load_result", "ConfigMismatchError"]
+
+_FORMAT = 1
+_CSV_COLUMNS = (
+    "index", "label", "fold", "U", "V", "M", "stderr", "n_in", "n_out",
+    "highly_memorized", "logp_full", "leverage",
+)
+
+
+class ConfigMismatchError(ValueError):
+    """A results directory holds a run of another configuration."""
+
+
+@dataclasses.dataclass
+class MemorizationResult:
+    """Memorization scores of every example, and everything they were computed from.
+
+    Attributes (``n`` examples, ``m`` models of the plan; log terms in nats):
+      U, V, M: f32 ``[n]``: log p under the models that trained on the example
+        (densities averaged), under those that held it out, and ``M = U - V``.
+      stderr: f32 ``[n]`` jackknife standard error of ``M`` over models.
+      dof: f32 ``[n]`` Welch degrees of freedom of ``stderr``.
+      n_in, n_out: int32 ``[n]`` numbers of models behind ``U`` and ``V``.
+      highly_memorized: bool ``[n]``: ``M`` above its ``quantile`` quantile.
+      threshold: that quantile of ``M`` (nats).
+      ll: f32 ``[m, n]`` log-likelihood matrix.
+      keep: bool ``[m, n]`` membership plan.
+      fold: int32 ``[n]`` fold that held the example out in the first repeat
+        (-1 for non-k-fold plans).
+      labels: int32 ``[n]`` or None.
+      logp_full: f32 ``[n]`` log p under a model trained on all examples, or None.
+      leverage: f32 ``[n]`` hat-matrix leverage of the design ``[1, x]`` (the linear
+        baseline), or None when ``n`` is not larger than the number of features.
+      label_memorization: f32 ``[n]`` Feldman & Zhang's estimator (classifiers), or None.
+      tracked_epochs: int32 ``[E]`` epochs at which ``M`` was also computed.
+      M_by_epoch: f32 ``[E, n]``.
+      history: per-member training curves, ``{"train_loss", "heldout_loss"}`` f32
+        ``[epochs, m]`` (nats per example).
+      config: the JSON configuration of the run.
+    """
+
+    U: np.ndarray
+    V: np.ndarray
+    M: np.ndarray
+    stderr: np.ndarray
+    dof: np.ndarray
+    n_in: np.ndarray
+    n_out: np.ndarray
+    highly_memorized: np.ndarray
+    threshold: float
+    ll: np.ndarray
+    keep: np.ndarray
+    fold: np.ndarray
+    labels: np.ndarray | None
+    logp_full: np.ndarray | None
+    leverage: np.ndarray | None
+    label_memorization: np.ndarray | None
+    tracked_epochs: np.ndarray
+    M_by_epoch: np.ndarray
+    history: dict[str, np.ndarray]
+    config: dict[str, Any]
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``config.json``, ``scores.csv`` and ``result.npz`` into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        arrays = {
+            k: v for k, v in dataclasses.asdict(self).items()
+            if k not in ("config", "history") and v is not None
+        }
+        arrays["threshold"] = np.asarray(self.threshold)
+        for k, v in self.history.items():
+            arrays[f"history_{k}"] = v
+        _atomic_npz(os.path.join(directory, "result.npz"), arrays)
+        _write_json(os.path.join(directory, "config.json"), self.config)
+        self._write_csv(os.path.join(directory, "scores.csv"))
+        return str(directory)
+
+    def _write_csv(self, path: str) -> None:
+        n = len(self.M)
+        cols = {
+            "index": np.arange(n), "label": self.labels, "fold": self.fold,
+            "U": self.U, "V": self.V, "M": self.M, "stderr": self.stderr,
+            "n_in": self.n_in, "n_out": self.n_out,
+            "highly_memorized": self.highly_memorized.astype(int),
+            "logp_full": self.logp_full, "leverage": self.leverage,
+        }
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(_CSV_COLUMNS)
+            for i in range(n):
+                w.writerow(["" if cols[c] is None else _fmt(cols[c][i]) for c in _CSV_COLUMNS])
+        os.replace(tmp, path)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return str(int(v)) if isinstance(v, (bool, np.bool_, np.integer)) else str(v)
+
+
+def _atomic_npz(path: str, arrays: dict[str, Any]) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_result(directory: str | os.PathLike) -> MemorizationResult:
+    """Read a :class:`MemorizationResult` written by :meth:`MemorizationResult.save`."""
+    path = os.path.join(directory, "result.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} holds no jaxmem result (no result.npz); run `jaxmem run` first")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    history = {k[len("history_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("history_")}
+    fields = {f.name for f in dataclasses.fields(MemorizationResult)}
+    kwargs = {k: arrays.get(k) for k in fields if k not in ("config", "history")}
+    kwargs["threshold"] = float(arrays["threshold"])
+    return MemorizationResult(**kwargs, history=history, config=config)
+
+
+def _check_config(directory: str, config: dict[str, Any]) -> None:
+    """Refuse to reuse ``directory`` for another configuration (training epochs may grow)."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    flat_a, flat_b = _flatten(stored), _flatten(config)
+    differ = sorted(
+        k for k in set(flat_a) | set(flat_b)
+        if flat_a.get(k) != flat_b.get(k) and k not in ("training.epochs", "format")
+    )
+    if differ:
+        detail = "; ".join(f"{k}: stored {flat_a.get(k)!r}, asked {flat_b.get(k)!r}" for k in differ[:6])
+        raise ConfigMismatchError(
+            f"{directory} holds a run with another configuration ({detail}). "
+            "Use another output directory, or the same options to resume it."
+        )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _model_data(model_cfg: dict[str, Any], x: np.ndarray, y: np.ndarray | None) -> Any:
+    if model_cfg["name"] == "classifier":
+        if y is None:
+            raise ValueError("the classifier needs labels: the data set has none")
+        return (jnp.asarray(x), jnp.asarray(y, jnp.int32))
+    return jnp.asarray(x)
+
+
+def _correct_matrix(graphdef, state, data, *, chunk: int = 1024) -> jax.Array:
+    """bool ``[models, n]``: does member m classify example i correctly? (chunked over n)."""
+    from flax import nnx
+
+    @jax.jit
+    def block(state, xb, yb):
+        return jax.vmap(lambda s: nnx.merge(graphdef, s).correct((xb, yb)))(state)
+
+    x, y = data
+    parts = [block(state, x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+    return jnp.concatenate(parts, axis=1)
+
+
+def _leverage_baseline(x: np.ndarray) -> np.ndarray | None:
+    """Leverage of ``[1, x]`` (flattened features), or None when there are too few examples."""
+    from jaxmem.linear import leverage
+
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    design = np.concatenate([np.ones((len(x), 1), np.float32), flat], axis=1)
+    if design.shape[0] <= design.shape[1]:
+        return None
+    return np.asarray(leverage(design))
+
+
+def memorization(
+    x: Any,
+    y: Any = None,
+    *,
+    model: str = "mlp_vae",
+    model_options: dict[str, Any] | None = None,
+    plan: _membership.Plan | None = None,
+    folds: int = 10,
+    repeats: int = 1,
+    epochs: int = 10,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    num_samples: int = 256,
+    seed: int = 0,
+    quantile: float = 0.95,
+    full_model: bool = False,
+    track_epochs: Sequence[int] = (),
+    track_samples: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    data_info: dict[str, Any] | None = None,
+    progress: bool = True,
+    mesh: Any = None,
+    checkpoint_every: int = 1,
+    linear_baseline: bool = True,
+    on_stage: Any = None,
+) -> MemorizationResult:
+    """Memorization scores of every example of ``x``, end to end.
+
+    Trains one model per member of a membership plan (K-fold with ``folds`` x
+    ``repeats`` by default, the paper's design) in one jitted program, then evaluates
+    ``ll[m, i]``, the importance-weighted log-likelihood (``num_samples`` samples) of
+    example ``i`` under member ``m``, and scores it (:func:`jaxmem.scores.memorization_scores`).
+
+    Args:
+      x: f32 ``[n, *example_shape]`` examples (images in [0, 1]).
+      y: int ``[n]`` labels (needed by ``model="classifier"``; kept in the results).
+      model: a name of :data:`jaxmem.models.MODELS`.
+      model_options: keyword options of the model (e.g. ``{"hidden": [512, 256]}``).
+      plan: a membership plan; default ``kfold(n, folds, repeats, seed)``.
+      folds, repeats: the default plan's K and R.
+      epochs: training epochs of every member.
+      batch_size: examples per member per optimizer step.
+      learning_rate: Adam's step size.
+      num_samples: importance samples per likelihood (the paper: 256 on MNIST).
+      seed: everything random (plan, initialisation, batches, samples) derives from it.
+      quantile: "highly memorized" means ``M`` above this quantile.
+      full_model: also train a model on all examples (as one more member of the same
+        program) and report ``logp_full``.
+      track_epochs: epochs after which ``M`` is also computed (stored in
+        ``M_by_epoch``), without retraining.
+      track_samples: importance samples for the tracked scores (default ``num_samples``).
+      out_dir: results directory; training checkpoints go to ``out_dir/checkpoints``
+        and a rerun on the same directory resumes. Another configuration there raises
+        :class:`ConfigMismatchError`.
+      data_info: JSON facts about the data recorded in the configuration.
+      progress: show progress bars.
+      mesh: mesh for the member axis of training and the example axis of scoring.
+      checkpoint_every: epochs between checkpoints.
+      linear_baseline: compute hat-matrix leverage of the data for comparison.
+      on_stage: optional ``callback(stage: str)`` called as stages begin (for CLIs).
+
+    Returns:
+      A :class:`MemorizationResult` (saved to ``out_dir`` when given).
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim < 2:
+        raise ValueError(f"x must be [examples, *example_shape], got shape {x.shape}")
+    n = x.shape[0]
+    bad = np.argwhere(~np.isfinite(x.reshape(n, -1)))
+    if bad.size:
+        raise ValueError(f"x has {len(bad)} non-finite value(s); the first is in example {int(bad[0][0])}")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},) to match x, got {y.shape}")
+    if plan is None:
+        plan = _membership.kfold(n, folds, repeats=repeats, seed=seed)
+    if plan.n != n:
+        raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
+    plan.validate()
+    model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
+    tracked = sorted({int(e) for e in track_epochs if 0 < int(e) <= epochs})
+    track_samples = int(track_samples or num_samples)
+    config = {
+        "format": _FORMAT,
+        "data": {"n": int(n), "example_shape": list(x.shape[1:]), **(data_info or {})},
+        "model": model_cfg,
+        "plan": {"kind": plan.kind, "num_models": int(plan.num_models), "k": plan.k,
+                 "repeats": plan.repeats, "rate": plan.rate, "seed": plan.seed},
+        "training": {"epochs": int(epochs), "batch_size": int(batch_size),
+                     "learning_rate": float(learning_rate), "optimizer": "adam",
+                     "full_model": bool(full_model), "seed": int(seed)},
+        "scoring": {"num_samples": int(num_samples), "quantile": float(quantile),
+                    "track_epochs": tracked, "track_samples": track_samples},
+    }
+    run_dir = None
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        _check_config(out_dir, config)
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(os.path.join(out_dir, "config.json"), config)
+        run_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
+
+    keep = np.asarray(plan.keep)
+    train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep
+    num_plan = keep.shape[0]
+    data = _model_data(model_cfg, x, y)
+    score_key = jax.random.fold_in(jax.random.key(seed), 0x5C0)
+
+    def plan_members(state):
+        return jax.tree.map(lambda a: a[:num_plan], state)
+
+    # Scores over epochs: computed in the training callback, persisted as they come so a
+    # resumed run keeps the epochs scored before it was interrupted.
+    track_path = os.path.join(out_dir, "tracked.npz") if out_dir else None
+    M_by_epoch: dict[int, np.ndarray] = {}
+    if track_path and os.path.exists(track_path):
+        with np.load(track_path) as z:
+            M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
+
+    def callback(epoch, state, metrics):
+        if epoch not in tracked:
+            return
+        from flax import nnx
+
+        full_state = plan_members(nnx.merge_state(state.params, state.rest))
+        ll_e = loglik_matrix(graphdef_holder[0], full_state, data, key=score_key,
+                             num_samples=track_samples, mesh=mesh)
+        M_by_epoch[epoch] = np.asarray(memorization_scores(ll_e, keep, quantile=quantile, mesh=mesh).M)
+        if track_path:
+            es = sorted(M_by_epoch)
+            _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
+
+    graphdef_holder: list[Any] = []
+    factory = lambda s: _models.from_config(model_cfg, seed=s)  # noqa: E731
+    graphdef_holder.append(_ensemble._graphdef_of(factory))
+    if on_stage:
+        on_stage("train")
+    fitted = _ensemble.fit(
+        factory, optax.adam(learning_rate), data, train_keep, epochs=epochs,
+        batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every,
+        progress=progress, callback=callback if tracked else None,
+        config={"model": model_cfg, "learning_rate": float(learning_rate)},
+    )
+    graphdef, state = fitted.graphdef, fitted.state
+
+    if on_stage:
+        on_stage("likelihood")
+    ll_all = np.asarray(loglik_matrix(graphdef, state, data, key=score_key,
+                                      num_samples=num_samples, mesh=mesh, progress=progress))
+    ll = ll_all[:num_plan]
+    logp_full = ll_all[num_plan] if full_model else None
+
+    if on_stage:
+        on_stage("scores")
+    s = memorization_scores(ll, keep, quantile=quantile, mesh=mesh)
+    label_mem = None
+    if model_cfg["name"] == "classifier":
+        correct = _correct_matrix(graphdef, plan_members(state), data)
+        label_mem = np.asarray(feldman_zhang(np.asarray(correct), keep).mem)
+    lev = _leverage_baseline(x) if linear_baseline else None
+    fold = np.full(n, -1, np.int32)
+    if plan.fold is not None:
+        fold = np.asarray(plan.fold)[0].astype(np.int32)
+    es = sorted(M_by_epoch)
+    result = MemorizationResult(
+        U=np.asarray(s.U), V=np.asarray(s.V), M=np.asarray(s.M), stderr=np.asarray(s.stderr),
+        dof=np.asarray(s.dof), n_in=np.asarray(s.n_in), n_out=np.asarray(s.n_out),
+        highly_memorized=np.asarray(s.highly_memorized), threshold=float(s.threshold),
+        ll=ll, keep=keep, fold=fold,
+        labels=None if y is None else y.astype(np.int32),
+        logp_full=logp_full, leverage=lev, label_memorization=label_mem,
+        tracked_epochs=np.asarray(es, np.int32),
+        M_by_epoch=np.stack([M_by_epoch[e] for e in es]) if es else np.zeros((0, n), np.float32),
+        history={k: v[:, :num_plan] for k, v in fitted.history.items()},
+        config=config,
+    )
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
