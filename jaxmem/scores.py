@@ -75,8 +75,9 @@ class Scores(NamedTuple):
         """Two-sided Student-t confidence interval for ``M`` at ``level``.
 
         ``M +- t_{dof}((1 + level) / 2) * stderr``. With the paper's 10 out-models the
-        t quantile matters: a normal (1.96) interval covers about 92% instead of 95%
-        on log-normal synthetic data, the t interval about 95%.
+        t quantile matters: on log-normal synthetic data (see
+        :func:`memorization_scores`) a normal (1.96) jackknife interval covered 91.3%,
+        the t interval 93.9%.
 
         Returns:
           ``(lower, upper)``, float64 numpy ``[examples]``, nats.
@@ -353,6 +354,20 @@ def memorization_scores(
 
     Both need two models on a side; with one, ``stderr`` is NaN (not estimable). ``dof`` holds
     Welch-Satterthwaite degrees of freedom for t intervals (:meth:`Scores.interval`).
+
+    Measured coverage of nominal 95% intervals for a known true score (4,000 examples;
+    ``exp(ll)`` log-normal with sigma = 0.5 nats around -100, so ``log E p`` and hence
+    the true ``M`` are known; binomial sd 0.0035; ``tests/test_scores.py``)::
+
+        in / out   jackknife normal / t   bootstrap (200) normal / t
+        40 / 40        0.946 / 0.951          0.939 / 0.943
+        10 / 10        0.935 / 0.952          0.919 / 0.937
+        90 / 10        0.913 / 0.939          0.896 / 0.925
+
+    The 90/10 shortfall that t intervals do not recover is the Jensen bias of ``V``,
+    a log of a mean of only 10 densities: ``~(e^{sigma^2} - 1) / (2 n_out)`` = +0.014
+    nats against a standard error of 0.17. The bootstrap's plug-in variance runs
+    ``(n - 1) / n`` low, hence its slightly lower coverage.
 
     Args:
       ll: float ``[models, examples]``, log-likelihoods in nats (numpy or JAX).
