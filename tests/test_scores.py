@@ -77,7 +77,7 @@ def test_random_inputs_match_reference():
 
 def test_adversarial_magnitudes_and_single_models():
     rng = np.random.default_rng(1)
-    models, n = 6, 8
+    models, n = 6, 10
     keep = np.zeros((models, n), dtype=bool)
     keep[:3] = True  # default: 3 in, 3 out
     keep[:, 4] = [True, False, False, False, False, False]  # a single in-model
@@ -91,6 +91,9 @@ def test_adversarial_magnitudes_and_single_models():
     ll[:, 6] = [0.0, -200.0, -200.5, -1.0, -300.0, -150.0]  # one model dominates a side:
     # deleting it in the jackknife needs log-space leave-one-out sums (exp(-200) underflows)
     ll[:, 7] += -1e5
+    ll[:, 8] = -42.0  # every model ties: M = 0 and a zero stderr, exactly
+    ll[:, 9] = [-1.0, -1.0, -5.0, -2.0, -2.0, -7.0]  # tied maxima: the jackknife's
+    # leave-the-max-out branch must use the other, equal, maximum
     ll = ll.astype(np.float32)
     s = memorization_scores(ll, keep, mesh=mesh1())
     # U, V ~ 1e5: a float32 ulp there is 0.0078, so compare U, V relatively (2 ulp);
@@ -100,7 +103,8 @@ def test_adversarial_magnitudes_and_single_models():
     assert np.isnan(np.asarray(s.stderr)[[4, 5]]).all()  # one in / one out: not estimable
     np.testing.assert_array_equal(np.asarray(s.U)[4], ll[0, 4])  # mean of one density
     np.testing.assert_array_equal(np.asarray(s.V)[5], ll[5, 5])
-    assert np.isfinite(np.asarray(s.stderr)[[0, 1, 2, 3, 6, 7]]).all()
+    assert np.isfinite(np.asarray(s.stderr)[[0, 1, 2, 3, 6, 7, 9]]).all()
+    assert float(s.M[8]) == 0.0 and float(s.stderr[8]) == 0.0
 
 
 def test_m_keeps_precision_at_minus_1e5():
