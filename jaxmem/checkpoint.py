@@ -110,27 +110,18 @@ class RunCheckpoints:
         )
 
     def _check(self, stored: dict, config: dict, mutable: tuple[str, ...]) -> None:
-        diffs = []
-        for key in sorted(set(stored) | set(config)):
-            if key in mutable:
-                continue
-            old, new = stored.get(key, "<missing>"), config.get(key, "<missing>")
-            if old == new:
-                continue
-            if isinstance(old, dict) and isinstance(new, dict):
-                sub = [
-                    f"{key}.{k}: stored {old.get(k, '<missing>')} vs now {new.get(k, '<missing>')}"
-                    for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)
-                ]
-                diffs.append("; ".join(sub[:5]) + (f"; ... ({len(sub)} fields)" if len(sub) > 5 else ""))
-            else:
-                diffs.append(f"{key}: stored {_short(old)} vs now {_short(new)}")
+        old, new = _flatten(stored), _flatten(config)
+        diffs = [
+            f"{key}: stored {_short(old.get(key, '<missing>'))} vs now {_short(new.get(key, '<missing>'))}"
+            for key in sorted(set(old) | set(new))
+            if key.split(".")[0] not in mutable and old.get(key, "<missing>") != new.get(key, "<missing>")
+        ]
         if diffs:
+            more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
             raise ConfigMismatchError(
                 f"run directory {self.run_dir} was written with another configuration; "
                 "refusing to resume from it (use a new run directory). Differences:\n  "
-                + "\n  ".join(diffs)
+                + "\n  ".join(diffs[:12]) + more
             )
 
     def latest_epoch(self) -> int | None:
@@ -201,6 +192,16 @@ class RunCheckpoints:
         """Finish pending saves and release orbax's threads."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to ``{"a.b.c": leaf}`` so that a mismatch names the exact field."""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def _short(v: Any) -> str:

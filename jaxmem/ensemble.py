@@ -209,9 +209,13 @@ def _graphdef_of(model: Any) -> Any:
             "model must be an nnx.Module or a factory seed -> nnx.Module, "
             f"got {type(model).__name__}"
         )
-    abstract = nnx.eval_shape(lambda: model(0))
-    if not isinstance(abstract, nnx.Module):
-        raise TypeError(f"model factory returned {type(abstract).__name__}, not an nnx.Module")
+    def build():
+        module = model(0)
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"model factory returned {type(module).__name__}, not an nnx.Module")
+        return module
+
+    abstract = nnx.eval_shape(build)  # shapes only: nothing is allocated
     return nnx.split(abstract, nnx.Param, ...)[0]
 
 

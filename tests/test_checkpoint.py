@@ -1,0 +1,121 @@
+"""Run directories: orbax round trips, refusal of other configurations, and resumption
+after a SIGKILL that ends with the same parameters as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxmem import ensemble
+from jaxmem.checkpoint import ConfigMismatchError, RunCheckpoints, fingerprint_array
+from jaxmem.mesh import make_mesh
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, h: int = 8):
+        self.enc = nnx.Linear(4, h, rngs=rngs)
+        self.dec = nnx.Linear(h, 4, rngs=rngs)
+
+    def loss(self, x, key):
+        noisy = x + 0.1 * jax.random.normal(key, x.shape)
+        return jnp.sum((self.dec(jnp.tanh(self.enc(noisy))) - x) ** 2, axis=-1)
+
+
+def tiny(seed, h=8):
+    return Tiny(nnx.Rngs(seed), h)
+
+
+EPOCHS = 8
+X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+KEEP = np.ones((2, 40), bool)
+KEEP[0, ::2] = False
+KEEP[1, 1::2] = False
+
+
+def test_round_trip_keeps_keys_and_last_checkpoints(tmp_path):
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "k": jax.random.split(jax.random.key(4), 2),
+            "n": jnp.int32(7)}
+    ck = RunCheckpoints(tmp_path, {"a": 1}, max_to_keep=2)
+    for e in (1, 2, 3):
+        ck.save(e, jax.tree.map(lambda a: a + e if a.dtype == jnp.float32 else a, tree), {"e": [e]})
+    ck.close()
+    ck = RunCheckpoints(tmp_path, {"a": 1}, max_to_keep=2)
+    assert ck.latest_epoch() == 3
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 3]
+    got, hist = ck.restore(tree)
+    assert hist == {"e": [3]}
+    np.testing.assert_array_equal(got["w"], np.asarray(tree["w"]) + 3)
+    np.testing.assert_array_equal(jax.random.key_data(got["k"]), jax.random.key_data(tree["k"]))
+    assert int(got["n"]) == 7
+    ck.close()
+
+
+def test_plan_fingerprint_sees_one_flipped_entry():
+    other = KEEP.copy()
+    other[0, 0] = ~other[0, 0]
+    assert fingerprint_array(KEEP) != fingerprint_array(other)
+    assert fingerprint_array(KEEP) == fingerprint_array(KEEP.copy())
+
+
+def test_other_configuration_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    kw = dict(epochs=1, batch_size=8, seed=0, run_dir=run, progress=False, mesh=make_mesh(1))
+    ensemble.fit(tiny, 1e-2, X, KEEP, **kw)
+    other_plan = KEEP[::-1].copy()
+    with pytest.raises(ConfigMismatchError, match="plan_sha256"):
+        ensemble.fit(tiny, 1e-2, X, other_plan, **kw)
+    with pytest.raises(ConfigMismatchError, match=r"model.params.\['enc'\]\['kernel'\].value: stored .float32\[4, 8\]. vs now .float32\[4, 6\]"):
+        ensemble.fit(lambda s: tiny(s, h=6), 1e-2, X, KEEP, **kw)
+    with pytest.raises(ConfigMismatchError, match="learning_rate"):
+        ensemble.fit(tiny, 3e-2, X, KEEP, **kw)
+    with pytest.raises(ConfigMismatchError, match="sha256"):
+        ensemble.fit(tiny, 1e-2, X + 1.0, KEEP, **kw)
+    # more epochs of the same configuration is a resume, not a mismatch
+    res = ensemble.fit(tiny, 1e-2, X, KEEP, **{**kw, "epochs": 2})
+    assert res.history["train_loss"].shape == (2, 2)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "_resume_worker.py")
+    run, out = str(tmp_path / "run"), str(tmp_path / "params.npz")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    proc = subprocess.Popen([sys.executable, worker, run, out, "0.5"], env=env)
+    ckdir = os.path.join(run, "checkpoints")
+    deadline = time.time() + 90
+    try:
+        # wait for a completed (renamed, digit-named) checkpoint of epoch >= 2, then kill
+        while time.time() < deadline:
+            done = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+            if done and max(done) >= 2:
+                break
+            assert proc.poll() is None, "worker exited before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint appeared within 90 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(out)
+    killed_at = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
+    assert killed_at < EPOCHS
+
+    subprocess.run([sys.executable, worker, run, out], env=env, check=True, timeout=120)
+    resumed = np.load(out)
+    ref = ensemble.fit(tiny, 1e-2, X, KEEP, epochs=EPOCHS, batch_size=8, seed=11,
+                       progress=False, mesh=make_mesh(1))
+    ref_leaves = [np.asarray(a) for a in jax.tree.leaves(ref.train_state.params)]
+    assert len(resumed.files) == len(ref_leaves)
+    for i, a in enumerate(ref_leaves):
+        # Same program on the same machine, RNG derived from counters: bit-identical.
+        np.testing.assert_array_equal(resumed[f"arr_{i}"], a)
