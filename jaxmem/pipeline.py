@@ -30,6 +30,7 @@ import optax
 from jaxmem import ensemble as _ensemble
 from jaxmem import membership as _membership
 from jaxmem import models as _models
+from jaxmem.checkpoint import ConfigMismatchError
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.scores import feldman_zhang, memorization_scores
 
@@ -40,10 +41,6 @@ _CSV_COLUMNS = (
     "index", "label", "fold", "U", "V", "M", "stderr", "n_in", "n_out",
     "highly_memorized", "logp_full", "leverage",
 )
-
-
-class ConfigMismatchError(ValueError):
-    """A results directory holds a run of another configuration."""
 
 
 @dataclasses.dataclass
@@ -200,19 +197,6 @@ def _model_data(model_cfg: dict[str, Any], x: np.ndarray, y: np.ndarray | None) 
             raise ValueError("the classifier needs labels: the data set has none")
         return (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     return jnp.asarray(x)
-
-
-def _correct_matrix(graphdef, state, data, *, chunk: int = 1024) -> jax.Array:
-    """bool ``[models, n]``: does member m classify example i correctly? (chunked over n)."""
-    from flax import nnx
-
-    @jax.jit
-    def block(state, xb, yb):
-        return jax.vmap(lambda s: nnx.merge(graphdef, s).correct((xb, yb)))(state)
-
-    x, y = data
-    parts = [block(state, x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
-    return jnp.concatenate(parts, axis=1)
 
 
 def _leverage_baseline(x: np.ndarray) -> np.ndarray | None:
@@ -384,8 +368,9 @@ def memorization(
     s = memorization_scores(ll, keep, quantile=quantile, mesh=mesh)
     label_mem = None
     if model_cfg["name"] == "classifier":
-        correct = _correct_matrix(graphdef, plan_members(state), data)
-        label_mem = np.asarray(feldman_zhang(np.asarray(correct), keep).mem)
+        correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
+                                kind="correct", mesh=mesh)
+        label_mem = np.asarray(feldman_zhang(np.asarray(correct) > 0.5, keep, mesh=mesh).mem)
     lev = _leverage_baseline(x) if linear_baseline else None
     fold = np.full(n, -1, np.int32)
     if plan.fold is not None:
