@@ -1,0 +1,327 @@
+"""The log-likelihood matrix: every ensemble member's log p of every example, one kernel.
+
+``ll[m, i]`` is member m's estimate of log p(x_i) in nats — the importance-weighted
+bound (Burda et al., 2016) for VAEs, the ELBO on request, the exact log p(y|x) for
+classifiers — computed by ONE jitted program that
+
+- vmaps over members (their states stacked on axis 0, docs/CONTRACTS.md),
+- loops (``lax.map``) over blocks of ``example_chunk`` examples and, inside, (``lax.scan``)
+  over blocks of ``sample_chunk`` importance samples, keeping a running log-sum-exp, so
+  that memory is ``O(models * example_chunk * sample_chunk * width)`` whatever n and S are,
+  while every matmul is ``[example_chunk * sample_chunk, width]``-sized,
+- is sharded over examples with :func:`jaxmem.mesh.shard_examples`.
+
+Reproducibility: example i's randomness (binarisation / dequantisation, and each
+importance sample) comes from ``fold_in(key, i)`` with i its *global* index, and
+sample s from ``fold_in(fold_in(fold_in(key, i), 1), s)`` (see
+:mod:`jaxmem.models._latent`). So ``ll`` does not depend on the number of devices or
+processes, on ``example_chunk`` or on ``sample_chunk``, except for float32 rounding
+(different block shapes sum in different orders, ~1e-6 relative); and ``ll[m, i]``
+equals ``model_m.log_prob(x_i, fold_in(key, i), S)`` called directly.
+
+Multi-host: :func:`loglik_matrix_multihost` runs the same kernel after
+``jax.distributed.initialize`` with each process feeding only its own rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxmem import mesh as _mesh
+from jaxmem.models._latent import LatentVariableModel
+
+__all__ = ["KINDS", "loglik_matrix", "loglik_matrix_multihost"]
+
+#: What ``kind=`` can ask for.
+KINDS = ("iw", "elbo", "correct", "exact")
+
+
+def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk):
+    """One member's values ``[c]`` on one block of ``c`` examples."""
+    model = nnx.merge(graphdef, state)
+    if kind == "correct":
+        return model.correct(batch).astype(jnp.float32)
+    if kind == "exact":
+        return model.exact_log_prob(batch).astype(jnp.float32)
+    if not isinstance(model, LatentVariableModel):
+        # no latent variable: the model's log_prob is exact (classifier: log p(y|x))
+        return model.log_prob(batch, keys, num_samples)
+
+    x, q = model.prepare(batch, keys)
+    sc = min(sample_chunk, num_samples)
+    n_chunks = -(-num_samples // sc)
+    ragged = num_samples % sc != 0
+
+    def body(acc, j):
+        ids = j * sc + jnp.arange(sc)
+        lw = model.log_weights(x, q, keys, ids)  # [c, sc]
+        if kind == "iw":
+            if ragged:  # samples past S in the last chunk do not count
+                lw = jnp.where(ids < num_samples, lw, -jnp.inf)
+            return jnp.logaddexp(acc, jax.nn.logsumexp(lw, axis=-1)), None
+        if ragged:
+            lw = jnp.where(ids < num_samples, lw, 0.0)
+        return acc + jnp.sum(lw, axis=-1), None
+
+    c = keys.shape[0]
+    init = jnp.full((c,), -jnp.inf) if kind == "iw" else jnp.zeros((c,))
+    acc, _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return acc - math.log(num_samples) if kind == "iw" else acc / num_samples
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "mesh", "kind", "num_samples", "example_chunk", "sample_chunk", "key_impl"),
+)
+def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, example_chunk,
+            sample_chunk, key_impl):
+    """``[models, rows]`` for ``rows`` a multiple of ``devices * example_chunk``."""
+
+    def local(block, replicated):
+        data_b, idx_b = block
+        state_r, key_data_r = replicated
+        key = jax.random.wrap_key_data(key_data_r, impl=key_impl)
+        rows = idx_b.shape[0]
+        c = example_chunk
+        blocks = jax.tree.map(lambda a: a.reshape(rows // c, c, *a.shape[1:]), (data_b, idx_b))
+
+        def one_block(args):
+            batch, ids = args
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+            member = functools.partial(
+                _member_values, graphdef, batch=batch, keys=keys, kind=kind,
+                num_samples=num_samples, sample_chunk=sample_chunk,
+            )
+            return jax.vmap(member)(state_r)  # [models, c]
+
+        out = jax.lax.map(one_block, blocks)  # [rows / c, models, c]
+        return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], rows)
+
+    return _mesh.shard_examples(local, mesh, (data, idx), (state, key_data), example_axis=1)
+
+
+def _split_model(graphdef_or_model, state):
+    """(graphdef, stacked state, models); a lone nnx.Module becomes a 1-member ensemble."""
+    if isinstance(graphdef_or_model, nnx.Module):
+        if state is not None:
+            raise ValueError("pass either a model, or (graphdef, stacked_state), not a model and a state")
+        graphdef, single = nnx.split(graphdef_or_model)
+        return graphdef, jax.tree.map(lambda a: jnp.asarray(a)[None], single), 1
+    if state is None:
+        raise ValueError("a graphdef needs its stacked state (members on axis 0)")
+    leaves = jax.tree.leaves(state)
+    if not leaves:
+        raise ValueError("the state has no arrays")
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "stacked_state must have the members on axis 0 of every leaf (got leading sizes "
+            f"{sorted(map(str, sizes))}); pass a single model as an nnx.Module instead"
+        )
+    return graphdef_or_model, state, sizes.pop()
+
+
+def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    for name, v in [("num_samples", num_samples), ("example_chunk", example_chunk),
+                    ("sample_chunk", sample_chunk)]:
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("data has no arrays")
+    n = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else 0
+    for a in leaves:
+        if not np.ndim(a) or np.shape(a)[0] != n:
+            raise ValueError(f"every data array needs the same number of rows, got {[np.shape(a) for a in leaves]}")
+    for a in leaves:
+        if isinstance(a, jax.core.Tracer):
+            continue
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.floating):
+            bad = ~np.isfinite(a.reshape(n, -1)).all(axis=1)
+            if bad.any():
+                raise ValueError(f"data has non-finite values in example(s) {np.flatnonzero(bad)[:10].tolist()}")
+    return n
+
+
+def _key_parts(key):
+    if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), str(jax.random.key_impl(key))
+    key = jnp.asarray(key)
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {key.dtype}{key.shape}")
+    return key, "threefry2x32"
+
+
+def _pad_to(tree, rows):
+    n = jax.tree.leaves(tree)[0].shape[0]
+    if n == rows:
+        return tree
+    return jax.tree.map(lambda a: np.concatenate([a, np.broadcast_to(a[:1], (rows - n, *a.shape[1:]))]), tree)
+
+
+def _as_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def loglik_matrix(
+    graphdef: Any,
+    stacked_state: Any = None,
+    data: Any = None,
+    *,
+    key: jax.Array,
+    num_samples: int = 1,
+    kind: str = "iw",
+    mesh: jax.sharding.Mesh | None = None,
+    example_chunk: int = 64,
+    sample_chunk: int = 32,
+    progress: bool = False,
+) -> jax.Array:
+    r"""Log-likelihood of every example under every ensemble member, ``[models, examples]``.
+
+    For VAEs (``kind="iw"``) the importance-weighted estimate with S samples,
+
+    .. math:: \mathrm{ll}[m, i] = \log \frac{1}{S} \sum_{s=1}^{S}
+              \frac{p_m(x_i, z_s)}{q_m(z_s \mid x_i)}, \quad z_s \sim q_m(z \mid x_i),
+
+    a stochastic lower bound of log p_m(x_i) that tightens as S grows.
+
+    Args:
+      graphdef: the ensemble's graphdef (``nnx.split``), or a single ``nnx.Module``
+        (then ``stacked_state`` is omitted and the result has one row).
+      stacked_state: the members' states stacked on axis 0.
+      data: the batch pytree of all n examples (docs/CONTRACTS.md): ``x [n, ...]``, or
+        ``(x, y)`` for classifiers.
+      key: base PRNG key; example i uses ``fold_in(key, i)``.
+      num_samples: S, importance samples per (member, example).
+      kind: ``"iw"`` (importance-weighted log p(x); a classifier's exact log p(y|x)),
+        ``"elbo"`` (the mean of the same S log-weights, so ``iw >= elbo`` example by
+        example), ``"correct"`` (classifiers: 1.0 where the prediction is right) or
+        ``"exact"`` (models with ``exact_log_prob``, e.g. the linear-Gaussian VAE).
+      mesh: 1-D device mesh to shard examples over (default: all devices).
+      example_chunk: examples per block (per device); bounds memory with sample_chunk.
+      sample_chunk: importance samples per block. Neither chunk size changes the values
+        beyond float32 rounding.
+      progress: show a progress bar (the work is then split into ~20 calls of the same
+        compiled program).
+
+    Returns:
+      f32 ``[models, examples]``, nats per example (0/1 for ``kind="correct"``).
+
+    Examples:
+      >>> ll = loglik_matrix(graphdef, state, x, key=jax.random.key(0), num_samples=256)
+    """
+    graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk)
+    if jax.process_count() > 1:
+        raise ValueError("with several processes, use loglik_matrix_multihost (each process feeds its rows)")
+    if n == 0:
+        return jnp.zeros((jax.tree.leaves(stacked_state)[0].shape[0], 0), jnp.float32)
+    mesh = _mesh.make_mesh() if mesh is None else mesh
+    ndev = mesh.devices.size
+    key_data, key_impl = _key_parts(key)
+    chunk = min(example_chunk, -(-n // ndev))  # do not pad a small n up to a large chunk
+    unit = ndev * chunk
+    pieces = 20 if progress else 1
+    rows = unit * -(-n // (unit * pieces))  # rows per call, a multiple of unit
+    data = _as_numpy(data)
+    call = functools.partial(
+        _kernel, graphdef, stacked_state, key_data=key_data, mesh=mesh, kind=kind,
+        num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
+        key_impl=key_impl,
+    )
+    starts = range(0, n, rows)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="log-likelihood", unit="block")
+    outs = []
+    for s in starts:
+        e = min(n, s + rows)
+        block = _pad_to(jax.tree.map(lambda a: a[s:e], data), rows)
+        idx = _pad_to(np.arange(s, e, dtype=np.int32), rows)
+        outs.append(call(data=block, idx=idx)[:, : e - s])
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def loglik_matrix_multihost(
+    graphdef: Any,
+    stacked_state: Any = None,
+    local_data: Any = None,
+    *,
+    num_examples: int,
+    key: jax.Array,
+    num_samples: int = 1,
+    kind: str = "iw",
+    example_chunk: int = 64,
+    sample_chunk: int = 32,
+) -> np.ndarray:
+    """:func:`loglik_matrix` across processes: each feeds its own rows, all get the whole matrix.
+
+    Call in every process after :func:`jaxmem.mesh.initialize_distributed`. Process p
+    passes the rows ``jaxmem.mesh.host_local_rows(num_examples)`` (a contiguous block)
+    of the data; the kernel runs sharded over the devices of all processes, and the
+    result is gathered once (``process_allgather``). Values equal the single-process
+    ones to float32 rounding, since each example's randomness depends only on its
+    global index.
+
+    Args:
+      graphdef, stacked_state: as for :func:`loglik_matrix` (identical in every process).
+      local_data: this process's rows of the data pytree.
+      num_examples: n, the total number of examples over all processes.
+      key, num_samples, kind, example_chunk, sample_chunk: as for :func:`loglik_matrix`.
+
+    Returns:
+      numpy f32 ``[models, num_examples]`` (nats), the same in every process.
+    """
+    from jax.experimental import multihost_utils
+
+    graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
+    n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk)
+    if n_local != local_idx.size:
+        raise ValueError(
+            f"process {jax.process_index()} must feed rows {local_idx[:1].tolist()}..{local_idx[-1:].tolist()} "
+            f"({local_idx.size} rows of {num_examples}, jaxmem.mesh.host_local_rows), got {n_local}"
+        )
+    mesh = _mesh.make_mesh()  # devices of all processes, process by process
+    nproc, ndev_local = jax.process_count(), jax.local_device_count()
+    key_data, key_impl = _key_parts(key)
+    block = -(-num_examples // nproc)  # rows per process before padding
+    chunk = min(example_chunk, -(-block // ndev_local))
+    rows = ndev_local * chunk * -(-block // (ndev_local * chunk))  # per process, padded
+    if n_local == 0:  # more processes than examples: feed padding only (dropped below)
+        local_data = jax.tree.map(lambda a: np.zeros((1, *np.shape(a)[1:]), np.asarray(a).dtype), local_data)
+        local_idx = np.zeros((1,), np.int32)
+    data = _pad_to(_as_numpy(local_data), rows)
+    idx = _pad_to(local_idx, rows)
+    sharded = NamedSharding(mesh, P(_mesh.AXIS))
+    replicated = NamedSharding(mesh, P())
+
+    def global_rows(a):
+        return jax.make_array_from_process_local_data(sharded, a, (rows * nproc, *a.shape[1:]))
+
+    def global_replicated(a):
+        a = np.asarray(a)
+        return jax.make_array_from_process_local_data(replicated, a, a.shape)
+
+    out = _kernel(
+        graphdef, jax.tree.map(global_replicated, stacked_state), jax.tree.map(global_rows, data),
+        global_rows(idx), global_replicated(key_data), mesh=mesh, kind=kind,
+        num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
+        key_impl=key_impl,
+    )
+    full = np.asarray(multihost_utils.process_allgather(out, tiled=True))  # [models, rows * nproc]
+    keep = np.concatenate([p * rows + np.arange(min(block, max(0, num_examples - p * block)))
+                           for p in range(nproc)])
+    return full[:, keep]

@@ -1,0 +1,54 @@
+"""One process of the 2-process log-likelihood test (launched by tests/test_multihost.py).
+
+Usage: python _multihost_worker.py PORT NUM_PROCESSES PROCESS_ID OUT.npy
+
+Joins a loopback cluster with gloo CPU collectives, builds the same small ensemble and
+data as the test (deterministic from seeds), feeds only this process's rows
+(``host_local_rows``) and writes the gathered ``[models, n]`` matrix (process 0 only).
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxmem import mesh  # noqa: E402
+
+
+def problem():
+    """The ensemble and data both sides use: 2 MLP VAEs, 13 examples (not a multiple of 4)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmem import models
+
+    members = [models.create("mlp_vae", (4, 4), seed=s, hidden=[16], latent_dim=2) for s in (0, 1)]
+    graphdef = nnx.graphdef(members[0])
+    state = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(m) for m in members])
+    x = np.random.default_rng(0).uniform(size=(13, 4, 4)).astype(np.float32)
+    return graphdef, state, x
+
+
+KW = dict(num_samples=6, example_chunk=2, sample_chunk=4)
+
+
+def main():
+    port, nproc, pid, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    mesh.initialize_distributed(f"127.0.0.1:{port}", nproc, pid, cpu_collectives="gloo")
+    assert jax.process_count() == nproc and jax.device_count() == 2 * nproc, jax.devices()
+    from jaxmem.likelihood import loglik_matrix_multihost
+
+    graphdef, state, x = problem()
+    rows = mesh.host_local_rows(x.shape[0])
+    ll = loglik_matrix_multihost(graphdef, state, x[rows], num_examples=x.shape[0],
+                                 key=jax.random.key(7), **KW)
+    if pid == 0:
+        np.save(out, ll)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
