@@ -32,6 +32,7 @@ from jaxmem import membership as _membership
 from jaxmem import models as _models
 from jaxmem.checkpoint import ConfigMismatchError
 from jaxmem.likelihood import loglik_matrix
+from jaxmem.mesh import make_mesh, replicate
 from jaxmem.scores import feldman_zhang, memorization_scores
 
 __all__ = ["MemorizationResult", "memorization", "load_result", "ConfigMismatchError"]
@@ -222,6 +223,7 @@ def memorization(
     epochs: int = 10,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
+    optimizer: optax.GradientTransformation | None = None,
     num_samples: int = 256,
     seed: int = 0,
     quantile: float = 0.95,
@@ -253,6 +255,9 @@ def memorization(
       epochs: training epochs of every member.
       batch_size: examples per member per optimizer step.
       learning_rate: Adam's step size.
+      optimizer: an optax transformation to use instead of ``adam(learning_rate)``
+        (e.g. with a schedule). It cannot be recorded in the configuration, so a
+        resumed run must be given the same one.
       num_samples: importance samples per likelihood (the paper: 256 on MNIST).
       seed: everything random (plan, initialisation, batches, samples) derives from it.
       quantile: "highly memorized" means ``M`` above this quantile.
@@ -300,7 +305,8 @@ def memorization(
         "plan": {"kind": plan.kind, "num_models": int(plan.num_models), "k": plan.k,
                  "repeats": plan.repeats, "rate": plan.rate, "seed": plan.seed},
         "training": {"epochs": int(epochs), "batch_size": int(batch_size),
-                     "learning_rate": float(learning_rate), "optimizer": "adam",
+                     "learning_rate": float(learning_rate),
+                     "optimizer": "adam" if optimizer is None else "custom",
                      "full_model": bool(full_model), "seed": int(seed)},
         "scoring": {"num_samples": int(num_samples), "quantile": float(quantile),
                     "track_epochs": tracked, "track_samples": track_samples},
@@ -317,6 +323,7 @@ def memorization(
     train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep
     num_plan = keep.shape[0]
     data = _model_data(model_cfg, x, y)
+    score_mesh = mesh if mesh is not None else make_mesh()
     score_key = jax.random.fold_in(jax.random.key(seed), 0x5C0)
 
     def plan_members(state):
@@ -335,10 +342,10 @@ def memorization(
             return
         from flax import nnx
 
-        full_state = plan_members(nnx.merge_state(state.params, state.rest))
+        full_state = replicate(plan_members(nnx.merge_state(state.params, state.rest)), score_mesh)
         ll_e = loglik_matrix(graphdef_holder[0], full_state, data, key=score_key,
-                             num_samples=track_samples, mesh=mesh)
-        M_by_epoch[epoch] = np.asarray(memorization_scores(ll_e, keep, quantile=quantile, mesh=mesh).M)
+                             num_samples=track_samples, mesh=score_mesh)
+        M_by_epoch[epoch] = np.asarray(memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
         if track_path:
             es = sorted(M_by_epoch)
             _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
@@ -349,28 +356,31 @@ def memorization(
     if on_stage:
         on_stage("train")
     fitted = _ensemble.fit(
-        factory, optax.adam(learning_rate), data, train_keep, epochs=epochs,
-        batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every,
+        factory, optimizer or optax.adam(learning_rate), data, train_keep, epochs=epochs,
+        batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every, mesh=mesh,
         progress=progress, callback=callback if tracked else None,
         config={"model": model_cfg, "learning_rate": float(learning_rate)},
     )
-    graphdef, state = fitted.graphdef, fitted.state
+    graphdef = fitted.graphdef
+    # Training split members over (some of) the devices; scoring splits examples over
+    # all of them and needs every member's state on each.
+    state = replicate(fitted.state, score_mesh)
 
     if on_stage:
         on_stage("likelihood")
     ll_all = np.asarray(loglik_matrix(graphdef, state, data, key=score_key,
-                                      num_samples=num_samples, mesh=mesh, progress=progress))
+                                      num_samples=num_samples, mesh=score_mesh, progress=progress))
     ll = ll_all[:num_plan]
     logp_full = ll_all[num_plan] if full_model else None
 
     if on_stage:
         on_stage("scores")
-    s = memorization_scores(ll, keep, quantile=quantile, mesh=mesh)
+    s = memorization_scores(ll, keep, quantile=quantile, mesh=score_mesh)
     label_mem = None
     if model_cfg["name"] == "classifier":
         correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
-                                kind="correct", mesh=mesh)
-        label_mem = np.asarray(feldman_zhang(np.asarray(correct) > 0.5, keep, mesh=mesh).mem)
+                                kind="correct", mesh=score_mesh)
+        label_mem = np.asarray(feldman_zhang(np.asarray(correct) > 0.5, keep, mesh=score_mesh).mem)
     lev = _leverage_baseline(x) if linear_baseline else None
     fold = np.full(n, -1, np.int32)
     if plan.fold is not None:
