@@ -28,7 +28,7 @@ Numerical conventions, shared by every function:
   fitted values and residuals do not depend on column scaling; the condition number
   :math:`\kappa` that matters below is that of the equilibrated ``X``.
 * **Rank.** Singular values of the equilibrated ``X`` below ``rcond * sigma_max`` count as
-  zero, with ``rcond = sqrt(p * eps)`` by default (``eps`` of the compute dtype; 1.5e-7 for
+  zero, with ``rcond = sqrt(p * eps)`` by default (``eps`` of the compute dtype; 1.1e-7 for
   float64 with p = 50, 2.4e-3 for float32). That default sits at the rounding level of the
   Gram matrix (its eigenvalues are accurate to about ``p * eps * lambda_max``), so both methods
   agree on the rank. A rank-deficient ``X`` gets the **pseudo-inverse treatment**:
@@ -378,7 +378,8 @@ def _gram(X, y, mesh):
 
 def _factor(X, y, method, rcond, mesh, dt, name="X"):
     """Returns (factor, X^T y or None)."""
-    moments = _gram(X, y, mesh) if (method == "cholesky" or y is not None) else None
+    # QR needs no Gram matrix (nor X^T y: it projects y with Q directly).
+    moments = _gram(X, y, mesh) if method == "cholesky" else None
     if moments is not None and not np.all(np.isfinite(np.diagonal(np.asarray(moments[0])))):
         _raise_nonfinite(name, X)
     if method == "qr":
@@ -387,7 +388,7 @@ def _factor(X, y, method, rcond, mesh, dt, name="X"):
         f = _factor_qr(X, dt, rcond)
     else:
         f = _whitener(moments[0], X.shape[1], dt, rcond, warn=True)
-    return f, (moments[1] if y is not None else None)
+    return f, (moments[1] if (y is not None and moments is not None) else None)
 
 
 # --------------------------------------------------------------------------- public API
