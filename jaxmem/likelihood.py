@@ -154,6 +154,18 @@ def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk):
     return n
 
 
+#: Default target of ``example_chunk * min(S, sample_chunk)``: rows of each matmul.
+ROWS_PER_BLOCK = 2048
+
+
+def _default_chunk(example_chunk, num_samples, sample_chunk):
+    if example_chunk is not None:
+        return example_chunk
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        return 1  # _check_inputs reports it
+    return int(min(1024, max(16, ROWS_PER_BLOCK // min(num_samples, max(1, sample_chunk)))))
+
+
 def _key_parts(key):
     if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key), str(jax.random.key_impl(key))
@@ -183,8 +195,8 @@ def loglik_matrix(
     num_samples: int = 1,
     kind: str = "iw",
     mesh: jax.sharding.Mesh | None = None,
-    example_chunk: int = 64,
-    sample_chunk: int = 32,
+    example_chunk: int | None = None,
+    sample_chunk: int = 128,
     progress: bool = False,
 ) -> jax.Array:
     r"""Log-likelihood of every example under every ensemble member, ``[models, examples]``.
@@ -209,7 +221,10 @@ def loglik_matrix(
         example), ``"correct"`` (classifiers: 1.0 where the prediction is right) or
         ``"exact"`` (models with ``exact_log_prob``, e.g. the linear-Gaussian VAE).
       mesh: 1-D device mesh to shard examples over (default: all devices).
-      example_chunk: examples per block (per device); bounds memory with sample_chunk.
+      example_chunk: examples per block (per device); with sample_chunk it bounds the
+        memory, ``O(models * example_chunk * min(S, sample_chunk) * width)``. Default:
+        ``ROWS_PER_BLOCK // min(S, sample_chunk)`` (in [16, 1024]), so every matmul has
+        ~2048 rows per member (measured fastest on CPU for the paper's MNIST VAE).
       sample_chunk: importance samples per block. Neither chunk size changes the values
         beyond float32 rounding.
       progress: show a progress bar (the work is then split into ~20 calls of the same
@@ -222,6 +237,7 @@ def loglik_matrix(
       >>> ll = loglik_matrix(graphdef, state, x, key=jax.random.key(0), num_samples=256)
     """
     graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk)
     if jax.process_count() > 1:
         raise ValueError("with several processes, use loglik_matrix_multihost (each process feeds its rows)")
@@ -263,8 +279,8 @@ def loglik_matrix_multihost(
     key: jax.Array,
     num_samples: int = 1,
     kind: str = "iw",
-    example_chunk: int = 64,
-    sample_chunk: int = 32,
+    example_chunk: int | None = None,
+    sample_chunk: int = 128,
 ) -> np.ndarray:
     """:func:`loglik_matrix` across processes: each feeds its own rows, all get the whole matrix.
 
@@ -287,6 +303,7 @@ def loglik_matrix_multihost(
     from jax.experimental import multihost_utils
 
     graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
     n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk)
     if n_local != local_idx.size:

@@ -1,0 +1,232 @@
+"""Log-likelihood matrix throughput: (member, example) pairs per second at S = 256.
+
+The paper's MNIST VAE (MLP 1024-512-256, z = 16, Bernoulli decoder on 32x32 inputs),
+an ensemble of 10 members, S = 256 importance samples per pair:
+
+- ``jaxmem``: :func:`jaxmem.likelihood.loglik_matrix`'s one jitted kernel (members
+  vmapped, examples and samples in blocks);
+- ``torch``: a PyTorch per-row evaluation as the paper's code does it: for each member,
+  for each example, one forward pass of the encoder and of the decoder on S samples
+  (skipped with a message when torch is not installed).
+
+FLOPs: XLA's ``cost_analysis`` counts a loop body once, not once per trip, so the
+kernel's FLOPs are taken from one compiled block (one example block x one sample block,
+trip counts 1, via ``_common.flops_of``) times the number of blocks; the dense-matmul
+count is printed beside it as a check. Memory: XLA's buffer assignment for the full-size
+problem (n = 60,000, S = 256, 10 members), and the process's peak RSS.
+
+Usage::
+
+    python benchmarks/likelihood.py            # ~1-2 minutes on a 2-core CPU
+    python benchmarks/likelihood.py --quick    # development
+    python benchmarks/likelihood.py --devices  # scaling over 1..N devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxmem import models  # noqa: E402
+from jaxmem.likelihood import _kernel, _key_parts  # noqa: E402
+from jaxmem.mesh import make_mesh  # noqa: E402
+
+HIDDEN = (1024, 512, 256)
+LATENT = 16
+SHAPE = (32, 32)
+
+
+def matmul_flops_per_pair(num_samples: int) -> float:
+    """Dense-matmul FLOPs of one (member, example) pair: encoder once, decoder S times."""
+    d = math.prod(SHAPE)
+    enc = [d, *HIDDEN, 2 * LATENT]
+    dec = [LATENT, *reversed(HIDDEN), d]
+    mm = lambda sizes: sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))  # noqa: E731
+    return mm(enc) + num_samples * mm(dec)
+
+
+def ensemble(members: int):
+    ms = [models.create("mlp_vae", SHAPE, seed=s, hidden=HIDDEN, latent_dim=LATENT) for s in range(members)]
+    return nnx.graphdef(ms[0]), jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(m) for m in ms]), ms
+
+
+def compile_kernel(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk):
+    key_data, impl = _key_parts(jax.random.key(0))
+    return _kernel.lower(
+        graphdef, state, jax.ShapeDtypeStruct((n, *SHAPE), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32),
+        key_data, mesh=mesh, kind="iw", num_samples=num_samples, example_chunk=example_chunk,
+        sample_chunk=sample_chunk, key_impl=impl,
+    ).compile(), key_data
+
+
+def kernel_flops(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk):
+    """FLOPs of the whole run, from ``cost_analysis`` of a one-block program.
+
+    The one-block program (one example block per device, S = sample_chunk: every loop
+    has one trip) is counted exactly by XLA; it is scaled to the full run by the
+    analytic ratio of dense-matmul work (the encoder runs once per example, the decoder
+    once per sample). Returns ``(total, measured_block / analytic_block)``, the second a
+    check that the analytic count is what XLA counts.
+    """
+    ndev = mesh.devices.size
+    one, _ = compile_kernel(graphdef, state, ndev * example_chunk, sample_chunk, mesh, example_chunk, sample_chunk)
+    per_block = _common.flops_of(one)  # per device
+    if per_block is None:
+        return None, None
+    members = jax.tree.leaves(state)[0].shape[0]
+    analytic_block = members * example_chunk * matmul_flops_per_pair(sample_chunk)
+    ratio = (members * n * matmul_flops_per_pair(num_samples)) / (ndev * analytic_block)
+    return per_block * ndev * ratio, per_block / analytic_block
+
+
+def run_jax(graphdef, state, x, num_samples, mesh, example_chunk, sample_chunk):
+    n = x.shape[0]
+    compiled, key_data = compile_kernel(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk)
+    idx = np.arange(n, dtype=np.int32)
+    secs = _common.timeit(lambda: compiled(state, x, idx, key_data), repeats=2, warmup=1)
+    return secs, compiled
+
+
+def run_torch(members, x, num_samples, max_rows):
+    """Per-row PyTorch evaluation (the paper's loop): seconds per (member, example) pair."""
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: skipping the PyTorch row (pip install torch==2.13.0)")
+        return None
+    torch.manual_seed(0)
+
+    def to_torch(member):
+        p = nnx.state(member, nnx.Param)
+
+        def layers(group):
+            return [(torch.from_numpy(np.array(l["kernel"][...])), torch.from_numpy(np.array(l["bias"][...])))
+                    for l in p[group].values()]
+
+        return layers("encoder"), layers("decoder")
+
+    def mlp(layers, h):
+        for i, (w, b) in enumerate(layers):
+            h = torch.addmm(b, h, w)
+            if i < len(layers) - 1:
+                h = torch.relu(h)
+        return h
+
+    xt = torch.from_numpy(x.reshape(x.shape[0], -1))
+    nets = [to_torch(m) for m in members]
+    rows = min(max_rows, x.shape[0])
+
+    def evaluate():
+        out = np.empty((len(nets), rows), np.float32)
+        with torch.no_grad():
+            for m, (enc, dec) in enumerate(nets):
+                for i in range(rows):
+                    xi = torch.bernoulli(xt[i : i + 1])
+                    head = mlp(enc, xi)
+                    mu, std = head[:, :LATENT], torch.nn.functional.softplus(head[:, LATENT:]) + 1e-4
+                    eps = torch.randn(num_samples, LATENT)
+                    z = mu + std * eps
+                    logits = mlp(dec, z)
+                    log_px = (xi * logits - torch.nn.functional.softplus(logits)).sum(1)
+                    log_pz = -0.5 * (z * z).sum(1)
+                    log_q = -0.5 * (eps * eps).sum(1) - torch.log(std).sum()
+                    lw = log_px + log_pz - log_q
+                    out[m, i] = float(torch.logsumexp(lw, 0) - math.log(num_samples))
+        return out
+
+    secs = _common.timeit(evaluate, repeats=2, warmup=1)
+    return secs / (len(nets) * rows), torch.get_num_threads()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes for development")
+    ap.add_argument("--devices", action="store_true", help="scaling over 1..N devices")
+    ap.add_argument("--members", type=int, default=10)
+    ap.add_argument("--examples", type=int, default=None, help="n for the timed run (default 256; quick 32)")
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--example-chunk", type=int, default=16)
+    ap.add_argument("--sample-chunk", type=int, default=128)
+    args = ap.parse_args()
+    n = args.examples or (32 if args.quick else 256)
+    S, M = args.samples, args.members
+    sizes = dict(members=M, examples=n, samples=S, example_chunk=args.example_chunk,
+                 sample_chunk=args.sample_chunk, hidden=HIDDEN, latent=LATENT, image=SHAPE)
+    info = _common.header("likelihood", sizes)
+    peak = _common.matmul_peak()
+    print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+
+    graphdef, state, members = ensemble(M)
+    x = (np.random.default_rng(0).uniform(size=(n, *SHAPE)) > 0.5).astype(np.float32)
+    rows, results = [], {}
+
+    meshes = [1] if not args.devices else sorted({1, *[2**k for k in range(1, 8) if 2**k <= jax.device_count()],
+                                                    jax.device_count()})
+    for ndev in meshes:
+        mesh = make_mesh(ndev)
+        chunk = min(args.example_chunk, n // ndev)
+        if n % (ndev * chunk):
+            print(f"skipping {ndev} devices: n={n} is not a multiple of devices x example_chunk")
+            continue
+        secs, _ = run_jax(graphdef, state, x, S, mesh, chunk, args.sample_chunk)
+        flops, block_check = kernel_flops(graphdef, state, n, S, mesh, chunk, args.sample_chunk)
+        if ndev == 1:
+            print(f"one block's cost_analysis / its analytic dense-matmul FLOPs: {block_check:.4f}")
+        pairs = M * n / secs
+        row = {"impl": "jaxmem", "devices": ndev, "seconds": secs, "pairs_per_s": pairs,
+               "gflop_per_s": flops / secs / 1e9 if flops else None,
+               "peak_fraction": flops / secs / peak if flops else None}
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
+    analytic = M * n * matmul_flops_per_pair(S)
+    print(f"dense-matmul FLOPs of the run (analytic): {analytic:.4g}")
+
+    torch_rows = 8 if args.quick else 24
+    t = run_torch(members, x, S, torch_rows)
+    if t is not None:
+        per_pair, threads = t
+        rows.append({"impl": f"torch per-row ({threads} threads)", "devices": 1, "seconds": per_pair * M * n,
+                     "pairs_per_s": 1.0 / per_pair,
+                     "gflop_per_s": matmul_flops_per_pair(S) / per_pair / 1e9,
+                     "peak_fraction": matmul_flops_per_pair(S) / per_pair / peak})
+        results["speedup_vs_torch"] = base["pairs_per_s"] * per_pair
+    _common.print_table(rows, ["impl", "devices", "seconds", "pairs_per_s", "gflop_per_s", "peak_fraction", "speedup"],
+                        title=f"{M} members x {n} examples, S={S}")
+
+    # Memory at the paper's full size: what the compiled program allocates (no run).
+    full_n, full_mesh = 60_000, make_mesh(1)
+    full_n_padded = args.example_chunk * -(-full_n // args.example_chunk)
+    compiled, _ = compile_kernel(graphdef, state, full_n_padded, 256, full_mesh, args.example_chunk, args.sample_chunk)
+    mem = compiled.memory_analysis()
+    memory = {
+        "full_examples": full_n, "full_samples": 256, "members": M,
+        "temp_mib": mem.temp_size_in_bytes / 2**20,
+        "argument_mib": mem.argument_size_in_bytes / 2**20,
+        "output_mib": mem.output_size_in_bytes / 2**20,
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "extrapolated_full_seconds": M * full_n / base["pairs_per_s"],
+    }
+    print(f"\nfull size (n=60,000, S=256, {M} members): XLA temp buffers {memory['temp_mib']:.0f} MiB, "
+          f"arguments {memory['argument_mib']:.0f} MiB, output {memory['output_mib']:.1f} MiB; "
+          f"this process's peak RSS {memory['process_peak_rss_mib']:.0f} MiB; "
+          f"extrapolated time {memory['extrapolated_full_seconds'] / 60:.0f} min at the measured rate")
+    results.update({"machine": info, "sizes": sizes, "matmul_peak_flops": peak, "rows": rows, "memory": memory})
+    _common.write_json("likelihood", results)
+
+
+if __name__ == "__main__":
+    main()
