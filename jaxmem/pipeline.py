@@ -237,6 +237,7 @@ def memorization(
     checkpoint_every: int = 1,
     linear_baseline: bool = True,
     on_stage: Any = None,
+    on_epoch: Any = None,
 ) -> MemorizationResult:
     """Memorization scores of every example of ``x``, end to end.
 
@@ -275,6 +276,9 @@ def memorization(
       checkpoint_every: epochs between checkpoints.
       linear_baseline: compute hat-matrix leverage of the data for comparison.
       on_stage: optional ``callback(stage: str)`` called as stages begin (for CLIs).
+      on_epoch: optional ``callback(epoch: int)`` called after each epoch trained, once
+        its checkpoint save has started (and its scores, if tracked, are stored): the
+        safe place for a CLI to stop on Ctrl-C (raise ``KeyboardInterrupt`` there).
 
     Returns:
       A :class:`MemorizationResult` (saved to ``out_dir`` when given).
@@ -338,8 +342,12 @@ def memorization(
             M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
 
     def callback(epoch, state, metrics):
-        if epoch not in tracked:
-            return
+        if epoch in tracked:
+            track(epoch, state)
+        if on_epoch is not None:
+            on_epoch(epoch)
+
+    def track(epoch, state):
         from flax import nnx
 
         full_state = replicate(plan_members(nnx.merge_state(state.params, state.rest)), score_mesh)
@@ -358,7 +366,7 @@ def memorization(
     fitted = _ensemble.fit(
         factory, optimizer or optax.adam(learning_rate), data, train_keep, epochs=epochs,
         batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every, mesh=mesh,
-        progress=progress, callback=callback if tracked else None,
+        progress=progress, callback=callback if tracked or on_epoch else None,
         config={"model": model_cfg, "learning_rate": float(learning_rate)},
     )
     graphdef = fitted.graphdef

@@ -14,6 +14,7 @@ is ``U``, the log-likelihood of an example under the models trained on it, in na
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ __all__ = [
     "spearman_correlation",
     "summary",
     "summary_markdown",
+    "write_report",
+    "REPORT_FILES",
 ]
 
 SUMMARY_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -566,3 +569,112 @@ def plot_influence(leverage, studentized_residuals, cooks_distance,
         ax.set_ylabel("studentized residual")
         ax.set_title(f"Influence plot (marker area ∝ Cook's distance, n = {len(h)})")
     return pathlib.Path(path)
+
+
+# ------------------------------------------------------------------------ results dir
+
+REPORT_FILES: dict[str, str] = {
+    "distribution": "memorization_distribution.png",
+    "figure3": "figure3_logp.png",
+    "examples": "examples_nearest_neighbours.png",
+    "leverage": "memorization_vs_leverage.png",
+    "epochs": "memorization_over_epochs.png",
+    "summary": "summary.md",
+    "summary_json": "summary.json",
+}
+"""File names :func:`write_report` writes into a results directory."""
+
+
+def _run_description(config: dict[str, Any]) -> list[str]:
+    """Markdown lines saying what was run (data, model, plan, training, scoring)."""
+    data, model = config.get("data", {}), config.get("model", {})
+    plan, train = config.get("plan", {}), config.get("training", {})
+    scoring = config.get("scoring", {})
+    options = ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k not in ("name", "example_shape"))
+    design = (f"{plan.get('k')} folds x {plan.get('repeats')} repeat(s)"
+              if plan.get("kind") == "kfold" else f"{plan.get('kind')} subsets")
+    return [
+        f"- data: {data.get('name', '?')} ({data.get('n', '?')} examples of shape "
+        f"{tuple(data.get('example_shape', ()))})",
+        f"- model: {model.get('name', '?')} ({options})",
+        f"- plan: {design}, {plan.get('num_models', '?')} models",
+        f"- training: {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
+        f"Adam lr {train.get('learning_rate', '?')}, seed {train.get('seed', '?')}",
+        f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples",
+    ]
+
+
+def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str, Any]:
+    """Every figure and the summary of a memorization result, written into ``directory``.
+
+    Writes (names in :data:`REPORT_FILES`): the distribution of ``M`` with its
+    quantile; the paper's Figure 3a/3b over ``U``; the most, median and least memorized
+    examples beside their nearest training neighbours (image data, when ``dataset`` is
+    given); ``M`` against the linear baseline's leverage (when the result has it); ``M``
+    over epochs (when it was tracked); ``summary.md`` and ``summary.json``.
+
+    Args:
+      result: a :class:`jaxmem.pipeline.MemorizationResult` (fields ``M``, ``U``,
+        ``n_in``, ``n_out``, ``highly_memorized``, ``leverage``, ``tracked_epochs``,
+        ``M_by_epoch``, ``config``; scores in nats).
+      directory: where to write (created if missing).
+      dataset: optional :class:`jaxmem.data.Dataset` (or an array ``[n, H, W(, C)]``)
+        holding the scored examples in the same order; needed for the image grid.
+
+    Returns:
+      ``{"files": {kind: path}, "summary": summary dict, "markdown": str}``.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = getattr(result, "config", None) or {}
+    quantile = float(config.get("scoring", {}).get("quantile", 0.95))
+    M = np.asarray(result.M, np.float64)
+    files: dict[str, pathlib.Path] = {}
+    files["distribution"] = plot_score_distribution(
+        M, directory / REPORT_FILES["distribution"], quantile=quantile)
+    files["figure3"] = plot_figure3(result.U, np.asarray(result.highly_memorized),
+                                    directory / REPORT_FILES["figure3"])
+    images = getattr(dataset, "x", dataset)
+    if images is not None:
+        images = np.asarray(images)
+        if images.ndim in (3, 4) and len(images) == len(M):
+            files["examples"] = plot_examples_grid(images, M, images,
+                                                   directory / REPORT_FILES["examples"])
+    leverage = getattr(result, "leverage", None)
+    if leverage is not None:
+        files["leverage"] = plot_memorization_vs_leverage(
+            M, leverage, directory / REPORT_FILES["leverage"], quantile=quantile)
+    tracked = getattr(result, "tracked_epochs", None)
+    if tracked is not None and len(tracked) > 0:
+        files["epochs"] = plot_scores_over_epochs(
+            tracked, result.M_by_epoch, directory / REPORT_FILES["epochs"])
+
+    s = summary(M, logp=result.U, leverage=leverage, in_counts=result.n_in,
+                out_counts=result.n_out, highly_memorized=np.asarray(result.highly_memorized),
+                quantile=quantile)
+    label_mem = getattr(result, "label_memorization", None)
+    if label_mem is not None:
+        lm = np.asarray(label_mem, np.float64)
+        s["label_memorization"] = {"mean": float(lm.mean()), "max": float(lm.max()),
+                                   "num_above_0.5": int((lm > 0.5).sum())}
+    lines = [summary_markdown(s).rstrip("\n"), ""]
+    if label_mem is not None:
+        lm = s["label_memorization"]
+        lines += [f"- Feldman & Zhang label memorization: mean {lm['mean']:.3f}, "
+                  f"max {lm['max']:.3f}, {lm['num_above_0.5']} examples above 0.5", ""]
+    if config:
+        lines += ["### Run", "", *_run_description(config), ""]
+    lines += ["### Files", "", "- `scores.csv`, `result.npz`: every score of every example"]
+    lines += [f"- `{p.name}`" for p in files.values()]
+    markdown = "\n".join(lines) + "\n"
+    for kind, text in (("summary", markdown), ("summary_json", _json_text(s))):
+        path = directory / REPORT_FILES[kind]
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        files[kind] = path
+    return {"files": files, "summary": s, "markdown": markdown}
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,643 @@
+"""The ``jaxmem`` command: memorization scores end to end, reports, and the linear baseline.
+
+::
+
+    jaxmem run                  # the embedded digits, default model, results in ./jaxmem_results
+    jaxmem run --data mnist --data-dir ~/tensorflow_datasets --folds 10 --repeats 10
+    jaxmem report DIR           # figures + summary of a saved result, again
+    jaxmem leverage FILE.csv --target y
+
+``run`` trains one model per member of a K-fold plan, evaluates every example's
+importance-weighted log-likelihood under every member, scores the leave-one-out
+density ratio (van den Burg & Williams, 2021) and writes a results directory
+(``scores.csv``, ``result.npz``, figures, ``summary.md``). Running it again on the same
+directory resumes from the training checkpoints; another configuration there is refused.
+
+Expected failures (a missing or malformed file, an unknown data set, too few examples
+for the folds, a results directory of another run, ...) print one line
+``jaxmem: error: ...`` on stderr and exit with status 2; an interrupted run exits with
+status 130 and keeps its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = ["main", "build_parser"]
+
+_PROG = "jaxmem"
+_EXIT_ERROR = 2
+_EXIT_INTERRUPTED = 130
+_MODELS = ("mlp_vae", "conv_vae", "linear_gaussian_vae", "classifier")
+# Hidden sizes of the MLP VAE for small inputs (8x8 digits: 64 pixels). The model's own
+# default (1024, 512, 256) is the paper's MNIST setting and overfits 1,797 digits wildly.
+_SMALL_INPUT = 256
+_SMALL_HIDDEN = (256, 128)
+_SMALL_LATENT = 8
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see `{self.prog} --help`)")
+
+
+def _fail(message: Any) -> NoReturn:
+    text = " ".join(str(message).replace("\n", "; ").split())
+    print(f"{_PROG}: error: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(_EXIT_ERROR)
+
+
+def _info(message: str) -> None:
+    print(f"{_PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def _track_epochs(text: str) -> str | tuple[int, ...]:
+    if text in ("auto", "none"):
+        return text
+    return _int_list(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``jaxmem`` command (subcommands run, report, leverage)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(
+        prog=_PROG, formatter_class=fmt,
+        description="How much does a model memorize each training example? Leave-one-out "
+                    "density ratios (van den Burg & Williams, NeurIPS 2021) in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,report,leverage}", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", formatter_class=fmt, help="compute memorization scores and write a results directory",
+        description="Train a K-fold ensemble, score every example's memorization M = U - V "
+                    "(nats) and write scores, figures and a summary. With no options: the "
+                    "embedded 1,797 handwritten 8x8 digits, an MLP VAE, 10 folds. Rerunning "
+                    "on the same --out resumes from its checkpoints.",
+    )
+    g = run.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="data set name (digits, mnist, fashion_mnist, binarized_mnist, cifar10, "
+                        "celeb_a) or a .npy/.npz/.csv file")
+    g.add_argument("--data-dir", default=None,
+                   help="TFDS data directory with prepared array_record files")
+    g.add_argument("--limit", type=_positive_int, default=None,
+                   help="use only the first LIMIT examples")
+    g.add_argument("--binarize", choices=("dynamic", "static", "none"), default="dynamic",
+                   help="binarization for the MLP VAE's Bernoulli pixels: a fresh draw per "
+                        "look (dynamic), one draw when loading (static), or none")
+    g = run.add_argument_group("model")
+    g.add_argument("--model", choices=_MODELS, default="mlp_vae", help="model of every member")
+    g.add_argument("--hidden", type=_int_list, default=None,
+                   help="hidden sizes, e.g. 256,128 (conv_vae: channels). Default for the MLP "
+                        f"VAE: {','.join(map(str, _SMALL_HIDDEN))} for inputs of at most "
+                        f"{_SMALL_INPUT} values (8x8 digits), else the paper's 1024,512,256")
+    g.add_argument("--latent", type=_positive_int, default=None,
+                   help=f"latent dimension (default: {_SMALL_LATENT} for the MLP VAE on small "
+                        "inputs, else the model's)")
+    g = run.add_argument_group("ensemble and training")
+    g.add_argument("--folds", type=_positive_int, default=10, help="K of the K-fold plan")
+    g.add_argument("--repeats", type=_positive_int, default=1,
+                   help="independent K-fold splits (the paper: 10)")
+    g.add_argument("--epochs", type=_positive_int, default=100, help="training epochs of every model")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step")
+    g.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--full-model", action="store_true",
+                   help="also train a model on all examples and report log p under it")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=5,
+                   help="epochs between training checkpoints")
+    g.add_argument("--devices", type=_positive_int, default=None,
+                   help="number of devices to split models and examples over (default: all)")
+    g = run.add_argument_group("scoring")
+    g.add_argument("--samples", type=_positive_int, default=128,
+                   help="importance samples per log-likelihood (the paper: 256 on MNIST)")
+    g.add_argument("--quantile", type=float, default=0.95,
+                   help="'highly memorized' means M above this quantile")
+    g.add_argument("--track-epochs", type=_track_epochs, default="auto",
+                   help="epochs after which M is also computed, e.g. 10,20,50; 'auto': 5 "
+                        "evenly spaced epochs (when training for at least 5); 'none'")
+    g.add_argument("--track-samples", type=_positive_int, default=32,
+                   help="importance samples of the scores over epochs")
+    g = run.add_argument_group("output")
+    g.add_argument("--out", default="jaxmem_results", help="results directory")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser(
+        "report", formatter_class=fmt, help="regenerate the figures and summary of a results directory",
+        description="Regenerate every figure and summary.md from DIR/result.npz.",
+    )
+    rep.add_argument("directory", metavar="DIR", help="a results directory of `jaxmem run`")
+    rep.add_argument("--data-dir", default=None,
+                     help="TFDS data directory, to reload images for the example grid")
+    rep.set_defaults(func=_cmd_report)
+
+    lev = sub.add_parser(
+        "leverage", formatter_class=fmt,
+        help="linear baseline of a table: leverage, residuals, Cook's distance, LOO density ratio",
+        description="The linear baseline on a CSV/npz/npy table: hat-matrix leverage of [1, X]; "
+                    "with --target, OLS of the target on the other columns with studentized "
+                    "residuals, Cook's distance, DFFITS and the closed-form leave-one-out log "
+                    "density ratio of Gaussian regression; without, the closed-form ratio of a "
+                    "Gaussian fitted to the rows. All in float64, no refits.",
+    )
+    lev.add_argument("file", metavar="FILE", help=".csv (optional header), .npz (array x, optional y) or .npy")
+    lev.add_argument("--target", default=None,
+                     help="target column: a CSV header name or a 0-based column index "
+                          "(npz: 'y' for its y array)")
+    lev.add_argument("--out", default="jaxmem_leverage", help="output directory")
+    lev.add_argument("--top", type=_positive_int, default=10, help="rows printed")
+    lev.set_defaults(func=_cmd_leverage)
+    return parser
+
+
+# -------------------------------------------------------------------------------- run
+
+
+def _model_options(args: argparse.Namespace, example_shape: tuple[int, ...],
+                   num_classes: int | None) -> dict[str, Any]:
+    size = 1
+    for s in example_shape:
+        size *= s
+    opts: dict[str, Any] = {}
+    if args.model == "mlp_vae":
+        small = size <= _SMALL_INPUT
+        hidden = args.hidden or (_SMALL_HIDDEN if small else None)
+        latent = args.latent or (_SMALL_LATENT if small else None)
+        if hidden is not None:
+            opts["hidden"] = list(hidden)
+        if latent is not None:
+            opts["latent_dim"] = latent
+        opts["binarize"] = "dynamic" if args.binarize == "dynamic" else "none"
+    elif args.model == "conv_vae":
+        if args.hidden:
+            opts["channels"] = list(args.hidden)
+        if args.latent:
+            opts["latent_dim"] = args.latent
+    elif args.model == "linear_gaussian_vae":
+        if args.hidden:
+            raise ValueError("--hidden does not apply to linear_gaussian_vae (it has no hidden layers)")
+        if len(example_shape) != 1:
+            raise ValueError(
+                f"linear_gaussian_vae needs flat examples [n, d]; this data set's examples have "
+                f"shape {example_shape}"
+            )
+        if args.latent:
+            opts["latent_dim"] = args.latent
+    else:  # classifier
+        if num_classes is None:
+            raise ValueError("--model classifier needs labels, and this data set has none")
+        opts["num_classes"] = num_classes
+        if args.hidden:
+            opts["hidden"] = list(args.hidden)
+        if args.latent:
+            raise ValueError("--latent does not apply to the classifier")
+    return opts
+
+
+def _tracked(spec: str | tuple[int, ...], epochs: int) -> tuple[int, ...]:
+    if spec == "none":
+        return ()
+    if spec == "auto":
+        if epochs < 5:
+            return ()
+        return tuple(sorted({round(epochs * j / 5) for j in range(1, 6)}))
+    bad = [e for e in spec if e > epochs]
+    if bad:
+        raise ValueError(f"--track-epochs {bad} exceed --epochs {epochs}")
+    return tuple(spec)
+
+
+def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """How to load the data again (for `jaxmem report`), as recorded in config.json."""
+    from jaxmem.data import KNOWN_DATASETS
+
+    source = args.data
+    path = pathlib.Path(source).expanduser()
+    if source not in KNOWN_DATASETS and (path.suffix.lower() in (".npy", ".npz", ".csv") or path.exists()):
+        source = str(path.resolve())  # `jaxmem report` may run from another directory
+    binarize = None
+    if args.model == "mlp_vae":
+        binarize = {"dynamic": "dynamic", "static": "static", "none": None}[args.binarize]
+    return {"source": source, "limit": args.limit, "binarize": binarize}
+
+
+def _load(spec: dict[str, Any], *, seed: int, data_dir: str | None):
+    from jaxmem.data import load_dataset
+
+    return load_dataset(spec["source"], limit=spec["limit"], binarize=spec["binarize"],
+                        seed=seed, data_dir=data_dir)
+
+
+def _fingerprint(x) -> str:
+    from jaxmem.checkpoint import fingerprint_array
+
+    return fingerprint_array(x)
+
+
+def _latest_checkpoint(out: str) -> int | None:
+    """Epoch of the newest complete training checkpoint in a results directory."""
+    root = pathlib.Path(out) / "checkpoints" / "checkpoints"
+    if not root.is_dir():
+        return None
+    # orbax writes into a temporary name and renames to the bare step number when done
+    steps = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM during a run.
+
+    While training, the first signal asks to stop at the next epoch that is checkpointed:
+    an exception raised inside orbax's asynchronous save leaves its threads half done,
+    whereas one raised between epochs lets the training loop finish the save it started.
+    A second signal, or a signal in any other stage, stops at once (earlier checkpoints
+    are complete on disk either way).
+    """
+
+    def __init__(self, checkpoint_every: int, epochs: int):
+        self.every, self.epochs = checkpoint_every, epochs
+        self.training = False
+        self.pending = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.training and not self.pending:
+            self.pending = True
+            _info("stopping at the next checkpoint (press Ctrl-C again to stop now)")
+            return
+        raise KeyboardInterrupt
+
+    def on_stage(self, stage: str) -> None:
+        self.training = stage == "train"
+
+    def on_epoch(self, epoch: int) -> None:
+        if self.pending and (epoch % self.every == 0 or epoch == self.epochs):
+            raise KeyboardInterrupt
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.quantile < 1.0:
+        raise ValueError(f"--quantile must be strictly between 0 and 1, got {args.quantile}")
+    if args.folds < 2:
+        raise ValueError(f"--folds must be at least 2 (each example needs a model that holds it out), got {args.folds}")
+    if args.limit is not None and args.limit < args.folds:
+        raise ValueError(f"--folds {args.folds} needs at least {args.folds} examples; "
+                         f"--limit {args.limit} keeps only {args.limit}")
+    tracked = _tracked(args.track_epochs, args.epochs)
+    spec = _data_spec(args)
+    ds = _load(spec, seed=args.seed, data_dir=args.data_dir)
+    n = len(ds)
+    if n < args.folds:
+        raise ValueError(f"--folds {args.folds} needs at least {args.folds} examples; "
+                         f"{ds.name} has {n}")
+    options = _model_options(args, ds.example_shape, ds.metadata.get("num_classes"))
+
+    from jaxmem.pipeline import memorization
+    from jaxmem.report import write_report
+
+    mesh = None
+    if args.devices is not None:
+        from jaxmem.mesh import make_mesh
+
+        mesh = make_mesh(args.devices)
+    out = args.out
+    members = args.folds * args.repeats + int(args.full_model)
+    shown = ", ".join(f"{k}={v}" for k, v in options.items())
+    stages = {
+        "train": f"training {members} models (progress in model-epochs)",
+        "likelihood": f"log-likelihood of {n} examples under every model ({args.samples} importance samples)",
+        "scores": "memorization scores",
+    }
+    started = time.perf_counter()
+    interrupts = _Interrupts(args.checkpoint_every, args.epochs)
+
+    def on_stage(stage: str) -> None:
+        interrupts.on_stage(stage)
+        if stage == "train":  # the results directory has accepted the configuration
+            _info(f"{ds.name}: {n} examples of shape {ds.example_shape}; {args.model} ({shown}); "
+                  f"{args.folds} folds x {args.repeats} repeat(s) = {members} models x "
+                  f"{args.epochs} epochs")
+            latest = _latest_checkpoint(out)
+            if latest is not None and latest >= args.epochs:
+                _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again")
+            elif latest is not None:
+                _info(f"resuming from the checkpoint of epoch {latest} in {out}")
+        _info(stages.get(stage, stage))
+
+    with interrupts:
+        result = memorization(
+            ds.x, ds.y, model=args.model, model_options=options, folds=args.folds,
+            repeats=args.repeats, epochs=args.epochs, batch_size=args.batch_size,
+            learning_rate=args.lr, num_samples=args.samples, seed=args.seed,
+            quantile=args.quantile, full_model=args.full_model, track_epochs=tracked,
+            track_samples=args.track_samples, out_dir=out,
+            data_info={"name": ds.name, **spec, "sha256": _fingerprint(ds.x)},
+            progress=not args.no_progress, mesh=mesh, checkpoint_every=args.checkpoint_every,
+            on_stage=on_stage, on_epoch=interrupts.on_epoch,
+        )
+        report = write_report(result, out, dataset=ds if ds.is_image else None)
+    elapsed = time.perf_counter() - started
+    print(report["markdown"], end="")
+    print(f"\nResults in {os.path.abspath(out)} ({elapsed:.0f} s): scores.csv, result.npz, "
+          + ", ".join(p.name for p in report["files"].values()))
+    return 0
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from jaxmem.pipeline import load_result
+    from jaxmem.report import write_report
+
+    directory = args.directory
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"results directory not found: {directory}")
+    result = load_result(directory)
+    data = result.config.get("data", {})
+    ds = None
+    if len(data.get("example_shape", ())) == 3 and "source" in data:
+        seed = int(result.config.get("training", {}).get("seed", 0))
+        try:
+            ds = _load(data, seed=seed, data_dir=args.data_dir)
+        except (ValueError, FileNotFoundError) as err:
+            _info(f"note: no example grid, the images could not be reloaded ({err})")
+        if ds is not None and data.get("sha256") and _fingerprint(ds.x) != data["sha256"]:
+            _info(f"note: no example grid: {data['source']} no longer holds the scored images")
+            ds = None
+    report = write_report(result, directory, dataset=ds)
+    print(report["markdown"], end="")
+    print(f"\nWrote {', '.join(p.name for p in report['files'].values())} in {os.path.abspath(directory)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- leverage
+
+
+def _read_table(path: pathlib.Path, target: str | None):
+    """``(X [n, p] float64, y [n] or None, column names, target name)`` from a table file."""
+    import numpy as np
+
+    if not path.exists():
+        raise FileNotFoundError(f"table file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a .csv, .npz or .npy file")
+    suffix = path.suffix.lower()
+    y = None
+    if suffix == ".csv":
+        with open(path, encoding="utf-8") as f:
+            first = next(csv.reader(f), [])
+        if not first:
+            raise ValueError(f"{path} is empty")
+        header = not all(_is_number(c) for c in first)
+        names = [c.strip() for c in first] if header else [f"column {j}" for j in range(len(first))]
+        try:
+            table = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
+        except ValueError as err:
+            raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
+    elif suffix in (".npz", ".npy"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{path}: cannot read it as a numeric array ({err})") from None
+        if suffix == ".npz":
+            with loaded as z:
+                if "x" not in z.files:
+                    raise ValueError(f"{path} has no array named 'x' (found: {', '.join(z.files) or 'none'})")
+                table = z["x"]
+                y = z["y"] if "y" in z.files else None
+        else:
+            table = loaded
+        if table.ndim != 2:
+            raise ValueError(f"{path}: the table must be 2-D [rows, columns], got shape {table.shape}")
+        if not np.issubdtype(table.dtype, np.number):
+            raise ValueError(f"{path}: the table must be numeric, got dtype {table.dtype}")
+        table = table.astype(np.float64)
+        names = [f"column {j}" for j in range(table.shape[1])]
+    else:
+        raise ValueError(f"unsupported table type {path.suffix!r}: use .csv, .npz or .npy")
+    if table.size == 0:
+        raise ValueError(f"{path} has no data rows")
+    if table.shape[1] != len(names):
+        raise ValueError(f"{path}: the header has {len(names)} names but rows have {table.shape[1]} values")
+
+    target_name = None
+    if target is not None:
+        if suffix == ".npz" and target == "y":
+            if y is None:
+                raise ValueError(f"{path} has no array named 'y' for --target y")
+            y = np.asarray(y, np.float64)
+            if y.shape != (len(table),):
+                raise ValueError(f"{path}: y must have shape ({len(table)},), got {y.shape}")
+            target_name = "y"
+        else:
+            if target in names:
+                col = names.index(target)
+            elif target.lstrip("-").isdigit() and -len(names) <= int(target) < len(names):
+                col = int(target) % len(names)
+            else:
+                raise ValueError(f"--target {target!r} is not a column of {path} "
+                                 f"(columns: {', '.join(names[:20])})")
+            y, target_name = table[:, col], names[col]
+            table = np.delete(table, col, axis=1)
+            del names[col]
+        if table.shape[1] == 0:
+            raise ValueError(f"{path}: no columns left besides the target {target_name!r}")
+    else:
+        y = None
+    for what, arr, cols in (("X", table, names), ("target", None if y is None else y[:, None], [target_name])):
+        if arr is None:
+            continue
+        bad = np.argwhere(~np.isfinite(arr))
+        if bad.size:
+            r, c = (int(v) for v in bad[0])
+            raise ValueError(f"{path}: {len(bad)} NaN or inf value(s); the first is in row {r}, "
+                             f"column {cols[c]!r}")
+    return table, y, names, target_name
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _cmd_leverage(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from jaxmem import linear
+    from jaxmem.report import plot_influence, plot_memorization_vs_leverage, spearman_correlation
+
+    path = pathlib.Path(args.file)
+    X, y, names, target = _read_table(path, args.target)
+    n, p = X.shape
+    design = np.concatenate([np.ones((n, 1)), X], axis=1)
+    # Regression needs n - rank >= 2 residual degrees of freedom; leverage needs n > p.
+    need = p + 3 if y is not None else p + 2
+    if n < need:
+        raise ValueError(f"{path}: {n} rows for {p} column(s) (+ intercept): the linear baseline "
+                         f"needs at least {need} rows")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f64 = np.float64
+    cols: dict[str, np.ndarray] = {"index": np.arange(n)}
+    notes = []
+    if y is not None:
+        inf = linear.influence(design, y, dtype=f64)
+        ratio = linear.loo_log_density_ratio_regression(design, y, dtype=f64)
+        cols.update(
+            leverage=np.asarray(inf.leverage), residual=np.asarray(inf.residuals),
+            studentized_residual=np.asarray(inf.studentized_external),
+            cooks_distance=np.asarray(inf.cooks_distance), dffits=np.asarray(inf.dffits),
+            loo_log_density_ratio=np.asarray(ratio.score),
+        )
+        undefined = np.asarray(inf.undefined)
+        sort_key, sort_name = np.nan_to_num(cols["cooks_distance"], nan=np.inf), "Cook's distance"
+        keep = ~undefined
+        figure = plot_influence(cols["leverage"][keep], cols["studentized_residual"][keep],
+                                cols["cooks_distance"][keep], out / "influence.png",
+                                num_params=int(inf.rank))
+        what = (f"OLS of {target!r} on {p} column(s) + intercept (rank {int(inf.rank)}); "
+                "loo_log_density_ratio: Gaussian regression, plug-in ML variance (nats)")
+        if undefined.any():
+            notes.append(f"{int(undefined.sum())} row(s) with leverage 1 have undefined LOO "
+                         "quantities (NaN) and are left out of the figure")
+    else:
+        h = np.asarray(linear.leverage(design, dtype=f64))
+        cols["leverage"] = h
+        what = f"leverage of [1, X], {p} column(s)"
+        try:
+            ratio = linear.loo_log_density_ratio_gaussian(X, dtype=f64)
+        except ValueError as err:
+            notes.append(f"no Gaussian LOO density ratio: {err}")
+            ratio = None
+        if ratio is not None:
+            cols["loo_log_density_ratio"] = np.asarray(ratio.score)
+            what += "; loo_log_density_ratio: Gaussian fitted to the rows by ML (nats)"
+        sort_key, sort_name = h, "leverage"
+        figure = None
+        if ratio is not None and np.isfinite(cols["loo_log_density_ratio"]).all():
+            figure = plot_memorization_vs_leverage(cols["loo_log_density_ratio"], h,
+                                                   out / "loo_ratio_vs_leverage.png")
+
+    csv_path = out / "leverage.csv"
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(cols))
+        for i in range(n):
+            w.writerow([str(i)] + [f"{cols[c][i]:.8g}" for c in list(cols)[1:]])
+    os.replace(tmp, csv_path)
+
+    print(f"{path.name}: {n} rows; {what}")
+    for note in notes:
+        print(f"note: {note}")
+    order = np.argsort(-sort_key, kind="stable")[: args.top]
+    print(f"\nTop {len(order)} rows by {sort_name}:")
+    header = list(cols)
+    print("  ".join(f"{c:>{max(8, len(c))}}" for c in header))
+    for i in order:
+        cells = [f"{i:>{max(8, len('index'))}d}"]
+        cells += [f"{cols[c][i]:>{max(8, len(c))}.4g}" for c in header[1:]]
+        print("  ".join(cells))
+    if "loo_log_density_ratio" in cols:
+        m = cols["loo_log_density_ratio"]
+        ok = np.isfinite(m)
+        if ok.sum() >= 2:
+            rho = spearman_correlation(m[ok], cols["leverage"][ok])
+            print(f"\nSpearman rank correlation of the LOO density ratio with leverage: {rho:.3f}")
+    written = [csv_path.name] + ([figure.name] if figure is not None else [])
+    print(f"\nWrote {', '.join(written)} in {out.resolve()}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxmem`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return _EXIT_ERROR
+    # TFDS and orbax log through absl at WARNING for things that are not the user's
+    # business (e.g. an empty data set folder before our own "not prepared" error).
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        where = getattr(args, "out", None)
+        hint = (f"; training checkpoints are in {os.path.join(where, 'checkpoints')}: run the "
+                "same command again to resume") if args.command == "run" and where else ""
+        print(f"\n{_PROG}: interrupted{hint}", file=sys.stderr, flush=True)
+        return _EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError) as err:
+        # Expected failures: bad data, bad options, a results directory of another run
+        # (ConfigMismatchError is a ValueError, DatasetNotPreparedError a FileNotFoundError).
+        _fail(err)
+    except OSError as err:  # unwritable output directory, full disk, ...
+        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The `jaxmem` command, run as a subprocess: results directory, resume, refusals, errors.
+
+Every run uses tiny settings (150 digits, 2 folds, a 16-unit VAE, 4 importance
+samples) so that a run costs seconds; the numbers are checked against the files the
+run wrote (M = U - V row by row) and, for `jaxmem leverage`, against a float64 numpy
+hat matrix.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxmem import cli
+
+# One CPU device: the subprocesses compile for it once (persistent cache from conftest).
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.3"}
+TINY = ["--limit", "150", "--folds", "2", "--hidden", "16", "--latent", "2", "--samples", "4",
+        "--batch-size", "32", "--track-samples", "4", "--checkpoint-every", "1", "--no-progress"]
+EPOCHS = 30  # enough epochs (each checkpointed) to kill a run in the middle of training
+RUN = ["run", *TINY, "--epochs", str(EPOCHS), "--track-epochs", "10,30"]
+FIGURES = ("memorization_distribution.png", "figure3_logp.png",
+           "examples_nearest_neighbours.png", "memorization_vs_leverage.png",
+           "memorization_over_epochs.png")
+
+
+def jaxmem(*args, cwd=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "jaxmem", *map(str, args)], env=ENV, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "jaxmem", *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_one_line_error(returncode, err, *words):
+    lines = err.strip().splitlines()
+    assert returncode == 2, (returncode, err)
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("jaxmem: error: "), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _latest(out):
+    root = out / "checkpoints" / "checkpoints"
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    return max(steps, default=None)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run interrupted (Ctrl-C) after its first checkpoint, then run again to the end.
+
+    Returns ``(results dir, epoch of the last checkpoint before the interruption, the
+    completed second process)``.
+    """
+    out = tmp_path_factory.mktemp("cli") / "results"
+    proc = start(*RUN, "--out", out)
+    deadline = time.monotonic() + 200
+    while _latest(out) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    done = _latest(out)
+    assert done is not None and 1 <= done < EPOCHS, done
+    assert not (out / "result.npz").exists()
+    proc = jaxmem(*RUN, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, done, proc
+
+
+def test_interrupted_run_resumes(finished):
+    out, done, proc = finished
+    resumed_from = int(proc.stderr.split("resuming from the checkpoint of epoch ")[1].split()[0])
+    # Ctrl-C lets the pending checkpoint save finish, so the rerun starts from at least
+    # the epoch that was on disk when we interrupted: epochs already trained are not redone.
+    assert done <= resumed_from < EPOCHS
+    with np.load(out / "result.npz") as z:
+        # The training history is whole: restored epochs plus the ones trained after.
+        assert z["history_train_loss"].shape == (EPOCHS, 2)
+        assert np.isfinite(z["history_train_loss"]).all()
+
+
+def test_run_writes_every_result_file(finished):
+    out, _, proc = finished
+    for name in ("scores.csv", "result.npz", "config.json", "summary.md", "summary.json", *FIGURES):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == 150
+    assert {"index", "label", "U", "V", "M", "stderr", "n_in", "n_out", "fold", "leverage"} <= set(rows[0])
+    with np.load(out / "result.npz") as z:
+        np.testing.assert_allclose(z["M"], z["U"] - z["V"], rtol=1e-6, atol=1e-4)
+        # The CSV keeps 6 significant digits of the same numbers.
+        np.testing.assert_allclose([float(r["M"]) for r in rows], z["M"], rtol=1e-5, atol=1e-5)
+        assert z["M_by_epoch"].shape == (2, 150) and list(z["tracked_epochs"]) == [10, 30]
+        assert z["ll"].shape == (2, 150) and np.isfinite(z["ll"]).all()
+    assert all((int(r["n_in"]), int(r["n_out"])) == (1, 1) for r in rows)  # 2 folds
+    assert [int(r["label"]) for r in rows[:5]] == [0, 1, 2, 3, 4]  # digits' first labels
+    summary = (out / "summary.md").read_text()
+    assert summary in proc.stdout  # printed and saved
+    assert "central 90% of log p" in summary and "Spearman rank correlation of M with leverage" in summary
+    assert f"Results in {out}" in proc.stdout
+
+
+def test_report_regenerates(finished, capsys):
+    out = finished[0]
+    before = (out / "summary.md").read_text()
+    for name in FIGURES:
+        (out / name).unlink()
+    (out / "summary.md").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert all((out / name).is_file() for name in FIGURES)
+    assert (out / "summary.md").read_text() == before
+    assert before in capsys.readouterr().out
+
+
+def test_mismatched_configuration_is_refused(finished):
+    out = finished[0]
+    config = (out / "config.json").read_text()
+    proc = jaxmem(*RUN, "--hidden", "8", "--out", out)
+    assert_one_line_error(proc.returncode, proc.stderr, "another configuration", "hidden")
+    assert (out / "config.json").read_text() == config
+
+
+def test_bad_inputs_give_one_line_and_no_traceback(tmp_path):
+    np.save(tmp_path / "flat.npy", np.zeros(10, np.float32))
+    nan = np.random.default_rng(0).random((40, 4, 4), dtype=np.float32)
+    nan[3, 1, 2] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    out = tmp_path / "out"
+    cases = {
+        "missing": (["--data", tmp_path / "missing.npy"], ["not found", "missing.npy"]),
+        "shape": (["--data", tmp_path / "flat.npy"], ["shape (10,)"]),
+        "nan": (["--data", tmp_path / "nan.npy"], ["NaN", "example 3"]),
+        "unknown": (["--data", "no_such_set"], ["unknown data set", "no_such_set"]),
+        "folds": (["--limit", "5", "--folds", "10"], ["--folds 10", "at least 10 examples"]),
+    }
+    # All at once: each costs mostly the interpreter's start and imports.
+    procs = {k: start("run", *args, "--out", out) for k, (args, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        assert_one_line_error(proc.returncode, err, *cases[name][1])
+    assert not (out / "result.npz").exists()
+
+
+def run_main(capsys, *args):
+    """``jaxmem ARGS`` in this process: (exit status, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_option_errors_in_process(capsys, tmp_path):
+    cases = {
+        "option": (["run", "--folds", "ten"], ["--folds", "ten"]),
+        "quantile": (["run", "--quantile", "1.5"], ["--quantile"]),
+        "track": (["run", "--epochs", "3", "--track-epochs", "5"], ["--track-epochs", "exceed"]),
+        "hidden": (["run", "--hidden", "0,3"], ["positive"]),
+        "not_prepared": (["run", "--data", "mnist", "--data-dir", tmp_path / "tfds"],
+                         ["not prepared", "tfds build"]),
+        "report": (["report", tmp_path / "nowhere"], ["not found"]),
+    }
+    for name, (args, words) in cases.items():
+        code, _, err = run_main(capsys, *args)
+        assert_one_line_error(code, err, *words)
+
+
+def _table(path, header=True):
+    from sklearn.datasets import load_diabetes  # real data shipped with scikit-learn
+
+    d = load_diabetes()
+    X, y = d.data[:60, :3], d.target[:60]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(["age", "sex", "bmi", "progression"])
+        w.writerows(np.c_[X, y].tolist())
+    return X, y
+
+
+def test_leverage_command_matches_numpy(tmp_path, capsys):
+    X, y = _table(tmp_path / "diabetes.csv")
+    code, stdout, err = run_main(capsys, "leverage", tmp_path / "diabetes.csv", "--target",
+                                 "progression", "--out", tmp_path / "lev", "--top", "5")
+    assert code == 0, err
+    assert "Top 5 rows by Cook's distance" in stdout
+    rows = read_csv(tmp_path / "lev" / "leverage.csv")
+    got = {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+    # float64 reference: thin QR of [1, X]; residuals; Cook's distance by its definition.
+    A = np.c_[np.ones(len(X)), X]
+    Q, _ = np.linalg.qr(A)
+    h = (Q**2).sum(1)
+    e = y - A @ np.linalg.lstsq(A, y, rcond=None)[0]
+    n, p = A.shape
+    s2 = e @ e / (n - p)
+    cooks = e**2 / (p * s2) * h / (1 - h) ** 2
+    # The CSV keeps 8 significant digits.
+    np.testing.assert_allclose(got["leverage"], h, rtol=1e-6)
+    np.testing.assert_allclose(got["residual"], e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
+    np.testing.assert_allclose(got["cooks_distance"], cooks, rtol=1e-6)
+    assert (tmp_path / "lev" / "influence.png").is_file()
+    top = int(stdout.split("Top 5 rows by Cook's distance:")[1].splitlines()[2].split()[0])
+    assert top == int(np.argmax(cooks))
+
+
+def test_leverage_without_target_and_bad_tables(tmp_path, capsys):
+    X, _ = _table(tmp_path / "t.csv", header=False)
+    code, _, err = run_main(capsys, "leverage", tmp_path / "t.csv", "--out", tmp_path / "lev")
+    assert code == 0, err
+    rows = read_csv(tmp_path / "lev" / "leverage.csv")
+    # Without a target: leverage of [1, X] with the 3 feature columns and the target column.
+    A = np.c_[np.ones(len(X)), np.loadtxt(tmp_path / "t.csv", delimiter=",")]
+    Q, _ = np.linalg.qr(A)
+    np.testing.assert_allclose([float(r["leverage"]) for r in rows], (Q**2).sum(1), rtol=1e-6)
+    assert "loo_log_density_ratio" in rows[0]
+    assert (tmp_path / "lev" / "loo_ratio_vs_leverage.png").is_file()
+
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    cells = lines[7].split(",")
+    cells[2] = "nan"
+    lines[7] = ",".join(cells)
+    (tmp_path / "nan.csv").write_text("\n".join(lines) + "\n")
+    bad = {
+        "nan": (["leverage", tmp_path / "nan.csv"], ["NaN", "row 7", "column 2"]),
+        "target": (["leverage", tmp_path / "t.csv", "--target", "weight"], ["--target", "weight"]),
+        "missing": (["leverage", tmp_path / "none.csv"], ["not found"]),
+        "few_rows": (["leverage", tmp_path / "short.csv", "--target", "3"], ["at least 6 rows"]),
+    }
+    (tmp_path / "short.csv").write_text("\n".join(lines[:5]) + "\n")
+    for name, (args, words) in bad.items():
+        code, _, err = run_main(capsys, *args)
+        assert_one_line_error(code, err, *words)
