@@ -11,7 +11,7 @@ the training loop is yours (your batches, your schedule, your logging):
    member, ``ll[m, i]`` in nats.
 4. ``jaxmem.scores.memorization_scores``: U, V, M = U - V with standard errors.
 
-Run:  python examples/own_training_loop.py [--limit 600 --folds 5 --epochs 30]
+Run:  python examples/own_training_loop.py [--limit 600 --folds 5 --repeats 2 --epochs 30]
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=600, help="digits used")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="K-fold splits; 2 or more give every example 2+ held-out models, "
+                        "so its score has a standard error")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, nargs="+", default=[128, 64])
@@ -58,7 +61,7 @@ def main(argv=None) -> dict:
     data = load_dataset("digits", limit=args.limit, binarize="dynamic")
     x = jnp.asarray(data.x)  # [n, 8, 8, 1] intensities; the VAE binarizes on the fly
     n = len(data)
-    plan = membership.kfold(n, args.folds, seed=args.seed)
+    plan = membership.kfold(n, args.folds, repeats=args.repeats, seed=args.seed)
 
     def make_model(seed):
         return models.create("mlp_vae", data.example_shape, seed=seed,

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", formatter_class=fmt, help="compute memorization scores and write a results directory",
         description="Train a K-fold ensemble, score every example's memorization M = U - V "
                     "(nats) and write scores, figures and a summary. With no options: the "
-                    "embedded 1,797 handwritten 8x8 digits, an MLP VAE, 10 folds. Rerunning "
+                    "embedded 1,797 handwritten 8x8 digits, an MLP VAE, 10 folds x 2 repeats. Rerunning "
                     "on the same --out resumes from its checkpoints.",
     )
     g = run.add_argument_group("data")
@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs, else the model's)")
     g = run.add_argument_group("ensemble and training")
     g.add_argument("--folds", type=_positive_int, default=10, help="K of the K-fold plan")
-    g.add_argument("--repeats", type=_positive_int, default=1,
-                   help="independent K-fold splits (the paper: 10)")
+    g.add_argument("--repeats", type=_positive_int, default=2,
+                   help="independent K-fold splits (the paper: 10); 2 or more give every "
+                        "example several held-out models, hence a standard error of M")
     g.add_argument("--epochs", type=_positive_int, default=100, help="training epochs of every model")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step")
     g.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
@@ -160,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--track-epochs", type=_track_epochs, default="auto",
                    help="epochs after which M is also computed, e.g. 10,20,50; 'auto': 5 "
                         "evenly spaced epochs (when training for at least 5); 'none'")
-    g.add_argument("--track-samples", type=_positive_int, default=32,
-                   help="importance samples of the scores over epochs")
+    g.add_argument("--track-samples", type=_positive_int, default=None,
+                   help="importance samples of the scores over epochs (default: --samples, "
+                        "so that the last tracked epoch equals the final scores)")
     g = run.add_argument_group("output")
     g.add_argument("--out", default="jaxmem_results", help="results directory")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -21,7 +21,7 @@ from jaxmem import cli
 # One CPU device: the subprocesses compile for it once (persistent cache from conftest).
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.3"}
-TINY = ["--limit", "150", "--folds", "2", "--hidden", "16", "--latent", "2", "--samples", "4",
+TINY = ["--limit", "150", "--folds", "2", "--repeats", "1", "--hidden", "16", "--latent", "2", "--samples", "4",
         "--batch-size", "32", "--track-samples", "4", "--checkpoint-every", "1", "--no-progress"]
 EPOCHS = 30  # enough epochs (each checkpointed) to kill a run in the middle of training
 RUN = ["run", *TINY, "--epochs", str(EPOCHS), "--track-epochs", "10,30"]
