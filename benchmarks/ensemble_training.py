@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512, 256])
     ap.add_argument("--latent", type=int, default=16)
+    ap.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of the epoch loop")
     ap.add_argument("--quick", action="store_true", help="5 steps, for development")
     args = ap.parse_args()
     if args.quick:
@@ -118,7 +119,7 @@ def main():
     info = _common.header(
         "ensemble_training",
         {"members": k, "timed_steps_per_member": steps, "subset_n": n, "full_n": FULL_N,
-         "full_steps_per_member_epoch": full_steps, "hidden": args.hidden, "latent": args.latent,
+         "full_steps_per_member_epoch": full_steps, "unroll": args.unroll, "hidden": args.hidden, "latent": args.latent,
          "batch": batch},
     )
     peak = _common.matmul_peak()
@@ -130,7 +131,7 @@ def main():
     rows = []
 
     # (a) one program for all members
-    ens = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch)
+    ens = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll)
     state = ens.init(0)
     xd = jax.device_put(x)
     # XLA's cost analysis counts a while-loop body once, not once per trip, so the FLOPs of
@@ -147,7 +148,8 @@ def main():
     # (b) the same members one after another, each a jitted scanned epoch. Every member's
     # program has the same shapes (equal fold sizes), so a sequential JAX loop compiles it
     # once and runs it K times with each member's own initial state.
-    single = ensemble.make(factory, optax.adam(lr), keep[:1], batch_size=batch, mesh=make_mesh(1))
+    single = ensemble.make(factory, optax.adam(lr), keep[:1], batch_size=batch, mesh=make_mesh(1),
+                           unroll=args.unroll)
     states = [single.init(m) for m in range(k)]
     singles = [single] * k
     flops_b = flops_a / k if flops_a else None
