@@ -161,6 +161,11 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
     return MemorizationResult(**kwargs, history=history, config=config)
 
 
+# May differ on resume: more epochs continue training; the epochs scored along the way
+# do not touch the training state (scores of epochs already passed are not recomputed).
+_MUTABLE = ("training.epochs", "scoring.track_epochs", "format")
+
+
 def _check_config(directory: str, config: dict[str, Any]) -> None:
     """Refuse to reuse ``directory`` for another configuration (training epochs may grow)."""
     path = os.path.join(directory, "config.json")
@@ -171,7 +176,7 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
     flat_a, flat_b = _flatten(stored), _flatten(config)
     differ = sorted(
         k for k in set(flat_a) | set(flat_b)
-        if flat_a.get(k) != flat_b.get(k) and k not in ("training.epochs", "format")
+        if flat_a.get(k) != flat_b.get(k) and k not in _MUTABLE
     )
     if differ:
         detail = "; ".join(f"{k}: stored {flat_a.get(k)!r}, asked {flat_b.get(k)!r}" for k in differ[:6])

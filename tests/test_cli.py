@@ -8,6 +8,7 @@ hat matrix.
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,17 @@ def test_mismatched_configuration_is_refused(finished):
     proc = jaxmem(*RUN, "--hidden", "8", "--out", out)
     assert_one_line_error(proc.returncode, proc.stderr, "another configuration", "hidden")
     assert (out / "config.json").read_text() == config
+
+
+def test_more_epochs_continue_a_finished_run(finished, tmp_path):
+    out = tmp_path / "more"
+    shutil.copytree(finished[0], out)  # leave the shared results alone
+    proc = jaxmem(*RUN[:-4], "--epochs", EPOCHS + 2, "--track-epochs", "10,30,32", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming from the checkpoint of epoch {EPOCHS} in" in proc.stderr
+    with np.load(out / "result.npz") as z:
+        assert z["history_train_loss"].shape == (EPOCHS + 2, 2)
+        assert list(z["tracked_epochs"]) == [10, 30, 32]
 
 
 def test_bad_inputs_give_one_line_and_no_traceback(tmp_path):
