@@ -117,7 +117,6 @@ def main() -> None:
     full = nnx.merge_state(state.params, state.rest)
     m_ex = min(args.measure_examples, args.n)
     score_mesh = jaxmem.make_mesh()
-    full = jaxmem.mesh.replicate(full, score_mesh)
     kw = dict(key=jax.random.key(1), num_samples=args.samples, mesh=score_mesh,
               example_chunk=args.example_chunk, sample_chunk=args.sample_chunk)
     warm = min(m_ex, 512)

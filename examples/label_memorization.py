@@ -25,7 +25,7 @@ import numpy as np
 from jaxmem import ensemble, membership, models, scores
 from jaxmem.data import load_dataset
 from jaxmem.likelihood import loglik_matrix
-from jaxmem.mesh import make_mesh, replicate
+from jaxmem.mesh import make_mesh
 
 
 def main(argv=None) -> dict:
@@ -56,9 +56,9 @@ def main(argv=None) -> dict:
                           batch_size=args.batch_size, seed=args.seed, progress=False)
 
     key = jax.random.key(args.seed)  # unused by a classifier: its outputs are exact
-    # Scoring splits the digits over all devices, with every model replicated on each.
+    # Scoring splits the digits over all devices (loglik_matrix puts every model on each).
     mesh = make_mesh()
-    state = replicate(fitted.state, mesh)
+    state = fitted.state
     # [models, n]: does model m classify digit i correctly? and log p_m(y_i | x_i), nats.
     right = np.asarray(loglik_matrix(fitted.graphdef, state, (x, y), key=key,
                                      kind="correct", mesh=mesh)) > 0.5

@@ -28,7 +28,7 @@ from flax import nnx
 from jaxmem import ensemble, membership, models, scores
 from jaxmem.data import load_dataset
 from jaxmem.likelihood import loglik_matrix
-from jaxmem.mesh import make_mesh, replicate
+from jaxmem.mesh import make_mesh
 
 
 def member_batches(keep: np.ndarray, steps: int, batch_size: int, rng) -> np.ndarray:
@@ -87,10 +87,10 @@ def main(argv=None) -> dict:
                   f"held-out {float(jnp.mean(heldout)):.2f} nats per digit")
 
     # The members' full states, stacked on axis 0 (docs/CONTRACTS.md). Training split
-    # the members over devices; scoring splits the examples over all devices and needs
-    # every member on each, so the states are replicated first.
+    # the members over devices; scoring splits the examples over all devices (and places
+    # every member on each).
     mesh = make_mesh()
-    members = replicate(nnx.merge_state(state.params, state.rest), mesh)
+    members = nnx.merge_state(state.params, state.rest)
     ll = loglik_matrix(ens.graphdef, members, x, key=jax.random.key(args.seed + 1),
                        num_samples=args.samples, mesh=mesh)
     s = scores.memorization_scores(ll, plan.keep)

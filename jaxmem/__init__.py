@@ -21,6 +21,8 @@ from jaxmem import linear as linear
 from jaxmem import membership as membership
 from jaxmem import mesh as mesh
 from jaxmem import models as models
+from jaxmem import pipeline as pipeline
+from jaxmem import report as report
 from jaxmem import scores as scores
 from jaxmem.checkpoint import ConfigMismatchError as ConfigMismatchError
 from jaxmem.data import Dataset as Dataset
@@ -31,8 +33,8 @@ from jaxmem.ensemble import Ensemble as Ensemble
 from jaxmem.ensemble import EnsembleState as EnsembleState
 from jaxmem.ensemble import FitResult as FitResult
 from jaxmem.ensemble import fit as fit
-from jaxmem.ensemble import make as make_ensemble
 from jaxmem.likelihood import loglik_matrix as loglik_matrix
+from jaxmem.likelihood import loglik_matrix_multihost as loglik_matrix_multihost
 from jaxmem.linear import Influence as Influence
 from jaxmem.linear import LooDensityRatio as LooDensityRatio
 from jaxmem.linear import influence as influence
@@ -49,11 +51,21 @@ from jaxmem.mesh import initialize_distributed as initialize_distributed
 from jaxmem.mesh import make_mesh as make_mesh
 from jaxmem.pipeline import MemorizationResult as MemorizationResult
 from jaxmem.pipeline import load_result as load_result
+
+from jaxmem.models import model_config as model_config
 from jaxmem.pipeline import memorization as memorization
+from jaxmem.report import summary as summary
+from jaxmem.report import write_report as write_report
 from jaxmem.scores import LabelMemorization as LabelMemorization
 from jaxmem.scores import Scores as Scores
 from jaxmem.scores import feldman_zhang as feldman_zhang
 from jaxmem.scores import memorization_scores as memorization_scores
 from jaxmem.scores import quantile_flags as quantile_flags
+
+#: ``jaxmem.make_ensemble(model_factory, tx, keep, batch_size=...)``: the optax-style
+#: ``init`` / ``step`` / ``epoch`` functions of :func:`jaxmem.ensemble.make`.
+make_ensemble = ensemble.make
+#: ``jaxmem.create_model(name, example_shape, seed=...)``: see :func:`jaxmem.models.create`.
+create_model = models.create
 
 __version__ = "0.1.0"

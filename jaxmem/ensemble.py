@@ -50,7 +50,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmem.mesh import AXIS, make_mesh, shard_examples
+from jaxmem.mesh import make_mesh, shard_examples
 
 __all__ = [
     "EnsembleState",

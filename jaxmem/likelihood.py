@@ -245,6 +245,9 @@ def loglik_matrix(
     if n == 0:
         return jnp.zeros((jax.tree.leaves(stacked_state)[0].shape[0], 0), jnp.float32)
     mesh = _mesh.make_mesh() if mesh is None else mesh
+    # Every device scores its examples under every member: place the states replicated on
+    # this mesh, wherever training left them (e.g. members split over other devices).
+    stacked_state = _mesh.replicate(stacked_state, mesh)
     ndev = mesh.devices.size
     key_data, key_impl = _key_parts(key)
     chunk = min(example_chunk, -(-n // ndev))  # do not pad a small n up to a large chunk

@@ -32,7 +32,7 @@ from jaxmem import membership as _membership
 from jaxmem import models as _models
 from jaxmem.checkpoint import ConfigMismatchError
 from jaxmem.likelihood import loglik_matrix
-from jaxmem.mesh import make_mesh, replicate
+from jaxmem.mesh import make_mesh
 from jaxmem.scores import feldman_zhang, memorization_scores
 
 __all__ = ["MemorizationResult", "memorization", "load_result", "ConfigMismatchError"]
@@ -355,7 +355,7 @@ def memorization(
     def track(epoch, state):
         from flax import nnx
 
-        full_state = replicate(plan_members(nnx.merge_state(state.params, state.rest)), score_mesh)
+        full_state = plan_members(nnx.merge_state(state.params, state.rest))
         ll_e = loglik_matrix(graphdef_holder[0], full_state, data, key=score_key,
                              num_samples=track_samples, mesh=score_mesh)
         M_by_epoch[epoch] = np.asarray(memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
@@ -375,9 +375,7 @@ def memorization(
         config={"model": model_cfg, "learning_rate": float(learning_rate)},
     )
     graphdef = fitted.graphdef
-    # Training split members over (some of) the devices; scoring splits examples over
-    # all of them and needs every member's state on each.
-    state = replicate(fitted.state, score_mesh)
+    state = fitted.state
 
     if on_stage:
         on_stage("likelihood")

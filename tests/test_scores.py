@@ -4,7 +4,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
-from jaxmem.membership import Plan, balanced_subsets, kfold
+from jaxmem.membership import balanced_subsets, kfold
 from jaxmem.mesh import make_mesh
 from jaxmem.scores import feldman_zhang, memorization_scores, quantile_flags
 
