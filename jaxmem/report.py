@@ -478,7 +478,8 @@ def plot_memorization_vs_leverage(M, leverage, path: str | os.PathLike, *,
             ax.set_xlabel("leverage h (linear baseline)")
         ax.set_ylabel("memorization score M (nats)")
         ax.set_title(f"Memorization vs leverage: Spearman ρ = {rho:.3f} (n = {len(M)})")
-        ax.legend(loc="upper left")
+        # Highly memorized points sit at the top: keep the legend out of their way.
+        ax.legend(loc="lower right")
     return pathlib.Path(path)
 
 
