@@ -437,48 +437,10 @@ def _read_table(path: pathlib.Path, target: str | None):
     """``(X [n, p] float64, y [n] or None, column names, target name)`` from a table file."""
     import numpy as np
 
-    if not path.exists():
-        raise FileNotFoundError(f"table file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a .csv, .npz or .npy file")
+    from jaxmem.data import read_table
+
+    table, names, y = read_table(path)
     suffix = path.suffix.lower()
-    y = None
-    if suffix == ".csv":
-        with open(path, encoding="utf-8") as f:
-            first = next(csv.reader(f), [])
-        if not first:
-            raise ValueError(f"{path} is empty")
-        header = not all(_is_number(c) for c in first)
-        names = [c.strip() for c in first] if header else [f"column {j}" for j in range(len(first))]
-        try:
-            table = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
-        except ValueError as err:
-            raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
-    elif suffix in (".npz", ".npy"):
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise ValueError(f"{path}: cannot read it as a numeric array ({err})") from None
-        if suffix == ".npz":
-            with loaded as z:
-                if "x" not in z.files:
-                    raise ValueError(f"{path} has no array named 'x' (found: {', '.join(z.files) or 'none'})")
-                table = z["x"]
-                y = z["y"] if "y" in z.files else None
-        else:
-            table = loaded
-        if table.ndim != 2:
-            raise ValueError(f"{path}: the table must be 2-D [rows, columns], got shape {table.shape}")
-        if not np.issubdtype(table.dtype, np.number):
-            raise ValueError(f"{path}: the table must be numeric, got dtype {table.dtype}")
-        table = table.astype(np.float64)
-        names = [f"column {j}" for j in range(table.shape[1])]
-    else:
-        raise ValueError(f"unsupported table type {path.suffix!r}: use .csv, .npz or .npy")
-    if table.size == 0:
-        raise ValueError(f"{path} has no data rows")
-    if table.shape[1] != len(names):
-        raise ValueError(f"{path}: the header has {len(names)} names but rows have {table.shape[1]} values")
 
     target_name = None
     if target is not None:
@@ -513,14 +475,6 @@ def _read_table(path: pathlib.Path, target: str | None):
             raise ValueError(f"{path}: {len(bad)} NaN or inf value(s); the first is in row {r}, "
                              f"column {cols[c]!r}")
     return table, y, names, target_name
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _cmd_leverage(args: argparse.Namespace) -> int:

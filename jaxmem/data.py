@@ -52,6 +52,7 @@ __all__ = [
     "KNOWN_DATASETS",
     "load_dataset",
     "nearest_neighbours",
+    "read_table",
 ]
 
 
@@ -403,28 +404,73 @@ def _np_load(path: pathlib.Path):
 
 
 def _read_csv(path: pathlib.Path):
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
-    if not first.strip():
-        raise ValueError(f"{path}: x is empty (no rows)")
-    cells = [c.strip() for c in first.split(",")]
-    has_header = not all(_is_number(c) for c in cells)
-    try:
-        table = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2,
-                           dtype=np.float64)
-    except ValueError as err:
-        raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
+    table, names, _ = read_table(path)
     if table.size == 0:
         raise ValueError(f"{path}: x is empty (no data rows)")
     y = None
-    if has_header:
-        names = [c.lower() for c in cells]
-        label_cols = [i for i, c in enumerate(names) if c in ("y", "label")]
-        if label_cols:
-            col = label_cols[0]
-            y = table[:, col]
-            table = np.delete(table, col, axis=1)
+    label_cols = [i for i, c in enumerate(names) if c.lower() in ("y", "label")]
+    if label_cols:
+        col = label_cols[0]
+        y = table[:, col]
+        table = np.delete(table, col, axis=1)
     return table, y
+
+
+def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """A numeric table from a ``.csv`` (optional header), ``.npz`` (``x`` and optional ``y``) or ``.npy`` file.
+
+    Returns:
+      ``(table, columns, y)``: float64 ``[rows, columns]``; the column names (from the CSV
+      header, else ``"column j"``); the ``.npz`` file's ``y`` array or None. Values are
+      not checked for NaN here (callers name the offending cell in their own terms).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: a directory, another suffix, a table
+      that is not 2-D, not numeric or has no rows, a header whose length differs from the
+      rows'.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"table file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a .csv, .npz or .npy file")
+    suffix = path.suffix.lower()
+    y = None
+    if suffix == ".csv":
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        if not first.strip():
+            raise ValueError(f"{path} is empty (no rows)")
+        cells = [c.strip() for c in first.split(",")]
+        has_header = not all(_is_number(c) for c in cells)
+        try:
+            table = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2, dtype=np.float64)
+        except ValueError as err:
+            raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
+        names = cells if has_header else [f"column {j}" for j in range(table.shape[1])]
+    elif suffix in (".npz", ".npy"):
+        loaded = _np_load(path)
+        if suffix == ".npz":
+            with loaded as z:
+                if "x" not in z.files:
+                    raise ValueError(f"{path} has no array named 'x' (found: {', '.join(z.files) or 'none'})")
+                table = z["x"]
+                y = z["y"] if "y" in z.files else None
+        else:
+            table = loaded
+        if table.ndim != 2:
+            raise ValueError(f"{path}: the table must be 2-D [rows, columns], got shape {table.shape}")
+        if not np.issubdtype(table.dtype, np.number):
+            raise ValueError(f"{path}: the table must be numeric, got dtype {table.dtype}")
+        table = table.astype(np.float64)
+        names = [f"column {j}" for j in range(table.shape[1])]
+    else:
+        raise ValueError(f"unsupported table type {path.suffix!r}: use .csv, .npz or .npy")
+    if table.size == 0:
+        raise ValueError(f"{path} has no data rows")
+    if table.shape[1] != len(names):
+        raise ValueError(f"{path}: the header has {len(names)} names but rows have {table.shape[1]} values")
+    return table, names, y
 
 
 def _is_number(text: str) -> bool:
