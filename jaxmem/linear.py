@@ -65,9 +65,9 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
-from jaxmem.mesh import AXIS, shard_examples
+from jaxmem.mesh import shard_examples, sum_over_examples
 
 __all__ = [
     "Influence",
@@ -222,22 +222,16 @@ def _moments(X: jax.Array, y: jax.Array | None, with_y: bool):
 @functools.partial(jax.jit, static_argnames=("mesh", "with_y"))
 def _moments_sharded(X: jax.Array, y: jax.Array | None, mesh: Mesh, with_y: bool):
     """Gram matrix (and X^T y) with X's rows split over ``mesh``; partial sums psum-ed."""
-    ndev = mesh.shape[AXIS]
-    pad = (-X.shape[0]) % ndev
-    # Zero rows add nothing to X^T X (mesh.pad_rows repeats row 0, which would).
     arrays = (X,) + ((y,) if with_y else ())
-    arrays = tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays)
 
     def local(blocks):
         xb = blocks[0]
         out = (jnp.matmul(xb.T, xb, precision=_HI),)
         if with_y:
             out += (jnp.matmul(xb.T, blocks[1], precision=_HI),)
-        return jax.tree.map(lambda a: jax.lax.psum(a, AXIS), out)
+        return out
 
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(AXIS),), out_specs=P(), check_vma=False
-    )(arrays)
+    return sum_over_examples(local, mesh, arrays)
 
 
 @jax.jit

@@ -28,6 +28,7 @@ __all__ = [
     "AXIS",
     "make_mesh",
     "shard_examples",
+    "sum_over_examples",
     "pad_rows",
     "replicate",
     "initialize_distributed",
@@ -136,6 +137,42 @@ def shard_examples(
     if example_axis == 0:
         return jax.tree.map(lambda a: a[:n], out)
     return jax.tree.map(lambda a: a[:, :n], out)
+
+
+def sum_over_examples(
+    fn: Callable[[Any], Any],
+    mesh: Mesh,
+    sharded: Any,
+    *,
+    axis_name: str = AXIS,
+) -> Any:
+    """``sum over devices of fn(block)``, with ``sharded``'s rows split over ``mesh``.
+
+    For reductions that are sums over examples (Gram matrices ``X^T X``, ``X^T y``,
+    sufficient statistics): each device reduces its own block, the partial results are
+    ``psum``-ed, and every device gets the total. Rows are padded with zeros (not with a
+    repeated row as in :func:`shard_examples`), so ``fn`` must map zero rows to zero.
+
+    Args:
+      fn: ``fn(block) -> pytree`` for a block of rows (axis 0 of every leaf).
+      mesh: a 1-D mesh from :func:`make_mesh`.
+      sharded: pytree of arrays whose axis 0 is the example axis.
+      axis_name: the mesh axis name.
+
+    Returns:
+      The summed pytree, replicated.
+    """
+    ndev = mesh.shape[axis_name]
+    n = jax.tree.leaves(sharded)[0].shape[0]
+    pad = (-n) % ndev
+    padded = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), sharded)
+
+    def local(block):
+        return jax.tree.map(lambda a: jax.lax.psum(a, axis_name), fn(block))
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(axis_name),), out_specs=P(), check_vma=False
+    )(padded)
 
 
 def initialize_distributed(
