@@ -192,13 +192,19 @@ def _as_target(y: Any, n: int, dt: np.dtype) -> jax.Array:
     return y
 
 
-def _raise_nonfinite(name: str, X: Any, row_offset: int = 0) -> None:
+def _raise_nonfinite(name: str, X: Any, row_offset: int = 0, dt: np.dtype | None = None) -> None:
     # Only reached when the Gram diagonal is not finite, so the scan costs nothing normally.
-    bad = ~np.isfinite(np.asarray(X))
-    i, j = np.argwhere(bad)[0]
-    raise ValueError(
-        f"{name}[{int(i) + row_offset}, {int(j)}] is {np.asarray(X)[i, j]}: {name} must be finite"
-    )
+    Xh = np.asarray(X)
+    bad = np.argwhere(~np.isfinite(Xh))
+    if bad.size == 0:  # every entry finite: the sums of squares overflowed
+        j = int(np.argmax(np.max(np.abs(Xh), axis=0)))
+        raise ValueError(
+            f"{name}^T {name} overflows in {dt or Xh.dtype} (column {j} has entries up to "
+            f"{np.max(np.abs(Xh[:, j])):.3g}); rescale {name}'s columns, or use method='qr' "
+            "or dtype=float64"
+        )
+    i, j = bad[0]
+    raise ValueError(f"{name}[{int(i) + row_offset}, {int(j)}] is {Xh[i, j]}: {name} must be finite")
 
 
 def _default_rcond(p: int, dt: np.dtype) -> float:
@@ -251,8 +257,12 @@ def _spectral(G: jax.Array):
 @jax.jit
 def _qr(X: jax.Array):
     Q, R = jnp.linalg.qr(X, mode="reduced")
-    scale = 1 / jnp.linalg.norm(R, axis=0)  # ||X[:, j]|| = ||R[:, j]||
-    scale = jnp.where(jnp.isfinite(scale), scale, 1)
+    # ||X[:, j]|| = ||R[:, j]||, taken relative to the column's largest entry: squaring
+    # entries beyond ~1e19 (or below ~1e-19) overflows (underflows) in float32.
+    big = jnp.max(jnp.abs(R), axis=0)
+    big = jnp.where(big > 0, big, 1)
+    scale = 1 / (big * jnp.sqrt(jnp.sum((R / big) ** 2, axis=0)))
+    scale = jnp.where(jnp.isfinite(scale), scale, 1)  # zero column
     Rs = R * scale[None, :]
     U, sv, Vt = jnp.linalg.svd(Rs)
     W = jsl.solve_triangular(Rs, jnp.eye(R.shape[1], dtype=R.dtype), lower=False)
@@ -505,7 +515,7 @@ def leverage_streamed(
             (g,) = _moments(jnp.asarray(xb, dtype=dt), None, False)
             g = np.asarray(g, dtype=np.float64)
             if not np.all(np.isfinite(np.diagonal(g))):
-                _raise_nonfinite("X", xb, row_offset=row)
+                _raise_nonfinite("X", xb, row_offset=row, dt=dt)
             G = g if G is None else G + g
             sizes.append(xb.shape[0])
             row += xb.shape[0]

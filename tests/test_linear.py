@@ -283,3 +283,20 @@ def test_bad_inputs_raise_clear_errors():
         jl.loo_log_density_ratio_gaussian(np.c_[X[:, 1:], X[:, 1] + X[:, 2]], dtype=F64)
     with pytest.raises(ValueError, match="num_blocks"):
         jl.leverage_streamed(lambda b: X)
+
+
+def test_float32_extreme_column_scales():
+    """Entries whose squares overflow (or underflow) float32: the Gram paths say so, and QR's
+    column equilibration stays exact instead of silently dropping the column."""
+    X, _ = load("stackloss")
+    big = X.copy()
+    big[4, 2] = 1e20  # finite in float32, its square is not
+    with pytest.raises(ValueError, match=r"overflows in float32 \(column 2"):
+        jl.leverage(big)
+    with pytest.raises(ValueError, match=r"overflows in float32 \(column 2"):
+        jl.leverage_streamed(big, block_rows=8)
+    # eps32 * kappa is ~1e-5 here: 1e-4 (it was the leverage of the other 3 columns before).
+    close(jl.leverage(big, method="qr"), jl.leverage(big, method="qr", dtype=F64), 1e-4)
+    small = X.copy()
+    small[:, 2] *= 1e-25  # squares underflow float32; leverage is scale-free
+    close(jl.leverage(small, method="qr"), jl.leverage(X, method="qr", dtype=F64), 1e-4)
