@@ -1,4 +1,4 @@
-"""Shared machinery of the latent-variable models (VAEs): ELBO, importance weights, keys.
+"""Shared machinery of the models: ELBO, importance weights, keys, layers, input checks.
 
 A subclass supplies three pieces:
 
@@ -25,6 +25,7 @@ in chunks of any size, and whichever chunk or device the example lands in.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,20 @@ def activation_fn(name: str):
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def mlp_layers(sizes: Sequence[int], rngs: nnx.Rngs) -> nnx.List:
+    """Dense layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``, for :func:`run_layers`."""
+    return nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+
+
+def run_layers(layers: nnx.List, h: jax.Array, act) -> jax.Array:
+    """Apply ``layers`` in turn, with ``act`` after every layer but the last."""
+    for i, layer in enumerate(layers):
+        h = layer(h)
+        if i < len(layers) - 1:
+            h = act(h)
+    return h
 
 
 def std_normal_log_prob(z: jax.Array) -> jax.Array:
@@ -127,15 +142,19 @@ class LatentVariableModel(nnx.Module):
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------
+    @staticmethod
+    def _log_det_scale(mean, scale) -> jax.Array:
+        """``log |det scale|`` ``[B]`` (diagonal or triangular: the sum of log diagonal)."""
+        diag = scale if scale.ndim == mean.ndim else jnp.diagonal(scale, axis1=-2, axis2=-1)
+        return jnp.sum(jnp.log(diag), axis=-1)
+
     def _reparameterize(self, mean, scale, eps):
         """z = mean + scale @ eps and log q(z|x); eps ``[B, S, L]`` -> (z, log_q ``[B, S]``)."""
         if scale.ndim == mean.ndim:  # diagonal
             z = mean[:, None, :] + scale[:, None, :] * eps
-            log_det = jnp.sum(jnp.log(scale), axis=-1)
         else:  # lower-triangular Cholesky factor [B, L, L]
             z = mean[:, None, :] + jnp.einsum("bij,bsj->bsi", scale, eps, precision="highest")
-            log_det = jnp.sum(jnp.log(jnp.diagonal(scale, axis1=-2, axis2=-1)), axis=-1)
-        return z, std_normal_log_prob(eps) - log_det[:, None]
+        return z, std_normal_log_prob(eps) - self._log_det_scale(mean, scale)[:, None]
 
     def prepare(self, batch: jax.Array, keys: jax.Array):
         """Preprocess and encode a batch once, before any importance samples are drawn.
@@ -215,11 +234,8 @@ class LatentVariableModel(nnx.Module):
         eps = jax.random.normal(k_eps, (b, 1, self.latent_dim))
         z, _ = self._reparameterize(mean, scale, eps)
         recon = self.log_likelihood(x, z)[:, 0]
-        if scale.ndim == mean.ndim:
-            trace = jnp.sum(scale * scale, axis=-1)
-            log_det = 2.0 * jnp.sum(jnp.log(scale), axis=-1)
-        else:
-            trace = jnp.sum(scale * scale, axis=(-2, -1))
-            log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(scale, axis1=-2, axis2=-1)), axis=-1)
-        kl = 0.5 * (trace + jnp.sum(mean * mean, axis=-1) - self.latent_dim - log_det)
+        # KL(N(mean, S S^T) || N(0, I)), tr(S S^T) = sum of squares of S's entries
+        trace = jnp.sum((scale * scale).reshape(b, -1), axis=-1)
+        log_det_cov = 2.0 * self._log_det_scale(mean, scale)
+        kl = 0.5 * (trace + jnp.sum(mean * mean, axis=-1) - self.latent_dim - log_det_cov)
         return kl - recon

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmem.models._latent import activation_fn, check_batch, check_keys
+from jaxmem.models._latent import activation_fn, check_batch, check_keys, mlp_layers, run_layers
 
 __all__ = ["Classifier"]
 
@@ -47,7 +47,7 @@ class Classifier(nnx.Module):
         self.hidden = tuple(int(h) for h in hidden)
         self.activation = activation
         sizes = [math.prod(self.example_shape), *self.hidden, self.num_classes]
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.layers = mlp_layers(sizes, rngs)
 
     def _unpack(self, batch, what):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -60,13 +60,7 @@ class Classifier(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Unnormalised log-probabilities ``[B, num_classes]``."""
-        act = activation_fn(self.activation)
-        h = x.reshape(x.shape[0], -1)
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < len(self.layers) - 1:
-                h = act(h)
-        return h
+        return run_layers(self.layers, x.reshape(x.shape[0], -1), activation_fn(self.activation))
 
     def _log_p_y(self, x, y):
         logp = jax.nn.log_softmax(self.logits(x), axis=-1)

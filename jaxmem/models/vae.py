@@ -14,25 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmem.models._latent import LOG_2PI, LatentVariableModel, activation_fn
+from jaxmem.models._latent import LOG_2PI, LatentVariableModel, activation_fn, mlp_layers, run_layers
 
 __all__ = ["MLPVAE", "ConvVAE", "logit_transform", "logit_gaussian_log_density"]
 
 # Floor on the encoder's standard deviations: keeps log q(z|x) finite.
 _MIN_STD = 1e-4
-
-
-def _mlp(sizes: Sequence[int], rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-
-
-def _run_mlp(layers: nnx.List, h: jax.Array, act) -> jax.Array:
-    """Activation after every layer but the last."""
-    for i, layer in enumerate(layers):
-        h = layer(h)
-        if i < len(layers) - 1:
-            h = act(h)
-    return h
 
 
 def _diag_gaussian(head: jax.Array, latent_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -86,8 +73,8 @@ class MLPVAE(LatentVariableModel):
         self.binarize = binarize
         self.activation = activation
         d = math.prod(self.example_shape)
-        self.encoder = _mlp([d, *self.hidden, 2 * self.latent_dim], rngs)
-        self.decoder = _mlp([self.latent_dim, *reversed(self.hidden), d], rngs)
+        self.encoder = mlp_layers([d, *self.hidden, 2 * self.latent_dim], rngs)
+        self.decoder = mlp_layers([self.latent_dim, *reversed(self.hidden), d], rngs)
 
     def preprocess(self, x, keys):
         x = x.reshape(x.shape[0], -1)
@@ -96,11 +83,11 @@ class MLPVAE(LatentVariableModel):
         return x
 
     def encode(self, x):
-        return _diag_gaussian(_run_mlp(self.encoder, x, activation_fn(self.activation)), self.latent_dim)
+        return _diag_gaussian(run_layers(self.encoder, x, activation_fn(self.activation)), self.latent_dim)
 
     def log_likelihood(self, x, z):
         b, s, _ = z.shape
-        logits = _run_mlp(self.decoder, z.reshape(b * s, -1), activation_fn(self.activation))
+        logits = run_layers(self.decoder, z.reshape(b * s, -1), activation_fn(self.activation))
         logits = logits.reshape(b, s, -1)
         # log Bernoulli(x; sigmoid(l)) = x*l - softplus(l)
         return jnp.sum(x[:, None, :] * logits - jax.nn.softplus(logits), axis=-1)
@@ -229,10 +216,7 @@ class ConvVAE(LatentVariableModel):
         b, s, _ = z.shape
         h = act(self.dec_dense(z.reshape(b * s, -1)))
         h = act(self.dec_expand(h)).reshape(b * s, *self._bottom)
-        for i, layer in enumerate(self.dec_convs):
-            h = layer(h)
-            if i < len(self.dec_convs) - 1:
-                h = act(h)
+        h = run_layers(self.dec_convs, h, act)
         c = self.example_shape[-1]
         mean = h[..., :c].reshape(b, s, *self.example_shape)
         std = (jax.nn.softplus(h[..., c:]) + 1e-3).reshape(b, s, *self.example_shape)
