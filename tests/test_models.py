@@ -232,3 +232,12 @@ def test_classifier_matches_log_softmax():
     np.testing.assert_array_equal(call(model, "correct", (x, y)), np.argmax(logits, 1) == np.asarray(y))
     with pytest.raises(ValueError, match="labels must be int"):
         model.loss((x, jnp.zeros(9)), jax.random.key(0))
+
+
+def test_classifier_out_of_range_label_is_nan_not_another_class():
+    model = models.create("classifier", (6,), seed=0, hidden=[10], num_classes=4)
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    y = jnp.asarray([0, 3, -1, 4], jnp.int32)  # -1 once read class 3 silently
+    lp = np.asarray(call(model, "log_prob", (x, y), _keys(4)))
+    assert np.all(np.isfinite(lp[:2])) and np.all(np.isnan(lp[2:])), lp
+    assert np.all(np.isnan(np.asarray(call(model, "loss", (x, y), jax.random.key(0)))[2:]))

@@ -18,7 +18,7 @@ class Classifier(nnx.Module):
     """MLP classifier ``x -> logits``; its "likelihood" is log p(y|x).
 
     Batches are tuples ``(x, y)``: x f32 ``[B, *example_shape]`` (flattened), y int
-    ``[B]`` in ``[0, num_classes)``. It has the same interface as the VAEs, so the
+    ``[B]`` in ``[0, num_classes)`` (a label outside gives NaN). It has the same interface as the VAEs, so the
     ensemble and likelihood kernels treat it alike: ``loss`` is the cross-entropy,
     ``log_prob`` and ``elbo`` the exact log p(y|x) (keys and ``num_samples`` unused).
 
@@ -64,7 +64,11 @@ class Classifier(nnx.Module):
 
     def _log_p_y(self, x, y):
         logp = jax.nn.log_softmax(self.logits(x), axis=-1)
-        return jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        y = y.astype(jnp.int32)
+        picked = jnp.take_along_axis(logp, jnp.clip(y, 0, self.num_classes - 1)[:, None], axis=-1)[:, 0]
+        # NaN, not a wrapped index (y = -1 would read the last class): the non-finite
+        # checks downstream then name the example with the bad label.
+        return jnp.where((y >= 0) & (y < self.num_classes), picked, jnp.nan)
 
     def loss(self, batch, key: jax.Array) -> jax.Array:
         """Cross-entropy ``-log p(y|x)`` per example (nats, ``[B]``); ``key`` unused."""
