@@ -163,7 +163,8 @@ def _precision(dt: np.dtype) -> Iterator[None]:
         yield
 
 
-def _as_design(X: Any, dt: np.dtype, *, name: str = "X", min_rows: int | None = None) -> jax.Array:
+def _as_design(X: Any, dt: np.dtype, *, name: str = "X", dof: int = 1) -> jax.Array:
+    """``X`` as a ``dt`` array after shape checks; ``n >= p + dof`` rows are required."""
     shape = np.shape(X)
     if len(shape) != 2:
         hint = " (for a single regressor pass X[:, None])" if len(shape) == 1 else ""
@@ -171,7 +172,7 @@ def _as_design(X: Any, dt: np.dtype, *, name: str = "X", min_rows: int | None = 
     n, p = shape
     if p == 0:
         raise ValueError(f"{name} has no columns (shape {tuple(shape)})")
-    need = p + 1 if min_rows is None else min_rows
+    need = p + dof
     if n < need:
         raise ValueError(
             f"{name} has n={n} rows and p={p} columns; this needs n >= {need} "
@@ -219,25 +220,19 @@ def _all_finite(a: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(a))
 
 
-@functools.partial(jax.jit, static_argnames=("with_y",))
-def _moments(X: jax.Array, y: jax.Array | None, with_y: bool):
+def _xtx(X: jax.Array, y: jax.Array | None):
+    """``(X^T X,)``, or ``(X^T X, X^T y)`` when ``y`` is given."""
     g = jnp.matmul(X.T, X, precision=_HI)
-    return (g, jnp.matmul(X.T, y, precision=_HI)) if with_y else (g,)
+    return (g,) if y is None else (g, jnp.matmul(X.T, y, precision=_HI))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "with_y"))
-def _moments_sharded(X: jax.Array, y: jax.Array | None, mesh: Mesh, with_y: bool):
-    """Gram matrix (and X^T y) with X's rows split over ``mesh``; partial sums psum-ed."""
-    arrays = (X,) + ((y,) if with_y else ())
+_moments = jax.jit(_xtx)
 
-    def local(blocks):
-        xb = blocks[0]
-        out = (jnp.matmul(xb.T, xb, precision=_HI),)
-        if with_y:
-            out += (jnp.matmul(xb.T, blocks[1], precision=_HI),)
-        return out
 
-    return sum_over_examples(local, mesh, arrays)
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _moments_sharded(X: jax.Array, y: jax.Array | None, mesh: Mesh):
+    """:func:`_xtx` with X's rows split over ``mesh``; partial sums psum-ed."""
+    return sum_over_examples(lambda rows: _xtx(*rows), mesh, (X, y))
 
 
 @jax.jit
@@ -286,6 +281,7 @@ def _rows_fit(xy, params):
 
 
 _rows_h_jit = jax.jit(_rows_h)
+_rows_fit_jit = jax.jit(_rows_fit)
 
 
 @jax.jit
@@ -296,7 +292,6 @@ def _row_sq_norms(Z):
 @jax.jit
 def _center(X):
     return X - jnp.mean(X, axis=0)
-_rows_fit_jit = jax.jit(_rows_fit)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -374,25 +369,30 @@ def _check_method(method: str, mesh: Mesh | None) -> None:
 
 
 def _gram(X, y, mesh):
-    with_y = y is not None
-    if mesh is None:
-        return _moments(X, y, with_y)
-    return _moments_sharded(X, y, mesh, with_y)
+    return _moments(X, y) if mesh is None else _moments_sharded(X, y, mesh)
 
 
-def _factor(X, y, method, rcond, mesh, dt, name="X"):
+def _factor(X, y, method, rcond, mesh, dt):
     """Returns (factor, X^T y or None)."""
-    # QR needs no Gram matrix (nor X^T y: it projects y with Q directly).
-    moments = _gram(X, y, mesh) if method == "cholesky" else None
-    if moments is not None and not np.all(np.isfinite(np.diagonal(np.asarray(moments[0])))):
-        _raise_nonfinite(name, X)
     if method == "qr":
-        if moments is None and not bool(_all_finite(X)):
-            _raise_nonfinite(name, X)
-        f = _factor_qr(X, dt, rcond)
-    else:
-        f = _whitener(moments[0], X.shape[1], dt, rcond, warn=True)
-    return f, (moments[1] if (y is not None and moments is not None) else None)
+        # QR needs no Gram matrix (nor X^T y: it projects y with Q directly).
+        if not bool(_all_finite(X)):
+            _raise_nonfinite("X", X)
+        return _factor_qr(X, dt, rcond), None
+    moments = _gram(X, y, mesh)
+    if not np.all(np.isfinite(np.diagonal(np.asarray(moments[0])))):
+        _raise_nonfinite("X", X)
+    f = _whitener(moments[0], X.shape[1], dt, rcond, warn=True)
+    return f, (moments[1] if y is not None else None)
+
+
+def _leverage_of(X, f: _Factor, mesh):
+    """``h`` (or ``d``) of the rows of ``X`` from its factor, on ``mesh`` if given."""
+    if f.Z is not None:  # QR: the rows of Z = X_s W are orthonormal already
+        return _row_sq_norms(f.Z)
+    if mesh is None:
+        return _rows_h_jit(X, (f.scale, f.W))
+    return _rows_h_sharded(X, f.scale, f.W, mesh)
 
 
 # --------------------------------------------------------------------------- public API
@@ -443,11 +443,7 @@ def leverage(
     with _precision(dt):
         X = _as_design(X, dt)
         f, _ = _factor(X, None, method, rcond, mesh, dt)
-        if f.Z is not None:
-            return _row_sq_norms(f.Z)
-        if mesh is None:
-            return _rows_h_jit(X, (f.scale, f.W))
-        return _rows_h_sharded(X, f.scale, f.W, mesh)
+        return _leverage_of(X, f, mesh)
 
 
 def leverage_streamed(
@@ -512,7 +508,7 @@ def leverage_streamed(
             if xb.ndim != 2 or (G is not None and xb.shape[1] != G.shape[0]):
                 want = "[n_b, p]" if G is None else f"[n_b, {G.shape[0]}]"
                 raise ValueError(f"block {b} has shape {xb.shape}; expected {want}")
-            (g,) = _moments(jnp.asarray(xb, dtype=dt), None, False)
+            (g,) = _moments(jnp.asarray(xb, dtype=dt), None)
             g = np.asarray(g, dtype=np.float64)
             if not np.all(np.isfinite(np.diagonal(g))):
                 _raise_nonfinite("X", xb, row_offset=row, dt=dt)
@@ -632,7 +628,7 @@ def _gaussian_ratio(d, logdet, n, k, eps):
 
 
 def _fit(X, y, method, rcond, mesh, dt) -> _Fit:
-    X = _as_design(X, dt, min_rows=np.shape(X)[1] + 2 if np.ndim(X) == 2 else None)
+    X = _as_design(X, dt, dof=2)
     y = _as_target(y, X.shape[0], dt)
     f, Xty = _factor(X, y, method, rcond, mesh, dt)
     n = X.shape[0]
@@ -831,7 +827,7 @@ def loo_log_density_ratio_gaussian(
     dt = _compute_dtype(dtype)
     _check_method(method, mesh)
     with _precision(dt):
-        X = _as_design(X, dt, min_rows=np.shape(X)[1] + 2 if np.ndim(X) == 2 else None)
+        X = _as_design(X, dt, dof=2)
         n, k = X.shape
         if not bool(_all_finite(X)):
             _raise_nonfinite("X", X)
@@ -842,10 +838,5 @@ def loo_log_density_ratio_gaussian(
                 f"the covariance of X is singular (rank {f.rank} < {k} after centring): "
                 "a Gaussian fitted to it has no density; drop redundant columns"
             )
-        if f.Z is not None:
-            d = _row_sq_norms(f.Z)
-        elif mesh is None:
-            d = _rows_h_jit(Xc, (f.scale, f.W))
-        else:
-            d = _rows_h_sharded(Xc, f.scale, f.W, mesh)
+        d = _leverage_of(Xc, f, mesh)  # d_i: leverage of the centred rows
         return _gaussian_ratio(d, f.logdet, n, k, float(np.finfo(dt).eps))
