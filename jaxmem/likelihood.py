@@ -43,14 +43,18 @@ __all__ = ["KINDS", "loglik_matrix", "loglik_matrix_multihost"]
 #: What ``kind=`` can ask for.
 KINDS = ("iw", "elbo", "correct", "exact")
 
+# The kinds that are one model method, and that method (the classifier's, the oracle's).
+_METHOD_OF_KIND = {"correct": "correct", "exact": "exact_log_prob"}
+
 
 def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk):
     """One member's values ``[c]`` on one block of ``c`` examples."""
     model = nnx.merge(graphdef, state)
-    if kind == "correct":
-        return model.correct(batch).astype(jnp.float32)
-    if kind == "exact":
-        return model.exact_log_prob(batch).astype(jnp.float32)
+    if kind in _METHOD_OF_KIND:
+        name = _METHOD_OF_KIND[kind]
+        if not hasattr(model, name):
+            raise ValueError(f"kind={kind!r} needs a model with .{name}(), and {type(model).__name__} has none")
+        return getattr(model, name)(batch).astype(jnp.float32)
     if not isinstance(model, LatentVariableModel):
         # no latent variable: the model's log_prob is exact (classifier: log p(y|x))
         return model.log_prob(batch, keys, num_samples)
@@ -237,13 +241,13 @@ def loglik_matrix(
     Examples:
       >>> ll = loglik_matrix(graphdef, state, x, key=jax.random.key(0), num_samples=256)
     """
-    graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk)
     if jax.process_count() > 1:
         raise ValueError("with several processes, use loglik_matrix_multihost (each process feeds its rows)")
     if n == 0:
-        return jnp.zeros((jax.tree.leaves(stacked_state)[0].shape[0], 0), jnp.float32)
+        return jnp.zeros((num_models, 0), jnp.float32)
     mesh = _mesh.make_mesh() if mesh is None else mesh
     # Every device scores its examples under every member: place the states replicated on
     # this mesh, wherever training left them (e.g. members split over other devices).

@@ -117,6 +117,12 @@ def test_devices_chunks_and_direct_calls_agree(ensemble, devices8):
         loglik_matrix(graphdef, state, np.where(np.arange(37)[:, None, None] == 4, np.nan, x), **kw)
     with pytest.raises(ValueError, match="kind must be one of"):
         loglik_matrix(graphdef, state, x, kind="waic", **kw)
+    # a kind the model cannot compute is named, not an AttributeError from inside jit
+    with pytest.raises(ValueError, match=r"kind='correct' needs a model with \.correct\(\).*MLPVAE"):
+        loglik_matrix(graphdef, state, x, kind="correct", **kw)
+    with pytest.raises(ValueError, match=r"kind='exact' needs a model with \.exact_log_prob\(\)"):
+        loglik_matrix(graphdef, state, x, kind="exact", **kw)
+    assert loglik_matrix(graphdef, state, x[:0], **kw).shape == (3, 0)
 
 
 def test_classifier_log_p_y_given_x_and_correctness():
