@@ -32,6 +32,7 @@ __all__ = [
     "pad_rows",
     "replicate",
     "initialize_distributed",
+    "host_local_rows",
 ]
 
 
@@ -69,11 +70,12 @@ def make_mesh(
     )
 
 
-def pad_rows(x: Any, multiple: int) -> tuple[Any, int]:
+def pad_rows(x: Any, multiple: int, *, zeros: bool = False) -> tuple[Any, int]:
     """Pad axis 0 of every leaf of ``x`` to a multiple of ``multiple`` by repeating row 0.
 
     Repeating a real row (rather than zeros) keeps padded rows finite for kernels
     such as log-likelihoods, whose values for the padding are dropped anyway.
+    ``zeros=True`` pads with zeros instead, for sums over rows (:func:`sum_over_examples`).
 
     Returns:
       ``(padded, n)`` where ``n`` is the original number of rows.
@@ -87,8 +89,8 @@ def pad_rows(x: Any, multiple: int) -> tuple[Any, int]:
         return x, n
 
     def _pad(a):
-        filler = jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])
-        return jnp.concatenate([a, filler], axis=0)
+        filler = jnp.zeros_like(a[:1]) if zeros else a[:1]
+        return jnp.concatenate([a, jnp.broadcast_to(filler, (pad,) + a.shape[1:])], axis=0)
 
     return jax.tree.map(_pad, x), n
 
@@ -123,6 +125,8 @@ def shard_examples(
       ``fn``'s outputs for all n examples, padding removed. Jit the caller (or this
       call) to get one compiled program.
     """
+    if example_axis not in (0, 1):
+        raise ValueError(f"example_axis must be 0 or 1, got {example_axis}")
     ndev = mesh.shape[axis_name]
     padded, n = pad_rows(sharded, ndev)
     out_spec = P(axis_name) if example_axis == 0 else P(None, axis_name)
@@ -162,10 +166,7 @@ def sum_over_examples(
     Returns:
       The summed pytree, replicated.
     """
-    ndev = mesh.shape[axis_name]
-    n = jax.tree.leaves(sharded)[0].shape[0]
-    pad = (-n) % ndev
-    padded = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), sharded)
+    padded, _ = pad_rows(sharded, mesh.shape[axis_name], zeros=True)
 
     def local(block):
         return jax.tree.map(lambda a: jax.lax.psum(a, axis_name), fn(block))

@@ -33,5 +33,13 @@ def test_pad_rows_repeats_a_real_row_and_make_mesh_checks_counts():
     padded, n = pad_rows(jnp.asarray(X), 8)
     assert n == 13 and padded.shape == (16, 3)
     np.testing.assert_array_equal(padded[13:], np.repeat(X[:1], 3, axis=0))
+    zeros, _ = pad_rows(jnp.asarray(X), 8, zeros=True)
+    np.testing.assert_array_equal(zeros[:13], X)
+    np.testing.assert_array_equal(zeros[13:], 0)
     with pytest.raises(ValueError, match="num_devices=9"):
         make_mesh(9)
+
+
+def test_shard_examples_refuses_an_example_axis_it_cannot_place():
+    with pytest.raises(ValueError, match="example_axis must be 0 or 1, got 2"):
+        shard_examples(lambda b, r: b, make_mesh(1), jnp.asarray(X), example_axis=2)
