@@ -133,18 +133,24 @@ def _check_values(values: Any, name: str) -> jax.Array | np.ndarray:
         return values
     if not jnp.issubdtype(values.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating array (nats), got dtype {values.dtype}")
-    # On-device reduction first: a large ll is only copied to the host when it is bad.
-    finite = (
-        bool(jnp.all(jnp.isfinite(values)))
-        if isinstance(values, jax.Array)
-        else bool(np.isfinite(values).all())
-    )
-    if not finite:
-        host = np.asarray(values)
-        pairs = np.argwhere(~np.isfinite(host))
-        vals = host[tuple(pairs[:_SHOW].T)]
-        raise ValueError(f"{name} has NaN or inf at {_describe_pairs(pairs, vals)}")
+    bad = _bad_pairs(values, lambda v, xp: ~xp.isfinite(v))
+    if bad:
+        raise ValueError(f"{name} has NaN or inf at {bad}")
     return values
+
+
+def _bad_pairs(values, is_bad) -> str | None:
+    """Describe the (model, example) pairs where ``is_bad(values, xp)``, or None if none.
+
+    Reduced where ``values`` live first (``xp`` is jnp or np), so a large device array
+    is copied to the host only when something is wrong with it.
+    """
+    xp = jnp if isinstance(values, jax.Array) else np
+    if not bool(xp.any(is_bad(values, xp))):
+        return None
+    host = np.asarray(values)
+    pairs = np.argwhere(is_bad(host, np))
+    return _describe_pairs(pairs, host[tuple(pairs[:_SHOW].T)])
 
 
 def _as_plan(keep: Any, shape: tuple[int, int], name: str) -> Plan:
@@ -180,9 +186,11 @@ def _check_quantile(quantile: float) -> float:
 def _logmeanexp_side(x: jax.Array, w: jax.Array):
     """Max-shifted log-mean-exp of ``x`` over the columns where ``w``, per row.
 
-    Returns ``(m, s, n)`` with ``logmeanexp = m + s``: ``m`` the row max (over ``w``),
-    ``s = log(sum exp(x - m)) - log(n)`` small, ``n`` the count. Keeping ``m`` apart lets
-    callers form differences of large log-likelihoods without rounding them first.
+    Returns ``(m, s, n, e, total)`` with ``logmeanexp = m + s``: ``m`` the row max (over
+    ``w``), ``s = log(total) - log(n)`` small, ``n`` the count, ``e = exp(x - m)`` ``[B,
+    models]`` (0 off the mask) and ``total`` its row sum, which the jackknife and the
+    bootstrap reuse. Keeping ``m`` apart lets callers form differences of large
+    log-likelihoods without rounding them first.
     """
     n = jnp.sum(w, axis=1)
     xm = jnp.where(w, x, -jnp.inf)
@@ -503,13 +511,11 @@ def feldman_zhang(
     if jnp.issubdtype(values.dtype, jnp.bool_):
         dtype = jnp.dtype(jnp.float32)
     else:
-        positive = np.argwhere(np.asarray(values) > 0)
-        if positive.size:
-            host = np.asarray(values)
+        positive = _bad_pairs(values, lambda v, xp: v > 0)
+        if positive:
             raise ValueError(
-                "correct_or_logp as floats means log p(y|x) <= 0, but it is positive at "
-                f"{_describe_pairs(positive, host[tuple(positive[:_SHOW].T)])}; pass "
-                "correctness as a bool array"
+                f"correct_or_logp as floats means log p(y|x) <= 0, but it is positive at {positive}; "
+                "pass correctness as a bool array"
             )
         dtype = _float_dtype(values)
     plan = _as_plan(keep, values.shape, "correct_or_logp")

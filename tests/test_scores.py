@@ -1,4 +1,5 @@
 """Scores against an independent float64 numpy reference of DESIGN.md §1.1."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
@@ -275,6 +276,15 @@ def test_feldman_zhang_hand_computed():
     np.testing.assert_array_equal(np.asarray(fz.n_out), [2, 1])
     np.testing.assert_allclose(np.asarray(fz.stderr)[0], 0.5, rtol=1e-6)
     assert np.isnan(np.asarray(fz.stderr)[1])
+
+
+def test_feldman_zhang_refuses_positive_log_probs_naming_them():
+    plan = kfold(6, 2, 1, seed=0)
+    logp = np.full(plan.keep.shape, -1.0, dtype=np.float32)
+    logp[1, 4] = 1.0  # a 0/1 float array, say, instead of bool correctness
+    for values in (logp, jnp.asarray(logp)):
+        with pytest.raises(ValueError, match=r"positive at 1 entry \(model, example\): \(model 1, example 4\)=1.0"):
+            feldman_zhang(values, plan, mesh=mesh1())
 
 
 def test_feldman_zhang_log_prob_variant_matches_numpy():
