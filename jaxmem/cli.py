@@ -281,16 +281,6 @@ def _fingerprint(x) -> str:
     return fingerprint_array(x)
 
 
-def _latest_checkpoint(out: str) -> int | None:
-    """Epoch of the newest complete training checkpoint in a results directory."""
-    root = pathlib.Path(out) / "checkpoints" / "checkpoints"
-    if not root.is_dir():
-        return None
-    # orbax writes into a temporary name and renames to the bare step number when done
-    steps = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(steps) if steps else None
-
-
 class _Interrupts:
     """Ctrl-C and SIGTERM during a run.
 
@@ -351,7 +341,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          f"{ds.name} has {n}")
     options = _model_options(args, ds.example_shape, ds.metadata.get("num_classes"))
 
-    from jaxmem.pipeline import memorization
+    from jaxmem.pipeline import _latest_checkpoint, memorization
     from jaxmem.report import write_report
 
     mesh = None

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxmem import ensemble as _ensemble
 from jaxmem import membership as _membership
@@ -186,6 +187,16 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
         )
 
 
+def _latest_checkpoint(out_dir: str | os.PathLike) -> int | None:
+    """Epoch of the newest complete training checkpoint in a results directory, or None."""
+    root = os.path.join(out_dir, "checkpoints", "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    # orbax writes into a temporary name and renames to the bare step number when done
+    steps = [int(e.name) for e in os.scandir(root) if e.is_dir() and e.name.isdigit()]
+    return max(steps, default=None)
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -282,7 +293,8 @@ def memorization(
       linear_baseline: compute hat-matrix leverage of the data for comparison.
       on_stage: optional ``callback(stage: str)`` called as stages begin (for CLIs).
       on_epoch: optional ``callback(epoch: int)`` called after each epoch trained, once
-        its checkpoint save has started (and its scores, if tracked, are stored): the
+        its checkpoint save has started (and its scores, if tracked, are stored; those of
+        the last epoch come with the final scores): the
         safe place for a CLI to stop on Ctrl-C (raise ``KeyboardInterrupt`` there).
 
     Returns:
@@ -324,6 +336,13 @@ def memorization(
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         _check_config(out_dir, config)
+        trained = _latest_checkpoint(out_dir)
+        if trained is not None and trained > epochs:
+            # Resuming would restore that checkpoint and score it as `epochs` epochs.
+            raise ConfigMismatchError(
+                f"{out_dir} holds a run trained for {trained} epochs, more than the {epochs} "
+                f"asked for; ask for at least {trained} epochs, or use another output directory"
+            )
         os.makedirs(out_dir, exist_ok=True)
         _write_json(os.path.join(out_dir, "config.json"), config)
         run_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
@@ -339,33 +358,32 @@ def memorization(
         return jax.tree.map(lambda a: a[:num_plan], state)
 
     # Scores over epochs: computed in the training callback, persisted as they come so a
-    # resumed run keeps the epochs scored before it was interrupted.
+    # resumed run keeps the epochs scored before it was interrupted. Those of the last
+    # epoch, at the final sample count, are the final scores: computed once, at the end.
     track_path = os.path.join(out_dir, "tracked.npz") if out_dir else None
+    last_is_final = track_samples == num_samples
     M_by_epoch: dict[int, np.ndarray] = {}
     if track_path and os.path.exists(track_path):
         with np.load(track_path) as z:
             M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
 
-    def callback(epoch, state, metrics):
-        if epoch in tracked:
-            track(epoch, state)
-        if on_epoch is not None:
-            on_epoch(epoch)
-
-    def track(epoch, state):
-        from flax import nnx
-
-        full_state = plan_members(nnx.merge_state(state.params, state.rest))
-        ll_e = loglik_matrix(graphdef_holder[0], full_state, data, key=score_key,
-                             num_samples=track_samples, mesh=score_mesh)
-        M_by_epoch[epoch] = np.asarray(memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
+    def record(epoch, M):
+        M_by_epoch[epoch] = np.asarray(M)
         if track_path:
             es = sorted(M_by_epoch)
             _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
 
-    graphdef_holder: list[Any] = []
+    def callback(epoch, state, metrics):
+        if epoch in tracked and not (epoch == epochs and last_is_final):
+            members = plan_members(nnx.merge_state(state.params, state.rest))
+            ll_e = loglik_matrix(graphdef, members, data, key=score_key,
+                                 num_samples=track_samples, mesh=score_mesh)
+            record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
+        if on_epoch is not None:
+            on_epoch(epoch)
+
     factory = lambda s: _models.from_config(model_cfg, seed=s)  # noqa: E731
-    graphdef_holder.append(_ensemble._graphdef_of(factory))
+    graphdef = _ensemble._graphdef_of(factory)
     if on_stage:
         on_stage("train")
     fitted = _ensemble.fit(
@@ -374,7 +392,6 @@ def memorization(
         progress=progress, callback=callback if tracked or on_epoch else None,
         config={"model": model_cfg, "learning_rate": float(learning_rate)},
     )
-    graphdef = fitted.graphdef
     state = fitted.state
 
     if on_stage:
@@ -387,6 +404,8 @@ def memorization(
     if on_stage:
         on_stage("scores")
     s = memorization_scores(ll, keep, quantile=quantile, mesh=score_mesh)
+    if epochs in tracked and last_is_final:
+        record(epochs, s.M)
     label_mem = None
     if model_cfg["name"] == "classifier":
         correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,

@@ -101,6 +101,9 @@ def test_result_directory_roundtrip_resume_and_refusal(digits, tmp_path):
     assert r3.history["train_loss"].shape == (3, 3)
     np.testing.assert_array_equal(r3.history["train_loss"][:2], r.history["train_loss"])
     np.testing.assert_array_equal(r3.tracked_epochs, [1, 2])
+    # Fewer epochs than the checkpoints hold would score the 3-epoch members as 2-epoch ones.
+    with pytest.raises(jaxmem.ConfigMismatchError, match="trained for 3 epochs"):
+        jaxmem.memorization(digits.x, digits.y, epochs=2, out_dir=out, **kw)
 
     with pytest.raises(jaxmem.ConfigMismatchError, match="model.hidden"):
         jaxmem.memorization(
