@@ -139,7 +139,7 @@ class Plan:
           ValueError: if ``keep`` is not a 2-D boolean array with at least one model
             and one example.
         """
-        return cls(keep=_check_keep(keep), kind="custom")
+        return cls(keep=keep, kind="custom")  # __post_init__ checks and copies keep
 
     # --------------------------------------------------------------- coverage
     def in_counts(self) -> np.ndarray:
