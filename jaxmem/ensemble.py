@@ -8,7 +8,7 @@ Flax NNX model with its own parameters. The model is split once into
 mesh with :func:`jaxmem.mesh.shard_examples` (members are the "rows"). The data lie on
 the device once and each member's batches are gathered on the device by index.
 
-Three levels, each usable alone (as in optax / blackjax):
+Two levels, each usable alone (as in optax / blackjax):
 
 * :func:`make` returns an :class:`Ensemble`: pure ``init`` / ``step`` / ``epoch`` /
   ``schedule`` / ``evaluate`` functions over an :class:`EnsembleState`; the jitted ones
@@ -50,6 +50,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmem.membership import _check_keep
 from jaxmem.mesh import make_mesh, shard_examples
 
 __all__ = [
@@ -175,11 +176,7 @@ def member(graphdef: Any, state: Any, m: int) -> nnx.Module:
 
 
 def _as_keep(plan: Any) -> np.ndarray:
-    keep = np.asarray(getattr(plan, "keep", plan))
-    if keep.ndim != 2:
-        raise ValueError(f"keep must be a bool array [members, examples], got shape {keep.shape}")
-    if keep.dtype != np.bool_:
-        raise ValueError(f"keep must be boolean, got dtype {keep.dtype}")
+    keep = _check_keep(getattr(plan, "keep", plan))
     empty = np.flatnonzero(~keep.any(axis=1))
     if empty.size:
         raise ValueError(
@@ -539,7 +536,6 @@ def fit(
     _check_data(data, keep.shape[1])
     ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
     state = ens.init(seed)
-    data = jax.device_put(data, NamedSharding(ens.mesh, P()))
     history: dict[str, list] = {"train_loss": [], "heldout_loss": []}
 
     ckpt = None
@@ -553,6 +549,8 @@ def fit(
             state, restored = ckpt.restore(state, latest)
             history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
             log.info("resumed %s from epoch %d", run_dir, latest)
+    # After the configuration, whose data fingerprint then reads host arrays as given.
+    data = jax.device_put(data, NamedSharding(ens.mesh, P()))
 
     start = int(state.epoch)
     try:

@@ -211,6 +211,8 @@ def test_bad_inputs_are_refused():
     empty[2] = False
     with pytest.raises(ValueError, match=r"member\(s\) \[2\]"):
         ensemble.make(tiny, optax.sgd(0.1), empty, batch_size=4)
+    with pytest.raises(ValueError, match="at least one model"):  # not a bare max() of nothing
+        ensemble.make(tiny, optax.sgd(0.1), np.ones((0, N), bool), batch_size=4)
     ens = ensemble.make(tiny, optax.sgd(0.1), keep, batch_size=4)
     state = ens.init(0)
     with pytest.raises(ValueError, match="axis 0 must be the 45 examples"):
