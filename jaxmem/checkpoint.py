@@ -55,13 +55,15 @@ def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _leaf_name(i: int) -> str:
+    return f"leaf_{i:05d}"
+
+
 def _to_saveable(tree: Any) -> dict[str, Any]:
     # Orbax stores plain arrays: typed PRNG keys go in as their raw key data, and the
     # tree as a flat dict so that restoring needs only the caller's own structure.
     leaves = jax.tree.leaves(tree)
-    return {
-        f"leaf_{i:05d}": jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)
-    }
+    return {_leaf_name(i): jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)}
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
@@ -157,7 +159,7 @@ class RunCheckpoints:
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {self.run_dir}")
         leaves, treedef = jax.tree.flatten(like)
-        target = {f"leaf_{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
+        target = {_leaf_name(i): _abstract(x) for i, x in enumerate(leaves)}
         try:
             out = self._manager.restore(
                 epoch,
@@ -173,11 +175,11 @@ class RunCheckpoints:
         restored = out["state"]
         new_leaves = []
         for i, like_leaf in enumerate(leaves):
-            x = restored[f"leaf_{i:05d}"]
-            if np.shape(x) != np.shape(target[f"leaf_{i:05d}"]):
+            x, want = restored[_leaf_name(i)], target[_leaf_name(i)]
+            if np.shape(x) != want.shape:
                 raise ConfigMismatchError(
                     f"checkpoint {epoch} leaf {i} has shape {np.shape(x)}, "
-                    f"the current state {target[f'leaf_{i:05d}'].shape}"
+                    f"the current state {want.shape}"
                 )
             if _is_key(like_leaf):
                 x = jax.random.wrap_key_data(x, impl=jax.random.key_impl(like_leaf))
