@@ -594,13 +594,15 @@ def _run_description(config: dict[str, Any]) -> list[str]:
     options = ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k not in ("name", "example_shape"))
     design = (f"{plan.get('k')} folds x {plan.get('repeats')} repeat(s)"
               if plan.get("kind") == "kfold" else f"{plan.get('kind')} subsets")
+    optimizer = (f"Adam lr {train.get('learning_rate', '?')}"
+                 if train.get("optimizer", "adam") == "adam" else "a custom optimizer")
     return [
         f"- data: {data.get('name', '?')} ({data.get('n', '?')} examples of shape "
         f"{tuple(data.get('example_shape', ()))})",
         f"- model: {model.get('name', '?')} ({options})",
         f"- plan: {design}, {plan.get('num_models', '?')} models",
         f"- training: {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
-        f"Adam lr {train.get('learning_rate', '?')}, seed {train.get('seed', '?')}",
+        f"{optimizer}, seed {train.get('seed', '?')}",
         f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples",
     ]
 

@@ -136,3 +136,13 @@ def test_examples_grid_and_its_errors(tmp_path):
                                   tmp_path / "g.png")
     with pytest.raises(ValueError, match=r"M_by_epoch must be \[3 epochs, n\]"):
         report.plot_scores_over_epochs([1, 2, 3], np.zeros((2, 5)), tmp_path / "e.png")
+
+
+def test_run_description_names_the_optimizer():
+    config = {"training": {"epochs": 3, "learning_rate": 0.001, "optimizer": "adam"}}
+    assert any("Adam lr 0.001" in line for line in report._run_description(config))
+    # A custom optax transformation (e.g. a schedule) ignores learning_rate: not "Adam lr".
+    config["training"]["optimizer"] = "custom"
+    lines = report._run_description(config)
+    assert not any("Adam" in line for line in lines)
+    assert any("custom optimizer" in line for line in lines)
