@@ -405,8 +405,6 @@ def _np_load(path: pathlib.Path):
 
 def _read_csv(path: pathlib.Path):
     table, names, _ = read_table(path)
-    if table.size == 0:
-        raise ValueError(f"{path}: x is empty (no data rows)")
     y = None
     label_cols = [i for i, c in enumerate(names) if c.lower() in ("y", "label")]
     if label_cols:
