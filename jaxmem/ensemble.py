@@ -536,6 +536,9 @@ def fit(
     _check_data(data, keep.shape[1])
     ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
     state = ens.init(seed)
+    # Placed before the configuration is taken: its fingerprint is of the data as trained on
+    # (e.g. float64 input becomes float32 without x64).
+    data = jax.device_put(data, NamedSharding(ens.mesh, P()))
     history: dict[str, list] = {"train_loss": [], "heldout_loss": []}
 
     ckpt = None
@@ -549,8 +552,6 @@ def fit(
             state, restored = ckpt.restore(state, latest)
             history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
             log.info("resumed %s from epoch %d", run_dir, latest)
-    # After the configuration, whose data fingerprint then reads host arrays as given.
-    data = jax.device_put(data, NamedSharding(ens.mesh, P()))
 
     start = int(state.epoch)
     try:
