@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import json
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,10 +152,16 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
     path = os.path.join(directory, "result.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} holds no jaxmem result (no result.npz); run `jaxmem run` first")
-    with np.load(path) as z:
+    from jaxmem.data import _np_load
+
+    with _np_load(pathlib.Path(path)) as z:
         arrays = {k: z[k] for k in z.files}
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     history = {k[len("history_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("history_")}
     fields = {f.name for f in dataclasses.fields(MemorizationResult)}
     kwargs = {k: arrays.get(k) for k in fields if k not in ("config", "history")}

@@ -190,7 +190,10 @@ def test_option_errors_in_process(capsys, tmp_path):
         "not_prepared": (["run", "--data", "mnist", "--data-dir", tmp_path / "tfds"],
                          ["not prepared", "tfds build"]),
         "report": (["report", tmp_path / "nowhere"], ["not found"]),
+        "corrupt": (["report", tmp_path / "corrupt"], ["corrupt", "result.npz"]),
     }
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "result.npz").write_text("not an archive")
     for name, (args, words) in cases.items():
         code, _, err = run_main(capsys, *args)
         assert_one_line_error(code, err, *words)
