@@ -429,8 +429,9 @@ def leverage(
       ``[n]`` leverages in ``[0, 1]``; they sum to the rank of ``X``.
 
     Raises:
-      ValueError: ``X`` not 2-D, ``n <= p``, a non-finite entry (its index is named), an
-        unknown method, or ``method="qr"`` with a mesh.
+      ValueError: ``X`` not 2-D, ``n <= p``, a non-finite entry (its index is named), a Gram
+        matrix that overflows the dtype (Cholesky; its column is named), an unknown method,
+        or ``method="qr"`` with a mesh.
 
     Examples:
       >>> import numpy as np, jaxmem.linear as jl
