@@ -548,6 +548,14 @@ def fit(
         cfg = _run_config(ens, model, tx_config, data, state, seed=seed, epochs=epochs, user=config)
         ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",))
         latest = ckpt.latest_epoch()
+        if latest is not None and latest > epochs:
+            from jaxmem.checkpoint import ConfigMismatchError
+
+            ckpt.close()
+            raise ConfigMismatchError(
+                f"{run_dir} holds a checkpoint of epoch {latest}, past the {epochs} epoch(s) "
+                f"asked for; ask for at least {latest} epochs, or use another run directory"
+            )
         if latest is not None:
             state, restored = ckpt.restore(state, latest)
             history = {k: [list(map(float, row)) for row in restored[k]] for k in history}

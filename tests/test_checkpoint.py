@@ -80,6 +80,9 @@ def test_other_configuration_is_refused(tmp_path):
     # more epochs of the same configuration is a resume, not a mismatch
     res = ensemble.fit(tiny, 1e-2, X, KEEP, **{**kw, "epochs": 2})
     assert res.history["train_loss"].shape == (2, 2)
+    # fewer epochs than the run holds would silently return the later state: refused
+    with pytest.raises(ConfigMismatchError, match="epoch 2, past the 1 epoch"):
+        ensemble.fit(tiny, 1e-2, X, KEEP, **kw)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
