@@ -33,6 +33,13 @@ def problem():
 
 
 KW = dict(num_samples=6, example_chunk=2, sample_chunk=4)
+#: a 4-model plan for the scores: every example in 2 models and out of 2 (a finite stderr)
+KEEP = np.arange(13)[None, :] % 2 != np.arange(4)[:, None] % 2
+
+
+def four_models(ll):
+    """The 2-member matrix widened to 4 "models" for KEEP (a second, shifted copy)."""
+    return np.concatenate([ll, ll[::-1] - 0.5])
 
 
 def main():
@@ -45,8 +52,17 @@ def main():
     rows = mesh.host_local_rows(x.shape[0])
     ll = loglik_matrix_multihost(graphdef, state, x[rows], num_examples=x.shape[0],
                                  key=jax.random.key(7), **KW)
+    # Scores of the gathered matrix, sharded over the examples across both processes;
+    # their outputs are global arrays, gathered once more.
+    from jax.experimental.multihost_utils import process_allgather
+
+    from jaxmem.scores import memorization_scores
+
+    s = memorization_scores(four_models(ll), KEEP, mesh=mesh.make_mesh())
+    M, stderr = (np.asarray(process_allgather(a, tiled=True)) for a in (s.M, s.stderr))
     if pid == 0:
         np.save(out, ll)
+        np.save(out.replace(".npy", "_scores.npy"), np.stack([M, stderr]))
     jax.distributed.shutdown()
 
 

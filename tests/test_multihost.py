@@ -1,4 +1,4 @@
-"""Multi-host: 2 processes x 2 CPU devices over loopback (gloo) give the single-process matrix."""
+"""Multi-host: 2 processes x 2 CPU devices over loopback (gloo) give the single-process matrix and scores."""
 import os
 import socket
 import subprocess
@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jaxmem import likelihood, mesh
+from jaxmem.scores import memorization_scores
 
 import _multihost_worker as worker  # tests/ is on sys.path under pytest's default import mode
 
@@ -49,3 +50,9 @@ def test_two_processes_match_single_process(tmp_path):
     assert multi.shape == (2, 13)
     # same per-example randomness; only the float32 summation order may differ
     np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-4)
+    # scores computed across the processes equal one process's scores of the same matrix
+    M, stderr = np.load(str(out).replace(".npy", "_scores.npy"))
+    ref = memorization_scores(worker.four_models(multi), worker.KEEP, mesh=mesh.make_mesh(1))
+    np.testing.assert_allclose(M, ref.M, rtol=1e-6, atol=1e-6)
+    assert np.isfinite(stderr).all()
+    np.testing.assert_allclose(stderr, ref.stderr, rtol=1e-5, atol=1e-6)
