@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import zipfile
 from typing import Any, Literal
 
 import jax
@@ -399,7 +400,7 @@ def _np_load(path: pathlib.Path):
         return np.load(path, allow_pickle=False)
     except ValueError as err:  # object arrays need pickle, which we refuse
         raise ValueError(f"{path}: cannot read as a numeric array ({err})") from None
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a valid {path.suffix} file ({err})") from None
 
 

@@ -65,7 +65,8 @@ class MemorizationResult:
       labels: int32 ``[n]`` or None.
       logp_full: f32 ``[n]`` log p under a model trained on all examples, or None.
       leverage: f32 ``[n]`` hat-matrix leverage of the design ``[1, x]`` (the linear
-        baseline), or None when ``n`` is not larger than the number of features.
+        baseline), or None when ``n`` is not larger than the number of features plus one
+        (the intercept column).
       label_memorization: f32 ``[n]`` Feldman & Zhang's estimator (classifiers), or None.
       tracked_epochs: int32 ``[E]`` epochs at which ``M`` was also computed.
       M_by_epoch: f32 ``[E, n]``.
@@ -324,7 +325,10 @@ def memorization(
         raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
     plan.validate()
     model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
-    tracked = sorted({int(e) for e in track_epochs if 0 < int(e) <= epochs})
+    outside = sorted({int(e) for e in track_epochs if not 0 < int(e) <= epochs})
+    if outside:
+        raise ValueError(f"track_epochs {outside} lie outside the epochs 1..{epochs} that are trained")
+    tracked = sorted({int(e) for e in track_epochs})
     track_samples = int(track_samples or num_samples)
     config = {
         "format": _FORMAT,

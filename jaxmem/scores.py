@@ -424,6 +424,8 @@ def memorization_scores(
     quantile = _check_quantile(quantile)
     if uncertainty not in _UNCERTAINTY:
         raise ValueError(f"uncertainty must be one of {_UNCERTAINTY}, got {uncertainty!r}")
+    if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap:
+        raise ValueError(f"num_bootstrap must be an integer, got {num_bootstrap!r}")
     num_bootstrap = int(num_bootstrap)
     if uncertainty == "bootstrap" and num_bootstrap < 2:
         raise ValueError(f"num_bootstrap must be >= 2, got {num_bootstrap}")
@@ -541,6 +543,9 @@ def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
     scores = jnp.asarray(scores)
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D [examples], got shape {scores.shape}")
+    bad = np.flatnonzero(~np.isfinite(np.asarray(scores)))
+    if bad.size:  # one NaN would make the threshold, hence every flag, meaningless
+        raise ValueError(f"scores has {bad.size} non-finite value(s), e.g. at example(s) {bad[:10].tolist()}")
     return _quantile_flags_jit(scores, jnp.asarray(_check_quantile(quantile), scores.dtype))
 
 

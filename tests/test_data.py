@@ -254,3 +254,11 @@ def test_nearest_neighbours_exclude_self():
     np.testing.assert_array_equal(idx, np.argsort(d, axis=1)[:, :3])
     with pytest.raises(ValueError, match="k must be in"):
         nearest_neighbours(pool[:2], pool, k=50, exclude=np.arange(2))
+
+
+def test_truncated_npz_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, x=np.zeros((4, 2), np.float32))
+    path.write_bytes(path.read_bytes()[:40])  # a zip archive cut short
+    with pytest.raises(ValueError, match=r"x\.npz: not a valid \.npz file"):
+        load_dataset(path)

@@ -134,3 +134,5 @@ def test_bad_inputs(digits):
         jaxmem.memorization(digits.x, digits.y[:5], progress=False)
     with pytest.raises(ValueError, match="k"):
         jaxmem.memorization(digits.x[:3], folds=10, progress=False)
+    with pytest.raises(ValueError, match=r"track_epochs \[5\] lie outside the epochs 1..3"):
+        jaxmem.memorization(digits.x, epochs=3, track_epochs=[2, 5], progress=False)

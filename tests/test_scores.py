@@ -298,3 +298,12 @@ def test_feldman_zhang_log_prob_variant_matches_numpy():
         np.testing.assert_allclose(float(fz.mem[i]), a.mean() - b.mean(), rtol=1e-5, atol=1e-3)
         se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
         np.testing.assert_allclose(float(fz.stderr[i]), se, rtol=1e-5, atol=1e-4)
+
+
+def test_quantile_flags_and_bootstrap_count_refuse_bad_values():
+    with pytest.raises(ValueError, match="non-finite"):
+        quantile_flags(np.array([0.1, np.nan, 0.3]), 0.95)
+    ll = np.zeros((4, 3))
+    keep = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)
+    with pytest.raises(ValueError, match="num_bootstrap must be an integer"):
+        memorization_scores(ll, keep, uncertainty="bootstrap", num_bootstrap=2.5)

@@ -36,8 +36,9 @@ class MLPVAE(LatentVariableModel):
     input is flattened; the paper pads MNIST to 32x32 (``example_shape=(32, 32)``), which
     is the data's business, not the model's.
 
-    ``log_prob`` is the log-probability of the binary image (nats, a probability mass, so
-    at most 0). With ``binarize="dynamic"`` inputs are intensities in [0, 1] and each is
+    ``log_prob`` estimates the log-probability of the binary image (nats; the true value
+    is a log probability mass, at most 0, though a single importance-weighted estimate
+    can exceed it). With ``binarize="dynamic"`` inputs are intensities in [0, 1] and each is
     binarised by a Bernoulli draw — from the batch key in training, from the per-example
     key at evaluation, so evaluation is reproducible. With ``binarize="none"`` inputs are
     taken as they are (they should already be 0/1; other values give the Bernoulli
