@@ -112,6 +112,18 @@ def flops_of(compiled) -> float | None:
     return float(cost.get("flops", 0.0)) or None
 
 
+def mlp_vae_macs(d: int, hidden, latent: int) -> tuple[int, int]:
+    """Multiply-accumulates of one example through an MLP VAE's encoder and decoder.
+
+    Encoder ``d -> hidden -> 2 * latent``, decoder ``latent -> reversed(hidden) -> d``
+    (``jaxmem.models.MLPVAE``); FLOPs are twice these.
+    """
+    enc = [d, *hidden, 2 * latent]
+    dec = [latent, *reversed(list(hidden)), d]
+    macs = lambda sizes: sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # noqa: E731
+    return macs(enc), macs(dec)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> None:
     """Print rows as a fixed-width table (numbers to 4 significant digits)."""
 

@@ -49,11 +49,8 @@ SHAPE = (32, 32)
 
 def matmul_flops_per_pair(num_samples: int) -> float:
     """Dense-matmul FLOPs of one (member, example) pair: encoder once, decoder S times."""
-    d = math.prod(SHAPE)
-    enc = [d, *HIDDEN, 2 * LATENT]
-    dec = [LATENT, *reversed(HIDDEN), d]
-    mm = lambda sizes: sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))  # noqa: E731
-    return mm(enc) + num_samples * mm(dec)
+    enc, dec = _common.mlp_vae_macs(math.prod(SHAPE), HIDDEN, LATENT)
+    return 2.0 * (enc + num_samples * dec)
 
 
 def ensemble(members: int):

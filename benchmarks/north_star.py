@@ -35,15 +35,6 @@ import jaxmem
 from jaxmem import ensemble, models
 
 
-def mlp_vae_macs(d: int, hidden: list[int], latent: int) -> tuple[int, int]:
-    """Multiply-accumulates of one example through the encoder and the decoder."""
-    enc_sizes = [d, *hidden, 2 * latent]
-    dec_sizes = [latent, *reversed(hidden), d]
-    enc = sum(a * b for a, b in zip(enc_sizes[:-1], enc_sizes[1:]))
-    dec = sum(a * b for a, b in zip(dec_sizes[:-1], dec_sizes[1:]))
-    return enc, dec
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folds", type=int, default=10)
@@ -104,7 +95,7 @@ def main() -> None:
     compile_s = max(t_first - sec_epoch, 0.0)
     train_total = compile_s + args.epochs * sec_epoch
     d = args.side * args.side
-    enc, dec = mlp_vae_macs(d, args.hidden, args.latent)
+    enc, dec = _common.mlp_vae_macs(d, args.hidden, args.latent)
     steps = ens.steps_per_epoch
     train_flops_epoch = 6.0 * (enc + dec) * members * steps * args.batch_size  # fwd + bwd = 3x fwd
     print(f"\ntraining: init {t_init:.1f} s, compile ~{compile_s:.1f} s, {sec_epoch:.3f} s per epoch "
