@@ -354,11 +354,16 @@ def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------- user files
 
 
-def _load_file(path: pathlib.Path):
+def _existing_file(path: pathlib.Path, what: str, kinds: str) -> None:
+    """Refuse a missing path or a directory, naming what was expected."""
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a .npy, .npz or .csv file")
+        raise ValueError(f"{path} is a directory; give a {kinds} file")
+
+
+def _load_file(path: pathlib.Path):
+    _existing_file(path, "data", ".npy, .npz or .csv")
     suffix = path.suffix.lower()
     y = None
     if suffix == ".npy":
@@ -429,10 +434,7 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
       rows'.
     """
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"table file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a .csv, .npz or .npy file")
+    _existing_file(path, "table", ".csv, .npz or .npy")
     suffix = path.suffix.lower()
     y = None
     if suffix == ".csv":
