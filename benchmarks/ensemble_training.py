@@ -9,7 +9,15 @@ evaluation, whose share of the work is the same at both sizes).
 
   (a) ensemble   jaxmem.ensemble: K members vmapped in one scanned, jitted epoch
   (b) jax-loop   the same members one after another, each a jitted scanned epoch (K = 1)
-  (c) torch      a PyTorch per-fold loop as the paper's code does it (skipped without torch)
+  (c) paper      the paper's own PyTorch code path, one fold after another: per-item
+                 PIL transforms in a DataLoader, sigmoid + BCE loss, Adam, the held-out
+                 loss each epoch (``_paper_torch``; skipped without torch)
+  (d) torch lean a lean PyTorch per-fold loop: data already in one tensor, fused
+                 BCE-with-logits, training steps only (no held-out pass)
+
+Targets (issue #3) are measured against (c), the paper's code; (d) is printed beside it
+to show how much of the gap is the paper's data pipeline and loss rather than the
+framework.
 
 Run: python benchmarks/ensemble_training.py [--quick] [--steps 40] [--members 10]
 """
@@ -35,13 +43,50 @@ from jaxmem.mesh import make_mesh  # noqa: E402
 FULL_N = 60_000
 
 
+def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | None:
+    """Seconds for ``steps`` steps + the held-out loss of every fold, the paper's code path.
+
+    Each fold: a fresh model and Adam, ``steps`` batches from a shuffled loader over its
+    training indices (per-item Pad/ToTensor/Binarize), then the loss over its held-out
+    indices, as ``MarginalTrainer.fit`` does every epoch.
+    """
+    try:
+        import torch
+
+        import _paper_torch as paper
+    except ImportError:
+        print("torch is not installed: row (c) skipped (pip install torch)")
+        return None
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(os.cpu_count() or 1)
+    data = paper.MNISTLike(paper.random_mnist_like(keep.shape[1]))
+    warm = paper.BernoulliMLPVAE(hidden, latent).to(dev)  # thread pools, allocator, CUDA context
+    paper.train_steps(warm, torch.optim.Adam(warm.parameters(), lr=lr),
+                      paper.loader(data, np.arange(batch * 3), batch), 3, dev)
+    _common.block(None)
+    total = 0.0
+    for m in range(keep.shape[0]):
+        torch.manual_seed(m)
+        model = paper.BernoulliMLPVAE(hidden, latent).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        t0 = time.perf_counter()
+        paper.train_steps(model, opt, paper.loader(data, np.flatnonzero(keep[m]), batch), steps, dev)
+        model.eval()
+        with torch.no_grad():
+            held_out = sum(model.step(x.to(dev)).item() for x, _, _ in paper.loader(data, np.flatnonzero(~keep[m]), batch))
+        _common.block(None)
+        total += time.perf_counter() - t0
+        assert np.isfinite(held_out)
+    return total
+
+
 def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | None:
-    """Seconds for ``steps`` steps of every fold, one fold after another (paper's code)."""
+    """Seconds for ``steps`` steps of every fold, one fold after another (lean PyTorch)."""
     try:
         import torch
         from torch import nn
     except ImportError:
-        print("torch is not installed: row (c) skipped (pip install torch)")
+        print("torch is not installed: row (d) skipped (pip install torch)")
         return None
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
@@ -163,10 +208,17 @@ def main():
     rows.append({"variant": "(b) JAX loop over members", "s_per_member_epoch": per_b,
                  "GFLOP/s": flops_b * k / t_b / 1e9 if flops_b else None})
 
-    # (c) PyTorch per-fold loop (training steps only: no held-out pass, which favours it)
-    t_c = torch_loop(x, keep, args.hidden, args.latent, batch, steps, lr)
+    # (c) the paper's code path, fold after fold (training steps + held-out loss)
+    t_c = paper_loop(keep, args.hidden, args.latent, batch, steps, lr)
     per_c = t_c / k * scale if t_c is not None else None
-    rows.append({"variant": "(c) PyTorch per-fold loop", "s_per_member_epoch": per_c, "GFLOP/s": None})
+    rows.append({"variant": "(c) the paper's PyTorch code", "s_per_member_epoch": per_c,
+                 "GFLOP/s": flops_b * scale / per_c / 1e9 if (flops_b and per_c) else None})
+
+    # (d) lean PyTorch per-fold loop (training steps only: no held-out pass, which favours it)
+    t_d = torch_loop(x, keep, args.hidden, args.latent, batch, steps, lr)
+    per_d = t_d / k * scale if t_d is not None else None
+    rows.append({"variant": "(d) lean PyTorch loop", "s_per_member_epoch": per_d,
+                 "GFLOP/s": flops_b * scale / per_d / 1e9 if (flops_b and per_d) else None})
 
     for r in rows:
         r["fraction_of_peak"] = r["GFLOP/s"] * 1e9 / peak if r["GFLOP/s"] else None
@@ -175,7 +227,7 @@ def main():
                         title=f"seconds per member-epoch (extrapolated to n={FULL_N}, K={k}); "
                               "a_speedup = this row's time / (a)'s")
     targets = {
-        "a_vs_torch_ge_2x": (per_c / per_a >= 2.0) if per_c else None,
+        "a_vs_paper_ge_2x": (per_c / per_a >= 2.0) if per_c else None,
         "a_at_least_as_fast_as_b": per_a <= per_b,
         "a_ge_60pct_peak": (rows[0]["fraction_of_peak"] or 0) >= 0.6,
     }

@@ -237,6 +237,20 @@ def _build_members(model: Any, num_members: int, seed: int):
     return graphdef, stack(1), stack(2)
 
 
+#: Cache budget for one chunk of members' training state on a CPU (``member_chunk=None``).
+CPU_CHUNK_BYTES = 64 * 2**20
+
+
+def _auto_chunk(member_rows: Any, mesh: Mesh) -> int:
+    """Members per chunk when ``member_chunk`` is None (see :func:`make`)."""
+    leaves = jax.tree.leaves(member_rows)
+    local = leaves[0].shape[0]
+    if mesh.devices.flat[0].platform != "cpu":
+        return local
+    per_member = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in leaves)
+    return max(1, min(local, CPU_CHUNK_BYTES // max(per_member, 1)))
+
+
 def make(
     model: nnx.Module | Callable[[int], nnx.Module],
     tx: optax.GradientTransformation,
@@ -246,6 +260,7 @@ def make(
     mesh: Mesh | None = None,
     eval_batch_size: int | None = None,
     unroll: int = 1,
+    member_chunk: int | None = None,
 ) -> Ensemble:
     """Pure training functions for every member of a membership plan.
 
@@ -264,6 +279,18 @@ def make(
       unroll: steps per iteration of the scanned epoch loop (``lax.scan(unroll=...)``);
         more amortise the per-iteration loop overhead on accelerators, at the cost of
         compile time. Values are identical for any ``unroll``.
+      member_chunk: how many members :attr:`Ensemble.epoch` trains side by side on a
+        device. ``c``: the device's members are trained ``c`` at a time, vmapped within
+        a chunk, chunk after chunk (``lax.map(batch_size=c)``), inside the same jitted
+        epoch. ``None`` (default) picks by backend: on accelerators all of a device's
+        members at once (one vmapped step, the fastest layout there); on a CPU as many
+        as keep their parameters and optimizer state within :data:`CPU_CHUNK_BYTES`
+        (at least one), so that a chunk's state stays in cache for the whole epoch
+        instead of every member's streaming through memory at every step (17% faster
+        per member-epoch on the paper's MNIST VAE on a 2-core CPU; see
+        ``benchmarks/RESULTS.md``). Results agree across chunk sizes to float rounding
+        (the matmuls are batched differently), not bitwise; a given chunk size is
+        deterministic. ``step`` and ``evaluate`` always vmap all members.
 
     Returns:
       An :class:`Ensemble`.
@@ -278,6 +305,9 @@ def make(
     num_members, n = keep.shape
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if member_chunk is not None and (isinstance(member_chunk, bool) or int(member_chunk) != member_chunk
+                                     or member_chunk < 1):
+        raise ValueError(f"member_chunk must be None or a positive integer, got {member_chunk!r}")
     eval_batch_size = eval_batch_size or batch_size
     mesh = default_mesh(num_members) if mesh is None else mesh
     if len(mesh.axis_names) != 1:
@@ -363,11 +393,15 @@ def make(
     @jax.jit
     def epoch_fn(state: EnsembleState, data, keep_arr):
         def block(rows, rep):
-            params, rest, opt_state, keys, keep_rows = rows
             data, epoch, step0 = rep
-            return jax.vmap(member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, None))(
-                params, rest, opt_state, keys, keep_rows, data, epoch, step0
-            )
+            local = jax.tree.leaves(rows)[0].shape[0]
+            chunk = member_chunk or _auto_chunk(rows[:3], mesh)
+            if chunk >= local:
+                return jax.vmap(member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, None))(
+                    *rows, data, epoch, step0
+                )
+            return jax.lax.map(lambda r: member_epoch(*r, data, epoch, step0), rows,
+                               batch_size=int(chunk))
 
         rows = (state.params, state.rest, state.opt_state, state.keys, keep_arr)
         params, rest, opt_state, train, heldout = sharded(
