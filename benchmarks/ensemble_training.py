@@ -7,7 +7,11 @@ runs ``--steps`` steps per member on a subset sized so that one epoch is exactly
 many steps, and the time is extrapolated to a full member-epoch (844 steps + the held-out
 evaluation, whose share of the work is the same at both sizes).
 
-  (a) ensemble   jaxmem.ensemble: K members vmapped in one scanned, jitted epoch
+  (a) ensemble   jaxmem.ensemble: K members in one scanned, jitted epoch, with the default
+                 member_chunk (all K vmapped on accelerators; on a CPU, members a few at a
+                 time, each chunk's state kept in cache for the epoch)
+  (a') vmap-all  the same with all K members vmapped at every step (member_chunk=K);
+                 printed only where it differs from (a)
   (b) jax-loop   the same members one after another, each a jitted scanned epoch (K = 1)
   (c) paper      the paper's own PyTorch code path, one fold after another: per-item
                  PIL transforms in a DataLoader, sigmoid + BCE loss, Adam, the held-out
@@ -32,11 +36,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import _common  # noqa: E402
 from jaxmem import ensemble, membership, models  # noqa: E402
 from jaxmem.mesh import make_mesh  # noqa: E402
 
@@ -51,9 +55,8 @@ def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | No
     indices, as ``MarginalTrainer.fit`` does every epoch.
     """
     try:
-        import torch
-
         import _paper_torch as paper
+        import torch
     except ImportError:
         print("torch is not installed: row (c) skipped (pip install torch)")
         return None
@@ -194,6 +197,15 @@ def main():
     per_a = t_a / k * scale
     rows.append({"variant": "(a) ensemble, one program", "s_per_member_epoch": per_a,
                  "GFLOP/s": flops_a / t_a * ens.mesh.size / 1e9 if flops_a else None})
+    local = k // ens.mesh.size if k % ens.mesh.size == 0 else k
+    chunk = min(local, ensemble._auto_chunk((state.params, state.rest, state.opt_state), ens.mesh))
+    print(f"(a) trains {chunk} of each device's {local} members at a time (member_chunk=None)")
+    if chunk < local:
+        ens_all = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll, member_chunk=k)
+        state_all = ens_all.init(0)
+        t_all = _common.timeit(lambda: ens_all.epoch(state_all, xd), repeats=3, warmup=1)
+        rows.append({"variant": "(a') one program, all K vmapped", "s_per_member_epoch": t_all / k * scale,
+                     "GFLOP/s": flops_a / t_all * ens.mesh.size / 1e9 if flops_a else None})
 
     # (b) the same members one after another, each a jitted scanned epoch. Every member's
     # program has the same shapes (equal fold sizes), so a sequential JAX loop compiles it

@@ -81,7 +81,11 @@ def _dense_bwd(res, g):
     h, kernel = res
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     d_kernel = jax.lax.dot_general(h2, g2, (((0,), (0,)), ((), ())))  # [in, out]
-    return jnp.matmul(g, kernel.T), d_kernel.astype(kernel.dtype), g2.sum(0).astype(g.dtype)
+    # (kernel g^T)^T rather than g kernel^T: XLA's CPU matmuls take their right operand
+    # contracted on its first axis, so the latter copies a transposed kernel every step;
+    # this form transposes the [batch, out] and [in, batch] activations instead.
+    d_h = jax.lax.dot_general(kernel, g2, (((1,), (1,)), ((), ()))).T.reshape(h.shape)
+    return d_h, d_kernel.astype(kernel.dtype), g2.sum(0).astype(g.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
