@@ -81,6 +81,30 @@ def timeit(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, min_time
     return best
 
 
+def interleaved_best(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Best wall-clock seconds of each ``fns[name]()``, timed in interleaved rounds.
+
+    Every function is warmed up, then each round times every function once, in turn; the
+    result is each one's fastest round. On a shared machine whose speed drifts over
+    minutes, interleaving puts the implementations being compared under the same
+    conditions, where timing one after the other would hand one of them the slow spell.
+    A function that returns a Python float has timed itself: that number is used instead
+    of its wall time (for loops that must leave set-up work, such as building fresh
+    models, out of the timing).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out = block(fn())
+            secs = out if isinstance(out, float) else time.perf_counter() - t0
+            best[name] = min(best[name], secs)
+    return best
+
+
 def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) -> float:
     """Measured f32 matmul FLOP/s of the default device (square products, best of ``repeats``).
 
@@ -88,6 +112,13 @@ def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) ->
     ``precision="highest"`` off-CPU so that the peak is true-f32 (not TF32/bf16) — the
     same precision the f32 kernels it is compared with are asked to use by default.
     """
+    fn, flops = matmul_peak_fn(size, dtype)
+    secs = timeit(fn, repeats=repeats, warmup=2)
+    return flops / secs
+
+
+def matmul_peak_fn(size: int | None = None, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
+    """The product :func:`matmul_peak` times, as ``(function, its FLOPs)``, to time alongside others."""
     backend = jax.default_backend()
     if size is None:
         size = 2048 if backend == "cpu" else 8192
@@ -95,8 +126,7 @@ def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) ->
     a = jax.random.normal(k1, (size, size), dtype)
     b = jax.random.normal(k2, (size, size), dtype)
     f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
-    secs = timeit(lambda: f(a, b), repeats=repeats, warmup=2)
-    return 2.0 * size**3 / secs
+    return (lambda: f(a, b)), 2.0 * size**3
 
 
 def flops_of(compiled) -> float | None:

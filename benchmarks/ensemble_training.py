@@ -47,6 +47,15 @@ from jaxmem.mesh import make_mesh  # noqa: E402
 FULL_N = 60_000
 
 
+def paper_available() -> bool:
+    """Whether PyTorch (and so rows (c) and (d)) can run here."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | None:
     """Seconds for ``steps`` steps + the held-out loss of every fold, the paper's code path.
 
@@ -158,10 +167,11 @@ def main():
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512, 256])
     ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of the epoch loop")
-    ap.add_argument("--quick", action="store_true", help="5 steps, for development")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each)")
+    ap.add_argument("--quick", action="store_true", help="5 steps, 1 round, for development")
     args = ap.parse_args()
     if args.quick:
-        args.steps = 5
+        args.steps, args.rounds = 5, 1
     k, batch, lr = args.members, args.batch, 1e-3
     full_steps = math.ceil(FULL_N * (k - 1) / k / batch)  # 844 for K=10, batch 64
     # subset with exactly `steps` steps per epoch for every member
@@ -172,16 +182,15 @@ def main():
     info = _common.header(
         "ensemble_training",
         {"members": k, "timed_steps_per_member": steps, "subset_n": n, "full_n": FULL_N,
-         "full_steps_per_member_epoch": full_steps, "unroll": args.unroll, "hidden": args.hidden, "latent": args.latent,
-         "batch": batch},
+         "full_steps_per_member_epoch": full_steps, "unroll": args.unroll, "rounds": args.rounds,
+         "hidden": args.hidden, "latent": args.latent, "batch": batch},
     )
-    peak = _common.matmul_peak()
-    print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     x = (np.random.default_rng(0).random((n, 32, 32)) < 0.5).astype(np.float32)
     factory = lambda s: models.create(  # noqa: E731
         "mlp_vae", (32, 32), seed=s, hidden=args.hidden, latent_dim=args.latent)
     scale = full_steps / steps  # extrapolation factor to a full member-epoch
-    rows = []
+    peak_fn, peak_flops = _common.matmul_peak_fn()
+    fns = {"peak": peak_fn}
 
     # (a) one program for all members
     ens = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll)
@@ -192,20 +201,16 @@ def main():
     # evaluation (a forward pass over 1/K of the data) is left out, so rates are a floor.
     batch0 = x[np.asarray(ens.schedule(state))[:, 0]]
     step_flops = _common.flops_of(ens.step.lower(state, batch0).compile())
-    flops_a = step_flops * steps if step_flops else None
-    t_a = _common.timeit(lambda: ens.epoch(state, xd), repeats=3, warmup=1)
-    per_a = t_a / k * scale
-    rows.append({"variant": "(a) ensemble, one program", "s_per_member_epoch": per_a,
-                 "GFLOP/s": flops_a / t_a * ens.mesh.size / 1e9 if flops_a else None})
+    flops_a = step_flops * steps * ens.mesh.size if step_flops else None  # all members
+    flops_b = flops_a / k if flops_a else None
+    fns["a"] = lambda: ens.epoch(state, xd)
     local = k // ens.mesh.size if k % ens.mesh.size == 0 else k
     chunk = min(local, ensemble._auto_chunk((state.params, state.rest, state.opt_state), ens.mesh))
     print(f"(a) trains {chunk} of each device's {local} members at a time (member_chunk=None)")
-    if chunk < local:
+    if chunk < local:  # (a') every member vmapped at every step
         ens_all = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll, member_chunk=k)
         state_all = ens_all.init(0)
-        t_all = _common.timeit(lambda: ens_all.epoch(state_all, xd), repeats=3, warmup=1)
-        rows.append({"variant": "(a') one program, all K vmapped", "s_per_member_epoch": t_all / k * scale,
-                     "GFLOP/s": flops_a / t_all * ens.mesh.size / 1e9 if flops_a else None})
+        fns["a'"] = lambda: ens_all.epoch(state_all, xd)
 
     # (b) the same members one after another, each a jitted scanned epoch. Every member's
     # program has the same shapes (equal fold sizes), so a sequential JAX loop compiles it
@@ -213,25 +218,26 @@ def main():
     single = ensemble.make(factory, optax.adam(lr), keep[:1], batch_size=batch, mesh=make_mesh(1),
                            unroll=args.unroll)
     states = [single.init(m) for m in range(k)]
-    flops_b = flops_a / k if flops_a else None
-    _common.block(single.epoch(states[0], xd))  # compile once
-    t_b = _common.timeit(lambda: [single.epoch(s, xd) for s in states], repeats=2, warmup=0)
-    per_b = t_b / k * scale
-    rows.append({"variant": "(b) JAX loop over members", "s_per_member_epoch": per_b,
-                 "GFLOP/s": flops_b * k / t_b / 1e9 if flops_b else None})
+    fns["b"] = lambda: [single.epoch(s, xd) for s in states]
 
-    # (c) the paper's code path, fold after fold (training steps + held-out loss)
-    t_c = paper_loop(keep, args.hidden, args.latent, batch, steps, lr)
-    per_c = t_c / k * scale if t_c is not None else None
-    rows.append({"variant": "(c) the paper's PyTorch code", "s_per_member_epoch": per_c,
-                 "GFLOP/s": flops_b * scale / per_c / 1e9 if (flops_b and per_c) else None})
+    # (c) the paper's code path, fold after fold (training steps + held-out loss), and
+    # (d) lean PyTorch (training steps only: no held-out pass, which favours it); both time
+    # themselves, leaving out the construction of each fold's fresh model.
+    if paper_available():
+        fns["c"] = lambda: paper_loop(keep, args.hidden, args.latent, batch, steps, lr)
+        fns["d"] = lambda: torch_loop(x, keep, args.hidden, args.latent, batch, steps, lr)
+    else:
+        print("torch is not installed: rows (c) and (d) skipped (pip install torch==2.13.0)")
 
-    # (d) lean PyTorch per-fold loop (training steps only: no held-out pass, which favours it)
-    t_d = torch_loop(x, keep, args.hidden, args.latent, batch, steps, lr)
-    per_d = t_d / k * scale if t_d is not None else None
-    rows.append({"variant": "(d) lean PyTorch loop", "s_per_member_epoch": per_d,
-                 "GFLOP/s": flops_b * scale / per_d / 1e9 if (flops_b and per_d) else None})
-
+    best = _common.interleaved_best(fns, rounds=args.rounds)
+    peak = peak_flops / best["peak"]
+    print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s")
+    per = {name: best[name] / k * scale for name in fns if name != "peak"}
+    per_a, per_b, per_c = per["a"], per["b"], per.get("c")
+    labels = {"a": "(a) ensemble, one program", "a'": "(a') one program, all K vmapped",
+              "b": "(b) JAX loop over members", "c": "(c) the paper's PyTorch code", "d": "(d) lean PyTorch loop"}
+    rows = [{"variant": labels[name], "s_per_member_epoch": secs,
+             "GFLOP/s": flops_b * scale / secs / 1e9 if flops_b else None} for name, secs in per.items()]
     for r in rows:
         r["fraction_of_peak"] = r["GFLOP/s"] * 1e9 / peak if r["GFLOP/s"] else None
         r["a_speedup"] = r["s_per_member_epoch"] / per_a if r["s_per_member_epoch"] else None

@@ -96,11 +96,11 @@ def kernel_flops(graphdef, state, n, num_samples, mesh, example_chunk, sample_ch
 
 
 def run_jax(graphdef, state, x, num_samples, mesh, example_chunk, sample_chunk):
+    """The compiled kernel over all of ``x``, as a no-argument function to time."""
     n = x.shape[0]
     compiled, key_data = compile_kernel(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk)
     idx = np.arange(n, dtype=np.int32)
-    secs = _common.timeit(lambda: compiled(state, x, idx, key_data), repeats=2, warmup=1)
-    return secs, compiled
+    return lambda: compiled(state, x, idx, key_data)
 
 
 def torch_weights(member):
@@ -117,7 +117,7 @@ def torch_weights(member):
 
 
 def run_paper(members, num_samples, rows):
-    """The paper's ``marginal`` loop over a loader: seconds per (member, example) pair."""
+    """The paper's ``marginal`` loop over a loader: ``(function, pairs it evaluates, threads)``."""
     try:
         import _paper_torch as paper
         import torch
@@ -150,12 +150,11 @@ def run_paper(members, num_samples, rows):
         assert bool(torch.isfinite(values).all())
         return values
 
-    secs = _common.timeit(evaluate, repeats=2, warmup=1)
-    return secs / (len(nets) * rows), torch.get_num_threads()
+    return evaluate, len(nets) * rows, torch.get_num_threads()
 
 
 def run_torch(members, x, num_samples, max_rows):
-    """Per-row PyTorch evaluation (the paper's loop): seconds per (member, example) pair."""
+    """Lean per-row PyTorch evaluation: ``(function, pairs it evaluates, threads)``."""
     try:
         import torch
     except ImportError:
@@ -192,8 +191,7 @@ def run_torch(members, x, num_samples, max_rows):
                     out[m, i] = float(torch.logsumexp(lw, 0) - math.log(num_samples))
         return out
 
-    secs = _common.timeit(evaluate, repeats=2, warmup=1)
-    return secs / (len(nets) * rows), torch.get_num_threads()
+    return evaluate, len(nets) * rows, torch.get_num_threads()
 
 
 def main():
@@ -205,19 +203,22 @@ def main():
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--example-chunk", type=int, default=16)
     ap.add_argument("--sample-chunk", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each)")
     args = ap.parse_args()
     n = args.examples or (32 if args.quick else 256)
     S, M = args.samples, args.members
     sizes = dict(members=M, examples=n, samples=S, example_chunk=args.example_chunk,
-                 sample_chunk=args.sample_chunk, hidden=HIDDEN, latent=LATENT, image=SHAPE)
+                 sample_chunk=args.sample_chunk, rounds=args.rounds, hidden=HIDDEN, latent=LATENT, image=SHAPE)
     info = _common.header("likelihood", sizes)
-    peak = _common.matmul_peak()
-    print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
     graphdef, state, members = ensemble(M)
     x = (np.random.default_rng(0).uniform(size=(n, *SHAPE)) > 0.5).astype(np.float32)
     rows, results = [], {}
 
+    # Everything to time, then timed in interleaved rounds (best round of each), so that
+    # jaxmem, the PyTorch rows and the matmul peak all see the machine in the same state.
+    peak_fn, peak_flops = _common.matmul_peak_fn()
+    fns, work = {"peak": peak_fn}, {}
     meshes = [1] if not args.devices else sorted({1, *[2**k for k in range(1, 8) if 2**k <= jax.device_count()],
                                                     jax.device_count()})
     for ndev in meshes:
@@ -226,45 +227,41 @@ def main():
         if n % (ndev * chunk):
             print(f"skipping {ndev} devices: n={n} is not a multiple of devices x example_chunk")
             continue
-        secs, _ = run_jax(graphdef, state, x, S, mesh, chunk, args.sample_chunk)
+        fns[f"jaxmem/{ndev}"] = run_jax(graphdef, state, x, S, mesh, chunk, args.sample_chunk)
         flops, block_check = kernel_flops(graphdef, state, n, S, mesh, chunk, args.sample_chunk)
+        work[f"jaxmem/{ndev}"] = ("jaxmem", ndev, M * n, flops)
         if ndev == 1:
             print(f"one block's cost_analysis / its analytic dense-matmul FLOPs: {block_check:.4f}")
-        pairs = M * n / secs
-        row = {"impl": "jaxmem", "devices": ndev, "seconds": secs, "pairs_per_s": pairs,
-               "gflop_per_s": flops / secs / 1e9 if flops else None,
-               "peak_fraction": flops / secs / peak if flops else None}
-        rows.append(row)
+    paper = run_paper(members, S, 64)  # one loader batch of 64, as the paper evaluates
+    if paper is not None:
+        fns["paper"] = paper[0]
+        work["paper"] = (f"paper's code ({paper[2]} threads)", 1, paper[1], paper[1] * matmul_flops_per_pair(S))
+    lean = run_torch(members, x, S, 8 if args.quick else 24)
+    if lean is not None:
+        fns["lean"] = lean[0]
+        work["lean"] = (f"torch per-row ({lean[2]} threads)", 1, lean[1], lean[1] * matmul_flops_per_pair(S))
+    best = _common.interleaved_best(fns, rounds=args.rounds)
+    peak = peak_flops / best["peak"]
+    print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s")
+
+    for name, (impl, ndev, pairs, flops) in work.items():
+        secs = best[name]
+        rows.append({"impl": impl, "devices": ndev, "seconds_per_pair": secs / pairs, "pairs_per_s": pairs / secs,
+                     "gflop_per_s": flops / secs / 1e9 if flops else None,
+                     "peak_fraction": flops / secs / peak if flops else None})
     base = rows[0]
     for row in rows:
         row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
+    if "paper" in work:
+        results["speedup_vs_paper"] = base["pairs_per_s"] / rows[list(work).index("paper")]["pairs_per_s"]
+    if "lean" in work:
+        results["speedup_vs_torch"] = base["pairs_per_s"] / rows[list(work).index("lean")]["pairs_per_s"]
     analytic = M * n * matmul_flops_per_pair(S)
-    print(f"dense-matmul FLOPs of the run (analytic): {analytic:.4g}")
-
-    paper_rows = 16 if args.quick else 64
-    t = run_paper(members, S, paper_rows)
-    if t is not None:
-        per_pair, threads = t
-        rows.append({"impl": f"paper's code ({threads} threads)", "devices": 1, "seconds": per_pair * M * n,
-                     "pairs_per_s": 1.0 / per_pair,
-                     "gflop_per_s": matmul_flops_per_pair(S) / per_pair / 1e9,
-                     "peak_fraction": matmul_flops_per_pair(S) / per_pair / peak})
-        results["speedup_vs_paper"] = base["pairs_per_s"] * per_pair
-
-    torch_rows = 8 if args.quick else 24
-    t = run_torch(members, x, S, torch_rows)
-    if t is not None:
-        per_pair, threads = t
-        rows.append({"impl": f"torch per-row ({threads} threads)", "devices": 1, "seconds": per_pair * M * n,
-                     "pairs_per_s": 1.0 / per_pair,
-                     "gflop_per_s": matmul_flops_per_pair(S) / per_pair / 1e9,
-                     "peak_fraction": matmul_flops_per_pair(S) / per_pair / peak})
-        results["speedup_vs_torch"] = base["pairs_per_s"] * per_pair
-    for row in rows:
-        row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
-    _common.print_table(rows, ["impl", "devices", "seconds", "pairs_per_s", "gflop_per_s", "peak_fraction", "speedup"],
-                        title=f"{M} members x {n} examples, S={S}; speedup = this row's pairs/s / jaxmem's "
-                              "(PyTorch rows timed on fewer examples, per pair)")
+    print(f"dense-matmul FLOPs of the jaxmem run (analytic): {analytic:.4g}")
+    _common.print_table(rows, ["impl", "devices", "seconds_per_pair", "pairs_per_s", "gflop_per_s", "peak_fraction",
+                               "speedup"],
+                        title=f"{M} members x {n} examples, S={S} (PyTorch rows on {work.get('paper', [0, 0, 0])[2]} "
+                              f"and {work.get('lean', [0, 0, 0])[2]} pairs); speedup = pairs/s / jaxmem's")
     results["targets"] = {
         "vs_paper_ge_2x": (results["speedup_vs_paper"] >= 2.0) if "speedup_vs_paper" in results else None,
         "peak_ge_60pct": (base["peak_fraction"] or 0) >= 0.6,

@@ -400,8 +400,8 @@ def make(
                 return jax.vmap(member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, None))(
                     *rows, data, epoch, step0
                 )
-            return jax.lax.map(lambda r: member_epoch(*r, data, epoch, step0), rows,
-                               batch_size=int(chunk))
+            one = lambda r: member_epoch(*r, data, epoch, step0)  # noqa: E731
+            return jax.lax.map(one, rows) if chunk == 1 else jax.lax.map(one, rows, batch_size=int(chunk))
 
         rows = (state.params, state.rest, state.opt_state, state.keys, keep_arr)
         params, rest, opt_state, train, heldout = sharded(
