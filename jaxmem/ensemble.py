@@ -51,6 +51,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem.membership import _check_keep
+from jaxmem.models._latent import reverse_mode_dense
 from jaxmem.mesh import make_mesh, shard_examples
 
 __all__ = [
@@ -335,7 +336,8 @@ def make(
         lkey = jax.random.fold_in(jax.random.fold_in(key, 1), t)
 
         def objective(p):
-            losses, new_rest = member_loss(p, rest, batch, lkey)
+            with reverse_mode_dense():  # faster kernel gradients (see models._latent.dense)
+                losses, new_rest = member_loss(p, rest, batch, lkey)
             return jnp.mean(losses), new_rest
 
         (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(params)

@@ -274,3 +274,31 @@ def test_dense_matches_linear_and_its_gradients_match_autodiff():
     lin = nnx.Linear(7, 3, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 7)), jnp.float32)
     np.testing.assert_allclose(dense(x, lin.kernel[...], lin.bias[...]), lin(x), rtol=1e-6, atol=1e-6)
+
+
+def test_models_keep_forward_mode_autodiff_outside_the_training_step():
+    """run_layers uses the reverse-mode-only ``dense`` only inside ``reverse_mode_dense``
+    (the ensemble's training step): elsewhere a model's loss has forward-mode derivatives
+    (jax.jvp, as forward-over-reverse Hessian-vector products need), and both paths give
+    the same loss and the same gradient (float32 rounding)."""
+    from jaxmem.models._latent import reverse_mode_dense
+
+    model = models.create("mlp_vae", (4, 4), seed=0, hidden=[8], latent_dim=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jnp.asarray((np.random.default_rng(0).random((3, 4, 4)) < 0.5), jnp.float32)
+    key = jax.random.key(1)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p, rest).loss(x, key))
+
+    tangent = jax.tree.map(jnp.ones_like, params)
+    value, slope = jax.jvp(loss, (params,), (tangent,))  # forward mode works
+    grad_plain = jax.grad(loss)(params)
+    with reverse_mode_dense():
+        np.testing.assert_allclose(loss(params), value, rtol=1e-6)
+        grad_fast = jax.grad(loss)(params)
+        with pytest.raises(TypeError, match="custom_vjp"):
+            jax.jvp(loss, (params,), (tangent,))
+    for a, b in zip(jax.tree.leaves(grad_plain), jax.tree.leaves(grad_fast)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(float(slope))

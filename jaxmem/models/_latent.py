@@ -24,8 +24,10 @@ in chunks of any size, and whichever chunk or device the example lands in.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +70,8 @@ def dense(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     kernel's own layout. Differentiating the plain product makes XLA compute it as
     ``[out, in]`` and transpose it inside every optimizer-update fusion that reads it
     (Adam's two moments), a strided read of the whole gradient; on a CPU those
-    transposed reads were the largest cost of a training step. Reverse mode only.
+    transposed reads were the largest cost of a training step. Reverse mode only, so
+    :func:`run_layers` uses it only inside :func:`reverse_mode_dense`.
     """
     return jnp.matmul(h, kernel) + bias
 
@@ -91,6 +94,24 @@ def _dense_bwd(res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+_REVERSE_MODE_DENSE = contextvars.ContextVar("jaxmem_reverse_mode_dense", default=False)
+
+
+@contextlib.contextmanager
+def reverse_mode_dense() -> Iterator[None]:
+    """While tracing inside this context, :func:`run_layers` computes ``nnx.Linear`` layers
+    with :func:`dense`, whose hand-written backward pass is faster on CPUs but supports
+    reverse-mode differentiation only. ``jaxmem.ensemble`` traces its training step in it;
+    everywhere else the layers stay plain ``nnx.Linear`` calls (forward mode, ``jax.jvp``,
+    forward-over-reverse Hessian-vector products all work). Values are the same either way.
+    """
+    token = _REVERSE_MODE_DENSE.set(True)
+    try:
+        yield
+    finally:
+        _REVERSE_MODE_DENSE.reset(token)
+
+
 def _plain_linear(layer) -> bool:
     """An ``nnx.Linear`` computing exactly ``h @ kernel + bias`` (so :func:`dense` may stand in)."""
     return (type(layer) is nnx.Linear and layer.use_bias and layer.dtype is None and layer.precision is None
@@ -98,9 +119,9 @@ def _plain_linear(layer) -> bool:
 
 
 def run_layers(layers: nnx.List, h: jax.Array, act) -> jax.Array:
-    """Apply ``layers`` in turn, ``act`` between them (``nnx.Linear`` through :func:`dense`)."""
+    """Apply ``layers`` in turn, ``act`` between them (see :func:`reverse_mode_dense`)."""
     for i, layer in enumerate(layers):
-        if _plain_linear(layer):
+        if _REVERSE_MODE_DENSE.get() and _plain_linear(layer):
             h = dense(h, layer.kernel[...], layer.bias[...])
         else:
             h = layer(h)
