@@ -19,8 +19,9 @@ run() {  # run NAME LIMIT_S ARGS...
   echo "=== $name exit ${PIPESTATUS[0]} ==="
 }
 run north_star        200 benchmarks/north_star.py --measure-epochs 3 --measure-examples 8192
-run ensemble_training 100 benchmarks/ensemble_training.py --steps 200
+run ensemble_training 150 benchmarks/ensemble_training.py --steps 100 --rounds 2
 run likelihood         80 benchmarks/likelihood.py --examples 4096
 run leverage           80 benchmarks/leverage.py --quick
+run paper_protocol     30 benchmarks/paper_protocol.py --backend gpu
 cp benchmarks/results/*-gpu.json "$OUT"/ 2>/dev/null || true
 ls -la "$OUT"
