@@ -56,21 +56,25 @@ def paper_available() -> bool:
     return True
 
 
-def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | None:
+def torch_device() -> str:
+    """PyTorch's device for rows (c) and (d), with every CPU core for its threads."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float:
     """Seconds for ``steps`` steps + the held-out loss of every fold, the paper's code path.
 
     Each fold: a fresh model and Adam, ``steps`` batches from a shuffled loader over its
     training indices (per-item Pad/ToTensor/Binarize), then the loss over its held-out
     indices, as ``MarginalTrainer.fit`` does every epoch.
     """
-    try:
-        import _paper_torch as paper
-        import torch
-    except ImportError:
-        print("torch is not installed: row (c) skipped (pip install torch)")
-        return None
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(os.cpu_count() or 1)
+    import _paper_torch as paper  # main() calls this only when paper_available()
+    import torch
+
+    dev = torch_device()
     data = paper.MNISTLike(paper.random_mnist_like(keep.shape[1]))
     warm = paper.BernoulliMLPVAE(hidden, latent).to(dev)  # thread pools, allocator, CUDA context
     paper.train_steps(warm, torch.optim.Adam(warm.parameters(), lr=lr),
@@ -92,16 +96,12 @@ def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | No
     return total
 
 
-def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr) -> float | None:
+def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr) -> float:
     """Seconds for ``steps`` steps of every fold, one fold after another (lean PyTorch)."""
-    try:
-        import torch
-        from torch import nn
-    except ImportError:
-        print("torch is not installed: row (d) skipped (pip install torch)")
-        return None
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(os.cpu_count() or 1)
+    import torch  # main() calls this only when paper_available()
+    from torch import nn
+
+    dev = torch_device()
     d = x.shape[1] * x.shape[2]
 
     def mlp(sizes):

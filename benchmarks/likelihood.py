@@ -213,7 +213,7 @@ def main():
 
     graphdef, state, members = ensemble(M)
     x = (np.random.default_rng(0).uniform(size=(n, *SHAPE)) > 0.5).astype(np.float32)
-    rows, results = [], {}
+    results = {}
 
     # Everything to time, then timed in interleaved rounds (best round of each), so that
     # jaxmem, the PyTorch rows and the matmul peak all see the machine in the same state.
@@ -244,18 +244,20 @@ def main():
     peak = peak_flops / best["peak"]
     print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s")
 
+    by_name = {}
     for name, (impl, ndev, pairs, flops) in work.items():
         secs = best[name]
-        rows.append({"impl": impl, "devices": ndev, "seconds_per_pair": secs / pairs, "pairs_per_s": pairs / secs,
-                     "gflop_per_s": flops / secs / 1e9 if flops else None,
-                     "peak_fraction": flops / secs / peak if flops else None})
+        by_name[name] = {"impl": impl, "devices": ndev, "seconds_per_pair": secs / pairs, "pairs_per_s": pairs / secs,
+                         "gflop_per_s": flops / secs / 1e9 if flops else None,
+                         "peak_fraction": flops / secs / peak if flops else None}
+    rows = list(by_name.values())
     base = rows[0]
     for row in rows:
         row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
-    if "paper" in work:
-        results["speedup_vs_paper"] = base["pairs_per_s"] / rows[list(work).index("paper")]["pairs_per_s"]
-    if "lean" in work:
-        results["speedup_vs_torch"] = base["pairs_per_s"] / rows[list(work).index("lean")]["pairs_per_s"]
+    if "paper" in by_name:
+        results["speedup_vs_paper"] = base["pairs_per_s"] / by_name["paper"]["pairs_per_s"]
+    if "lean" in by_name:
+        results["speedup_vs_torch"] = base["pairs_per_s"] / by_name["lean"]["pairs_per_s"]
     analytic = M * n * matmul_flops_per_pair(S)
     print(f"dense-matmul FLOPs of the jaxmem run (analytic): {analytic:.4g}")
     _common.print_table(rows, ["impl", "devices", "seconds_per_pair", "pairs_per_s", "gflop_per_s", "peak_fraction",
