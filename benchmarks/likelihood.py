@@ -78,19 +78,21 @@ def compile_kernel(graphdef, state, n, num_samples, mesh, example_chunk, sample_
 def kernel_flops(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk):
     """FLOPs of the whole run, from ``cost_analysis`` of a one-block program.
 
-    The one-block program (one example block per device, S = sample_chunk: every loop
-    has one trip) is counted exactly by XLA; it is scaled to the full run by the
+    The one-block program (one member, one example block per device, S = sample_chunk:
+    every loop has one trip; XLA counts a loop body once, and on CPUs the kernel loops
+    over members) is counted exactly by XLA; it is scaled to the full run by the
     analytic ratio of dense-matmul work (the encoder runs once per example, the decoder
     once per sample). Returns ``(total, measured_block / analytic_block)``, the second a
     check that the analytic count is what XLA counts.
     """
     ndev = mesh.devices.size
-    one, _ = compile_kernel(graphdef, state, ndev * example_chunk, sample_chunk, mesh, example_chunk, sample_chunk)
+    first = jax.tree.map(lambda a: a[:1], state)
+    one, _ = compile_kernel(graphdef, first, ndev * example_chunk, sample_chunk, mesh, example_chunk, sample_chunk)
     per_block = _common.flops_of(one)  # per device
     if per_block is None:
         return None, None
     members = jax.tree.leaves(state)[0].shape[0]
-    analytic_block = members * example_chunk * matmul_flops_per_pair(sample_chunk)
+    analytic_block = example_chunk * matmul_flops_per_pair(sample_chunk)
     ratio = (members * n * matmul_flops_per_pair(num_samples)) / (ndev * analytic_block)
     return per_block * ndev * ratio, per_block / analytic_block
 

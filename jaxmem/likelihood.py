@@ -4,11 +4,13 @@
 bound (Burda et al., 2016) for VAEs, the ELBO on request, the exact log p(y|x) for
 classifiers — computed by ONE jitted program that
 
-- vmaps over members (their states stacked on axis 0, docs/CONTRACTS.md),
+- vmaps over members on accelerators (their states stacked on axis 0,
+  docs/CONTRACTS.md), and loops over them (``lax.map``) on CPUs,
 - loops (``lax.map``) over blocks of ``example_chunk`` examples and, inside, (``lax.scan``)
   over blocks of ``sample_chunk`` importance samples, keeping a running log-sum-exp, so
-  that memory is ``O(models * example_chunk * sample_chunk * width)`` whatever n and S are,
-  while every matmul is ``[example_chunk * sample_chunk, width]``-sized,
+  that memory is ``O(models * example_chunk * sample_chunk * width)`` whatever n and S are
+  (without the ``models`` factor on CPUs), while every matmul is
+  ``[example_chunk * sample_chunk, width]``-sized,
 - is sharded over examples with :func:`jaxmem.mesh.shard_examples`.
 
 Reproducibility: example i's randomness (binarisation / dequantisation, and each
@@ -83,11 +85,13 @@ def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_ch
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "mesh", "kind", "num_samples", "example_chunk", "sample_chunk", "key_impl"),
+    static_argnames=("graphdef", "mesh", "kind", "num_samples", "example_chunk", "sample_chunk", "key_impl",
+                     "loop_members"),
 )
 def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, example_chunk,
-            sample_chunk, key_impl):
+            sample_chunk, key_impl, loop_members=None):
     """``[models, rows]`` for ``rows`` a multiple of ``devices * example_chunk``."""
+    members_in_turn = _members_in_turn(mesh) if loop_members is None else bool(loop_members)
 
     def local(block, replicated):
         data_b, idx_b = block
@@ -104,12 +108,27 @@ def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, ex
                 _member_values, graphdef, batch=batch, keys=keys, kind=kind,
                 num_samples=num_samples, sample_chunk=sample_chunk,
             )
+            if members_in_turn:  # one member's activations at a time (see _members_in_turn)
+                return jax.lax.map(member, state_r)  # [models, c]
             return jax.vmap(member)(state_r)  # [models, c]
 
         out = jax.lax.map(one_block, blocks)  # [rows / c, models, c]
         return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], rows)
 
     return _mesh.shard_examples(local, mesh, (data, idx), (state, key_data), example_axis=1)
+
+
+def _members_in_turn(mesh) -> bool:
+    """The default of ``loop_members``: loop over members (``lax.map``) instead of vmapping them?
+
+    On CPUs, where one member's ``[example_chunk * sample_chunk, width]`` activations
+    already fill the cores: vmapping all members multiplies the working set of every
+    layer by their number (10 members of the paper's VAE: 80 MiB per activation instead
+    of 8) and turns each matmul into a batched one, and the kernel ran 7% slower on the
+    2-core CPU (``benchmarks/RESULTS.md``). Accelerators keep the vmap, which fills them.
+    Values agree to float32 rounding either way.
+    """
+    return all(d.platform == "cpu" for d in mesh.devices.flat)
 
 
 def _split_model(graphdef_or_model, state):
@@ -203,6 +222,7 @@ def loglik_matrix(
     example_chunk: int | None = None,
     sample_chunk: int = 128,
     progress: bool = False,
+    loop_members: bool | None = None,
 ) -> jax.Array:
     r"""Log-likelihood of every example under every ensemble member, ``[models, examples]``.
 
@@ -234,6 +254,10 @@ def loglik_matrix(
         beyond float32 rounding.
       progress: show a progress bar (the work is then split into ~20 calls of the same
         compiled program).
+      loop_members: ``True``: score one member after another (``lax.map``); ``False``:
+        all members at once (``vmap``). ``None`` (default): loop on CPUs, where it keeps
+        one member's activations in cache and was measured faster, vmap on accelerators.
+        Values agree to float32 rounding either way.
 
     Returns:
       f32 ``[models, examples]``, nats per example (0/1 for ``kind="correct"``).
@@ -262,7 +286,7 @@ def loglik_matrix(
     call = functools.partial(
         _kernel, graphdef, stacked_state, key_data=key_data, mesh=mesh, kind=kind,
         num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
-        key_impl=key_impl,
+        key_impl=key_impl, loop_members=None if loop_members is None else bool(loop_members),
     )
     starts = range(0, n, rows)
     if progress:
@@ -289,6 +313,7 @@ def loglik_matrix_multihost(
     kind: str = "iw",
     example_chunk: int | None = None,
     sample_chunk: int = 128,
+    loop_members: bool | None = None,
 ) -> np.ndarray:
     """:func:`loglik_matrix` across processes: each feeds its own rows, all get the whole matrix.
 
@@ -303,7 +328,8 @@ def loglik_matrix_multihost(
       graphdef, stacked_state: as for :func:`loglik_matrix` (identical in every process).
       local_data: this process's rows of the data pytree.
       num_examples: n, the total number of examples over all processes.
-      key, num_samples, kind, example_chunk, sample_chunk: as for :func:`loglik_matrix`.
+      key, num_samples, kind, example_chunk, sample_chunk, loop_members: as for
+        :func:`loglik_matrix`.
 
     Returns:
       numpy f32 ``[models, num_examples]`` (nats), the same in every process.
@@ -344,7 +370,7 @@ def loglik_matrix_multihost(
         graphdef, jax.tree.map(global_replicated, stacked_state), jax.tree.map(global_rows, data),
         global_rows(idx), global_replicated(key_data), mesh=mesh, kind=kind,
         num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
-        key_impl=key_impl,
+        key_impl=key_impl, loop_members=None if loop_members is None else bool(loop_members),
     )
     full = np.asarray(multihost_utils.process_allgather(out, tiled=True))  # [models, rows * nproc]
     keep = np.concatenate([p * rows + np.arange(min(block, max(0, num_examples - p * block)))

@@ -11,7 +11,7 @@ from flax import nnx
 from scipy import stats
 
 from jaxmem import models
-from jaxmem.models._latent import sample_noise
+from jaxmem.models._latent import sample_noise, softplus
 from jaxmem.models.vae import logit_gaussian_log_density
 
 
@@ -241,6 +241,25 @@ def test_classifier_out_of_range_label_is_nan_not_another_class():
     lp = np.asarray(call(model, "log_prob", (x, y), _keys(4)))
     assert np.all(np.isfinite(lp[:2])) and np.all(np.isnan(lp[2:])), lp
     assert np.all(np.isnan(np.asarray(call(model, "loss", (x, y), jax.random.key(0)))[2:]))
+
+
+def test_softplus_matches_float64_with_its_infinities_and_gradient():
+    # float32 rounding of log1p/exp: a few ulp of the value; absolute 1.2e-38 (the smallest
+    # normal float32) because XLA flushes subnormal results, such as exp(-100), to zero.
+    x = np.concatenate([np.linspace(-100, 100, 20001), [-1e30, -88.7, -1e-20, 0.0, 1e-20, 15.9, 1e30]])
+    x = x.astype(np.float32)
+    ref = np.logaddexp(x.astype(np.float64), 0.0)
+    got = np.asarray(softplus(jnp.asarray(x)), np.float64)
+    np.testing.assert_allclose(got, ref, rtol=4e-7, atol=1.2e-38)
+    np.testing.assert_allclose(got, np.asarray(jax.nn.softplus(jnp.asarray(x)), np.float64), rtol=4e-7, atol=1.2e-38)
+    inf = jnp.asarray([-jnp.inf, jnp.inf, jnp.nan], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(softplus(inf)), [0.0, np.inf, np.nan])
+    grad = np.asarray(jax.vmap(jax.grad(softplus))(jnp.asarray(x)), np.float64)
+    with np.errstate(over="ignore"):
+        sigmoid = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(grad, sigmoid, rtol=1e-6, atol=1.2e-38)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(jax.grad(softplus))(inf[:2])), [0.0, 1.0])
+    assert float(jax.grad(jax.grad(softplus))(0.0)) == 0.25  # sigmoid'(0), through the custom derivative
 
 
 def test_dense_matches_linear_and_its_gradients_match_autodiff():

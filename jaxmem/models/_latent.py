@@ -39,11 +39,30 @@ LOG_2PI = math.log(2.0 * math.pi)
 _PREPROCESS_STREAM = 0
 _SAMPLE_STREAM = 1
 
+@jax.custom_jvp
+def softplus(x: jax.Array) -> jax.Array:
+    """``log(1 + exp(x))``, elementwise, as ``max(x, 0) + log1p(exp(-|x|))``.
+
+    The same values as ``jax.nn.softplus`` to float rounding (``tests/test_models.py``
+    checks it against float64, with its infinities and its derivative, the sigmoid), but
+    about 3x faster on a CPU: ``jax.nn.softplus`` is ``logaddexp(x, 0)``, whose special
+    cases for infinite arguments XLA's CPU backend does not vectorise as well. It is the
+    largest elementwise cost of a Bernoulli decoder's log-likelihood,
+    ``sum(x * l - softplus(l))`` over every pixel of every importance sample.
+    """
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+# The derivative is the sigmoid everywhere; differentiating the formula above through
+# maximum and abs would give 0 instead of 1/2 at x = 0.
+softplus.defjvps(lambda g, ans, x: g * jax.nn.sigmoid(x))
+
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "gelu": jax.nn.gelu,
     "tanh": jnp.tanh,
-    "softplus": jax.nn.softplus,
+    "softplus": softplus,
     "elu": jax.nn.elu,
 }
 

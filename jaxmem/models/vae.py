@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmem.models._latent import LOG_2PI, LatentVariableModel, activation_fn, mlp_layers, run_layers
+from jaxmem.models._latent import LOG_2PI, LatentVariableModel, activation_fn, mlp_layers, run_layers, softplus
 
 __all__ = ["MLPVAE", "ConvVAE", "logit_transform", "logit_gaussian_log_density"]
 
@@ -24,7 +24,7 @@ _MIN_STD = 1e-4
 
 def _diag_gaussian(head: jax.Array, latent_dim: int) -> tuple[jax.Array, jax.Array]:
     mean, raw = head[..., :latent_dim], head[..., latent_dim:]
-    return mean, jax.nn.softplus(raw) + _MIN_STD
+    return mean, softplus(raw) + _MIN_STD
 
 
 class MLPVAE(LatentVariableModel):
@@ -91,7 +91,7 @@ class MLPVAE(LatentVariableModel):
         logits = run_layers(self.decoder, z.reshape(b * s, -1), activation_fn(self.activation))
         logits = logits.reshape(b, s, -1)
         # log Bernoulli(x; sigmoid(l)) = x*l - softplus(l)
-        return jnp.sum(x[:, None, :] * logits - jax.nn.softplus(logits), axis=-1)
+        return jnp.sum(x[:, None, :] * logits - softplus(logits), axis=-1)
 
 
 def logit_transform(u: jax.Array, lam: float) -> tuple[jax.Array, jax.Array]:
@@ -220,7 +220,7 @@ class ConvVAE(LatentVariableModel):
         h = run_layers(self.dec_convs, h, act)
         c = self.example_shape[-1]
         mean = h[..., :c].reshape(b, s, *self.example_shape)
-        std = (jax.nn.softplus(h[..., c:]) + 1e-3).reshape(b, s, *self.example_shape)
+        std = (softplus(h[..., c:]) + 1e-3).reshape(b, s, *self.example_shape)
         log_u = logit_gaussian_log_density(x[:, None], mean, std, self.lam)
         d = math.prod(self.example_shape)
         # density of u on (0, 1)^D -> density of 256 u on (0, 256)^D
