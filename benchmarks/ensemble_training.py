@@ -18,12 +18,14 @@ evaluation, whose share of the work is the same at both sizes).
                  loss each epoch (``_paper_torch``; skipped without torch)
   (d) torch lean a lean PyTorch per-fold loop: data already in one tensor, fused
                  BCE-with-logits, training steps only (no held-out pass)
+  (e) (a), SGD   with ``--sgd``: program (a) with plain SGD instead of Adam, a diagnostic
+                 of how much of a step Adam's moment updates take (not a target row)
 
 Targets (issue #3) are measured against (c), the paper's code; (d) is printed beside it
 to show how much of the gap is the paper's data pipeline and loss rather than the
 framework.
 
-Run: python benchmarks/ensemble_training.py [--quick] [--steps 40] [--members 10]
+Run: python benchmarks/ensemble_training.py [--quick] [--steps 40] [--members 10] [--sgd]
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ def main():
     ap.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of the epoch loop")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each)")
     ap.add_argument("--quick", action="store_true", help="5 steps, 1 round, for development")
+    ap.add_argument("--sgd", action="store_true", help="add row (e): program (a) with SGD instead of Adam")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.rounds = 5, 1
@@ -211,6 +214,10 @@ def main():
         ens_all = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll, member_chunk=k)
         state_all = ens_all.init(0)
         fns["a'"] = lambda: ens_all.epoch(state_all, xd)
+    if args.sgd:  # (e) the same program without Adam's moments
+        ens_sgd = ensemble.make(factory, optax.sgd(lr), keep, batch_size=batch, unroll=args.unroll)
+        state_sgd = ens_sgd.init(0)
+        fns["e"] = lambda: ens_sgd.epoch(state_sgd, xd)
 
     # (b) the same members one after another, each a jitted scanned epoch. Every member's
     # program has the same shapes (equal fold sizes), so a sequential JAX loop compiles it
@@ -235,7 +242,8 @@ def main():
     per = {name: best[name] / k * scale for name in fns if name != "peak"}
     per_a, per_b, per_c = per["a"], per["b"], per.get("c")
     labels = {"a": "(a) ensemble, one program", "a'": "(a') one program, all K vmapped",
-              "b": "(b) JAX loop over members", "c": "(c) the paper's PyTorch code", "d": "(d) lean PyTorch loop"}
+              "b": "(b) JAX loop over members", "c": "(c) the paper's PyTorch code", "d": "(d) lean PyTorch loop",
+              "e": "(e) (a) with SGD, not Adam"}
     rows = [{"variant": labels[name], "s_per_member_epoch": secs,
              "GFLOP/s": flops_b * scale / secs / 1e9 if flops_b else None} for name, secs in per.items()]
     for r in rows:
