@@ -152,6 +152,15 @@ def _split_model(graphdef_or_model, state):
     return graphdef_or_model, state, sizes.pop()
 
 
+def _loop_members(value):
+    """``loop_members`` checked: None or a bool (numpy's included), as a Python bool."""
+    if value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"loop_members must be None, True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -266,6 +275,7 @@ def loglik_matrix(
       >>> ll = loglik_matrix(graphdef, state, x, key=jax.random.key(0), num_samples=256)
     """
     graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
+    loop_members = _loop_members(loop_members)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk)
     if jax.process_count() > 1:
@@ -286,7 +296,7 @@ def loglik_matrix(
     call = functools.partial(
         _kernel, graphdef, stacked_state, key_data=key_data, mesh=mesh, kind=kind,
         num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
-        key_impl=key_impl, loop_members=None if loop_members is None else bool(loop_members),
+        key_impl=key_impl, loop_members=loop_members,
     )
     starts = range(0, n, rows)
     if progress:
@@ -337,6 +347,7 @@ def loglik_matrix_multihost(
     from jax.experimental import multihost_utils
 
     graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    loop_members = _loop_members(loop_members)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
     n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk)
@@ -370,7 +381,7 @@ def loglik_matrix_multihost(
         graphdef, jax.tree.map(global_replicated, stacked_state), jax.tree.map(global_rows, data),
         global_rows(idx), global_replicated(key_data), mesh=mesh, kind=kind,
         num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
-        key_impl=key_impl, loop_members=None if loop_members is None else bool(loop_members),
+        key_impl=key_impl, loop_members=loop_members,
     )
     full = np.asarray(multihost_utils.process_allgather(out, tiled=True))  # [models, rows * nproc]
     keep = np.concatenate([p * rows + np.arange(min(block, max(0, num_examples - p * block)))

@@ -119,6 +119,8 @@ def test_devices_chunks_and_direct_calls_agree(ensemble, devices8):
         np.testing.assert_allclose(one[m], np.asarray(direct(state_m)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="non-finite values in example"):
         loglik_matrix(graphdef, state, np.where(np.arange(37)[:, None, None] == 4, np.nan, x), **kw)
+    with pytest.raises(ValueError, match="loop_members must be None, True or False, got 'yes'"):
+        loglik_matrix(graphdef, state, x[:0], loop_members="yes", **kw)  # checked before any work
     with pytest.raises(ValueError, match="kind must be one of"):
         loglik_matrix(graphdef, state, x, kind="waic", **kw)
     # a kind the model cannot compute is named, not an AttributeError from inside jit
