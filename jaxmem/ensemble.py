@@ -52,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem.membership import _check_keep
 from jaxmem.models._latent import reverse_mode_dense
-from jaxmem.mesh import make_mesh, shard_examples
+from jaxmem.mesh import make_mesh, on_cpu, shard_examples
 
 __all__ = [
     "EnsembleState",
@@ -246,7 +246,7 @@ def _auto_chunk(member_rows: Any, mesh: Mesh) -> int:
     """Members per chunk when ``member_chunk`` is None (see :func:`make`)."""
     leaves = jax.tree.leaves(member_rows)
     local = leaves[0].shape[0]
-    if mesh.devices.flat[0].platform != "cpu":
+    if not on_cpu(mesh):
         return local
     per_member = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in leaves)
     return max(1, min(local, CPU_CHUNK_BYTES // max(per_member, 1)))

@@ -91,7 +91,12 @@ def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_ch
 def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, example_chunk,
             sample_chunk, key_impl, loop_members=None):
     """``[models, rows]`` for ``rows`` a multiple of ``devices * example_chunk``."""
-    members_in_turn = _members_in_turn(mesh) if loop_members is None else bool(loop_members)
+    # loop_members=None: loop over members on CPUs, where one member's [example_chunk *
+    # sample_chunk, width] activations already fill the cores and vmapping all of them
+    # multiplies every layer's working set by their number (10 members of the paper's VAE:
+    # 80 MiB per activation instead of 8) and batches every matmul; vmap on accelerators,
+    # which it fills. Values agree to float32 rounding either way.
+    members_in_turn = _mesh.on_cpu(mesh) if loop_members is None else bool(loop_members)
 
     def local(block, replicated):
         data_b, idx_b = block
@@ -108,7 +113,7 @@ def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, ex
                 _member_values, graphdef, batch=batch, keys=keys, kind=kind,
                 num_samples=num_samples, sample_chunk=sample_chunk,
             )
-            if members_in_turn:  # one member's activations at a time (see _members_in_turn)
+            if members_in_turn:  # one member's activations at a time
                 return jax.lax.map(member, state_r)  # [models, c]
             return jax.vmap(member)(state_r)  # [models, c]
 
@@ -116,19 +121,6 @@ def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, ex
         return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], rows)
 
     return _mesh.shard_examples(local, mesh, (data, idx), (state, key_data), example_axis=1)
-
-
-def _members_in_turn(mesh) -> bool:
-    """The default of ``loop_members``: loop over members (``lax.map``) instead of vmapping them?
-
-    On CPUs, where one member's ``[example_chunk * sample_chunk, width]`` activations
-    already fill the cores: vmapping all members multiplies the working set of every
-    layer by their number (10 members of the paper's VAE: 80 MiB per activation instead
-    of 8) and turns each matmul into a batched one, and the kernel ran 7% slower on the
-    2-core CPU (``benchmarks/RESULTS.md``). Accelerators keep the vmap, which fills them.
-    Values agree to float32 rounding either way.
-    """
-    return all(d.platform == "cpu" for d in mesh.devices.flat)
 
 
 def _split_model(graphdef_or_model, state):

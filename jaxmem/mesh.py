@@ -70,6 +70,12 @@ def make_mesh(
     )
 
 
+
+def on_cpu(mesh: Mesh) -> bool:
+    """Whether ``mesh``'s devices are CPUs (where the kernels pick CPU-friendly layouts)."""
+    return all(d.platform == "cpu" for d in mesh.devices.flat)
+
+
 def pad_rows(x: Any, multiple: int, *, zeros: bool = False) -> tuple[Any, int]:
     """Pad axis 0 of every leaf of ``x`` to a multiple of ``multiple`` by repeating row 0.
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmem.mesh import make_mesh, pad_rows, shard_examples, sum_over_examples
+from jaxmem.mesh import make_mesh, on_cpu, pad_rows, shard_examples, sum_over_examples
 
 X = np.random.default_rng(0).normal(size=(13, 3)).astype(np.float32)  # 13: padding on 8 devices
 
@@ -38,6 +38,7 @@ def test_pad_rows_repeats_a_real_row_and_make_mesh_checks_counts():
     np.testing.assert_array_equal(zeros[13:], 0)
     with pytest.raises(ValueError, match="num_devices=9"):
         make_mesh(9)
+    assert on_cpu(make_mesh(1)) and on_cpu(make_mesh(8))  # the simulated devices are CPUs
 
 
 def test_shard_examples_refuses_an_example_axis_it_cannot_place():
