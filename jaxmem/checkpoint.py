@@ -26,9 +26,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpoints", "ConfigMismatchError", "fingerprint_array", "describe_tree"]
+__all__ = ["RunCheckpoints", "ConfigMismatchError", "fingerprint_array", "describe_tree", "latest_epoch"]
 
 _FORMAT = 1
+
+# Where orbax keeps the numbered checkpoints inside a run directory.
+_STEPS_DIR = "checkpoints"
+
+
+def latest_epoch(run_dir: str | os.PathLike) -> int | None:
+    """Epoch of the newest complete checkpoint in ``run_dir``, or None; opens nothing.
+
+    For a look before a run (to report that it will resume, or refuse it) without
+    :class:`RunCheckpoints`, which checks and writes the configuration.
+    """
+    root = os.path.join(run_dir, _STEPS_DIR)
+    if not os.path.isdir(root):
+        return None
+    # orbax writes into a temporary name and renames to the bare step number when done
+    return max((int(e.name) for e in os.scandir(root) if e.is_dir() and e.name.isdigit()), default=None)
 
 
 class ConfigMismatchError(ValueError):
@@ -107,7 +123,7 @@ class RunCheckpoints:
                 json.dump(config, f, indent=1, sort_keys=True)
             os.replace(tmp, path)  # atomic: a killed process never leaves half a config
         self._manager = ocp.CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"),
+            os.path.join(self.run_dir, _STEPS_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jaxmem import ensemble as _ensemble
 from jaxmem import membership as _membership
 from jaxmem import models as _models
-from jaxmem.checkpoint import ConfigMismatchError
+from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.mesh import make_mesh
 from jaxmem.scores import feldman_zhang, memorization_scores
@@ -197,12 +197,12 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
 
 def _latest_checkpoint(out_dir: str | os.PathLike) -> int | None:
     """Epoch of the newest complete training checkpoint in a results directory, or None."""
-    root = os.path.join(out_dir, "checkpoints", "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    # orbax writes into a temporary name and renames to the bare step number when done
-    steps = [int(e.name) for e in os.scandir(root) if e.is_dir() and e.name.isdigit()]
-    return max(steps, default=None)
+    return latest_epoch(_run_dir(out_dir))
+
+
+def _run_dir(out_dir: str | os.PathLike) -> str:
+    """The training run directory (checkpoints) inside a results directory."""
+    return os.path.join(os.path.abspath(out_dir), "checkpoints")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -356,7 +356,7 @@ def memorization(
             )
         os.makedirs(out_dir, exist_ok=True)
         _write_json(os.path.join(out_dir, "config.json"), config)
-        run_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
+        run_dir = _run_dir(out_dir)
 
     keep = np.asarray(plan.keep)
     train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep

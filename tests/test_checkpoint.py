@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxmem import ensemble
-from jaxmem.checkpoint import ConfigMismatchError, RunCheckpoints, fingerprint_array
+from jaxmem.checkpoint import ConfigMismatchError, RunCheckpoints, fingerprint_array, latest_epoch
 from jaxmem.mesh import make_mesh
 
 
@@ -42,12 +42,13 @@ KEEP[1, 1::2] = False
 def test_round_trip_keeps_keys_and_last_checkpoints(tmp_path):
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "k": jax.random.split(jax.random.key(4), 2),
             "n": jnp.int32(7)}
+    assert latest_epoch(tmp_path) is None  # nothing there yet
     ck = RunCheckpoints(tmp_path, {"a": 1}, max_to_keep=2)
     for e in (1, 2, 3):
         ck.save(e, jax.tree.map(lambda a: a + e if a.dtype == jnp.float32 else a, tree), {"e": [e]})
     ck.close()
     ck = RunCheckpoints(tmp_path, {"a": 1}, max_to_keep=2)
-    assert ck.latest_epoch() == 3
+    assert ck.latest_epoch() == 3 == latest_epoch(tmp_path)  # the manager's and the directory's
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 3]
     got, hist = ck.restore(tree)
     assert hist == {"e": [3]}
