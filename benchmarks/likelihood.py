@@ -4,7 +4,7 @@ The paper's MNIST VAE (MLP 1024-512-256, z = 16, Bernoulli decoder on 32x32 inpu
 an ensemble of 10 members, S = 256 importance samples per pair:
 
 - ``jaxmem``: :func:`jaxmem.likelihood.loglik_matrix`'s one jitted kernel (members
-  vmapped, examples and samples in blocks);
+  looped on CPUs and vmapped on accelerators, examples and samples in blocks);
 - ``paper``: the paper's own PyTorch code path (``MarginalTrainer.marginal_batch``,
   re-implemented in ``_paper_torch``): for each member, loader batches of 64 examples
   (per-item Pad/ToTensor/Binarize), the encoder once per batch, S latents per example from

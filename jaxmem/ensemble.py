@@ -287,8 +287,9 @@ def make(
         members at once (one vmapped step, the fastest layout there); on a CPU as many
         as keep their parameters and optimizer state within :data:`CPU_CHUNK_BYTES`
         (at least one), so that a chunk's state stays in cache for the whole epoch
-        instead of every member's streaming through memory at every step (1.22x faster
-        per member-epoch than all vmapped, on the paper's MNIST VAE on a 2-core CPU;
+        instead of every member's streaming through memory at every step (1.22x and 1.44x
+        faster per member-epoch than all vmapped in two runs, on the paper's MNIST VAE on
+        a 2-core CPU;
         ``benchmarks/RESULTS.md``). Results agree across chunk sizes to float rounding
         (the matmuls are batched differently), not bitwise; a given chunk size is
         deterministic. ``step`` and ``evaluate`` always vmap all members.

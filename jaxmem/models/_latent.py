@@ -43,12 +43,12 @@ _SAMPLE_STREAM = 1
 def softplus(x: jax.Array) -> jax.Array:
     """``log(1 + exp(x))``, elementwise, as ``max(x, 0) + log1p(exp(-|x|))``.
 
-    The same values as ``jax.nn.softplus`` to float rounding (``tests/test_models.py``
-    checks it against float64, with its infinities and its derivative, the sigmoid), but
-    about 3x faster on a CPU: ``jax.nn.softplus`` is ``logaddexp(x, 0)``, whose special
-    cases for infinite arguments XLA's CPU backend does not vectorise as well. It is the
-    largest elementwise cost of a Bernoulli decoder's log-likelihood,
-    ``sum(x * l - softplus(l))`` over every pixel of every importance sample.
+    The same values as ``jax.nn.softplus`` (``logaddexp(x, 0)``) to float rounding
+    (``tests/test_models.py`` checks it against float64, with its infinities and its
+    derivative, the sigmoid), but faster on a CPU: a Bernoulli decoder's
+    ``sum(x * l - softplus(l))`` over a ``[2048, 1024]`` block of logits took 1.9 ms
+    against 5.7 ms, and XLA then fused the whole MLP decoder and that sum into one
+    kernel (``benchmarks/RESULTS.md``, likelihood).
     """
     return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
