@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
 # Every benchmark on one accelerator machine, in one go (the device is lent for minutes).
-# Usage: OUT=/some/dir bash benchmarks/run_gpu.sh   (run from the repository root)
-# Each script gets its own time limit so that one slow script cannot eat the others' time.
+# Usage: OUT=/some/dir bash benchmarks/run_gpu.sh [STAGE...]   (from the repository root)
+# Stages (default: all, in this order): profile profile-cublas north_star ensemble_training likelihood
+# leverage paper_protocol. Each gets its own time limit so that one slow script cannot eat
+# the others' time. Logs, JSON results, traces and HLO end up in $OUT/gpu_results.tgz
+# (one file: the device tool brings back at most 8) and the logs also on stdout.
 set -u
 OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
+WORK=$(mktemp -d)
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-# the results directory the scripts write their JSON to
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-$py -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+stages=${*:-profile profile-cublas north_star ensemble_training likelihood leverage paper_protocol}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$WORK/gpu.txt"
+$py -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)" 2>&1 | tee -a "$WORK/gpu.txt"
 run() {  # run NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
   echo "=== $name ($*) ==="
-  timeout "$limit" $py "$@" 2>&1 | grep -v -E "^W[0-9]{4}|UserWarning" | tee "$OUT/$name.log"
-  echo "=== $name exit ${PIPESTATUS[0]} ==="
+  local t0=$SECONDS
+  timeout "$limit" $py "$@" 2>&1 | grep -v -E "^W[0-9]{4}|UserWarning" | tee "$WORK/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s ==="
 }
-run north_star        200 benchmarks/north_star.py --measure-epochs 3 --measure-examples 8192
-run ensemble_training 150 benchmarks/ensemble_training.py --steps 100 --rounds 2
-run likelihood         80 benchmarks/likelihood.py --examples 4096
-run leverage           80 benchmarks/leverage.py --quick
-run paper_protocol     30 benchmarks/paper_protocol.py --backend gpu
-cp benchmarks/results/*-gpu.json "$OUT"/ 2>/dev/null || true
-ls -la "$OUT"
+for stage in $stages; do
+  case $stage in
+    profile)
+      run profile 120 benchmarks/profile_training.py --steps 50 --trace-dir "$WORK" --hlo-dir "$WORK"
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile-no-cuda-graphs 60 benchmarks/profile_training.py --steps 50 --top 5 --tag no-cuda-graphs ;;
+    profile-cublas)  # XLA's Triton GEMM fusions off: every matmul a cuBLAS call
+      XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run profile-cublas 90 benchmarks/profile_training.py --steps 100 --top 12 --tag cublas
+      run profile-default-100 90 benchmarks/profile_training.py --steps 100 --top 5 --tag default-100 ;;
+    north_star) run north_star 200 benchmarks/north_star.py --measure-epochs 3 --measure-examples 8192 ;;
+    ensemble_training) run ensemble_training 180 benchmarks/ensemble_training.py --steps 100 --rounds 2 ;;
+    likelihood) run likelihood 80 benchmarks/likelihood.py --examples 4096 ;;
+    leverage) run leverage 80 benchmarks/leverage.py --quick ;;
+    paper_protocol) run paper_protocol 30 benchmarks/paper_protocol.py --backend gpu ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+cp benchmarks/results/*-gpu.json "$WORK"/ 2>/dev/null || true
+mkdir -p "$OUT"
+tar czf "$OUT/gpu_results.tgz" -C "$WORK" .
+ls -la "$WORK" "$OUT"
