@@ -161,14 +161,50 @@ def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr
     return total
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_problem_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The arguments of :func:`problem` (shared with ``profile_training.py``)."""
     ap.add_argument("--members", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per member")
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps per member")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512, 256])
     ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of the epoch loop")
+
+
+def problem(args: argparse.Namespace):
+    """The timed problem: ``(keep, steps, x, factory)``.
+
+    A K-fold plan over a subset sized so that every member's epoch is exactly
+    ``args.steps`` steps of ``args.batch`` (``steps`` may round up by one), random binary
+    32x32 images ``x`` (numpy), and the paper's MLP VAE factory.
+    """
+    k, batch = args.members, args.batch
+    n = int(args.steps * batch * k / (k - 1))
+    n -= n % k
+    keep = membership.kfold(n, k).keep
+    steps = math.ceil(keep.sum(1).max() / batch)
+    x = (np.random.default_rng(0).random((n, 32, 32)) < 0.5).astype(np.float32)
+    factory = lambda s: models.create(  # noqa: E731
+        "mlp_vae", (32, 32), seed=s, hidden=args.hidden, latent_dim=args.latent)
+    return keep, steps, x, factory
+
+
+def one_program_and_loop(factory, tx, keep: np.ndarray, args: argparse.Namespace):
+    """Programs (a) and (b): ``(ens, single)``.
+
+    ``ens`` trains every member of ``keep`` in one jitted epoch. ``single`` is one member's
+    epoch on one device: every member's program has the same shapes (equal fold sizes),
+    so the sequential JAX loop (b) compiles it once and runs it K times, each member with
+    its own initial state (``single.init(m)``).
+    """
+    ens = ensemble.make(factory, tx, keep, batch_size=args.batch, unroll=args.unroll)
+    single = ensemble.make(factory, tx, keep[:1], batch_size=args.batch, mesh=make_mesh(1), unroll=args.unroll)
+    return ens, single
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_problem_args(ap, steps=40)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each)")
     ap.add_argument("--quick", action="store_true", help="5 steps, 1 round, for development")
     ap.add_argument("--sgd", action="store_true", help="add row (e): program (a) with SGD instead of Adam")
@@ -177,26 +213,20 @@ def main():
         args.steps, args.rounds = 5, 1
     k, batch, lr = args.members, args.batch, 1e-3
     full_steps = math.ceil(FULL_N * (k - 1) / k / batch)  # 844 for K=10, batch 64
-    # subset with exactly `steps` steps per epoch for every member
-    n = int(args.steps * batch * k / (k - 1))
-    n -= n % k
-    keep = membership.kfold(n, k).keep
-    steps = math.ceil(keep.sum(1).max() / batch)
+    keep, steps, x, factory = problem(args)
+    n = keep.shape[1]
     info = _common.header(
         "ensemble_training",
         {"members": k, "timed_steps_per_member": steps, "subset_n": n, "full_n": FULL_N,
          "full_steps_per_member_epoch": full_steps, "unroll": args.unroll, "rounds": args.rounds,
          "hidden": args.hidden, "latent": args.latent, "batch": batch},
     )
-    x = (np.random.default_rng(0).random((n, 32, 32)) < 0.5).astype(np.float32)
-    factory = lambda s: models.create(  # noqa: E731
-        "mlp_vae", (32, 32), seed=s, hidden=args.hidden, latent_dim=args.latent)
     scale = full_steps / steps  # extrapolation factor to a full member-epoch
     peak_fn, peak_flops = _common.matmul_peak_fn()
     fns = {"peak": peak_fn}
 
-    # (a) one program for all members
-    ens = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll)
+    # (a) one program for all members; (b) one member's program, run for each in turn
+    ens, single = one_program_and_loop(factory, optax.adam(lr), keep, args)
     state = ens.init(0)
     xd = jax.device_put(x)
     # XLA's cost analysis counts a while-loop body once, not once per trip, so the FLOPs of
@@ -219,11 +249,7 @@ def main():
         state_sgd = ens_sgd.init(0)
         fns["e"] = lambda: ens_sgd.epoch(state_sgd, xd)
 
-    # (b) the same members one after another, each a jitted scanned epoch. Every member's
-    # program has the same shapes (equal fold sizes), so a sequential JAX loop compiles it
-    # once and runs it K times with each member's own initial state.
-    single = ensemble.make(factory, optax.adam(lr), keep[:1], batch_size=batch, mesh=make_mesh(1),
-                           unroll=args.unroll)
+    # (b) the same members one after another, each a jitted scanned epoch
     states = [single.init(m) for m in range(k)]
     fns["b"] = lambda: [single.epoch(s, xd) for s in states]
 

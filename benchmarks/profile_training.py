@@ -31,25 +31,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
+import ensemble_training  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jaxmem import ensemble, membership, models  # noqa: E402
-from jaxmem.mesh import make_mesh  # noqa: E402
 
-
-def kernel_table(trace_dir: str, steps: int, top: int) -> dict:
-    """Per-step device time by kernel name, from the ``*.trace.json.gz`` under ``trace_dir``.
+def kernel_table(trace_file: str, steps: int, top: int) -> dict:
+    """Per-step device time by kernel name, from one ``*.trace.json.gz``.
 
     Device events are those of processes whose name names a GPU/TPU device; on a CPU
     (no such process) the XLA thunks of the host threads stand in, leaving out the
     profiler's and Python's own events.
     """
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
-        return {"error": f"no trace written under {trace_dir}"}
-    with gzip.open(max(files)) as f:
+    with gzip.open(trace_file) as f:
         events = json.load(f)["traceEvents"]
     names = {e["pid"]: e["args"].get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -94,45 +88,36 @@ def profile(fn, steps: int, top: int, keep_dir: str | None, label: str) -> dict:
     jax.profiler.start_trace(d)
     _common.block(fn())
     jax.profiler.stop_trace()
-    out = {"wall_ms_per_step": wall * 1e3 / steps} | kernel_table(d, steps, top)
-    if keep_dir:
-        files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-        if files:
+    out = {"wall_ms_per_step": wall * 1e3 / steps}
+    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        out["error"] = f"no trace written under {d}"
+    else:
+        trace = max(files)
+        out |= kernel_table(trace, steps, top)
+        if keep_dir:
             os.makedirs(keep_dir, exist_ok=True)
-            shutil.copy(max(files), os.path.join(keep_dir, f"{label}.trace.json.gz"))
+            shutil.copy(trace, os.path.join(keep_dir, f"{label}.trace.json.gz"))
     shutil.rmtree(d, ignore_errors=True)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--members", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=50, help="steps of the traced epoch")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512, 256])
-    ap.add_argument("--latent", type=int, default=16)
-    ap.add_argument("--unroll", type=int, default=1)
+    ensemble_training.add_problem_args(ap, steps=50)
     ap.add_argument("--top", type=int, default=20, help="kernels listed per program")
     ap.add_argument("--trace-dir", default=None, help="copy each program's trace.json.gz here")
     ap.add_argument("--hlo-dir", default=None, help="write each program's optimised HLO here")
     ap.add_argument("--tag", default="", help="suffix of the JSON result's name (a variant's label)")
     args = ap.parse_args()
-    k, batch = args.members, args.batch
-    n = int(args.steps * batch * k / (k - 1))
-    n -= n % k
-    keep = membership.kfold(n, k).keep
-    steps = int(np.ceil(keep.sum(1).max() / batch))
-    info = _common.header("profile_training", {"members": k, "steps": steps, "batch": batch,
+    k = args.members
+    keep, steps, x_host, factory = ensemble_training.problem(args)
+    info = _common.header("profile_training", {"members": k, "steps": steps, "batch": args.batch,
                                                "hidden": args.hidden, "latent": args.latent,
                                                "unroll": args.unroll, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")})
-    x = jax.device_put((np.random.default_rng(0).random((n, 32, 32)) < 0.5).astype(np.float32))
-    factory = lambda s: models.create(  # noqa: E731
-        "mlp_vae", (32, 32), seed=s, hidden=args.hidden, latent_dim=args.latent)
-    ens = ensemble.make(factory, optax.adam(1e-3), keep, batch_size=batch, unroll=args.unroll)
-    state = ens.init(0)
-    single = ensemble.make(factory, optax.adam(1e-3), keep[:1], batch_size=batch, mesh=make_mesh(1),
-                           unroll=args.unroll)
-    state1 = single.init(0)
+    x = jax.device_put(x_host)
+    ens, single = ensemble_training.one_program_and_loop(factory, optax.adam(1e-3), keep, args)
+    state, state1 = ens.init(0), single.init(0)
     if args.hlo_dir:
         os.makedirs(args.hlo_dir, exist_ok=True)
         for label, e, s in (("a", ens, state), ("b", single, state1)):
@@ -153,7 +138,7 @@ def main():
     ratio = k * res["b"]["wall_ms_per_step"] / res["a"]["wall_ms_per_step"]
     print(f"\n(a) vs the JAX loop (b) per member-step, from these single epochs: {ratio:.2f}x")
     _common.write_json("profile_training" + (f"-{args.tag}" if args.tag else ""),
-                       {"machine": info, "sizes": vars(args) | {"n": n, "steps": steps},
+                       {"machine": info, "sizes": vars(args) | {"n": keep.shape[1], "steps": steps},
                         "a": res["a"], "b": res["b"], "a_vs_b": ratio})
 
 

@@ -38,7 +38,8 @@ for stage in $stages; do
     *) echo "unknown stage $stage" ;;
   esac
 done
-cp benchmarks/results/*-gpu.json "$WORK"/ 2>/dev/null || true
+# only the JSON this run wrote (results/ also holds earlier runs' files)
+find benchmarks/results -maxdepth 1 -name "*-gpu.json" -newer "$WORK/gpu.txt" -exec cp {} "$WORK"/ \;
 mkdir -p "$OUT"
 tar czf "$OUT/gpu_results.tgz" -C "$WORK" .
 ls -la "$WORK" "$OUT"
