@@ -70,7 +70,6 @@ def make_mesh(
     )
 
 
-
 def on_cpu(mesh: Mesh) -> bool:
     """Whether ``mesh``'s devices are CPUs (where the kernels pick CPU-friendly layouts)."""
     return all(d.platform == "cpu" for d in mesh.devices.flat)
