@@ -118,14 +118,19 @@ def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) ->
 
 
 def matmul_peak_fn(size: int | None = None, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
-    """The product :func:`matmul_peak` times, as ``(function, its FLOPs)``, to time alongside others."""
+    """The product :func:`matmul_peak` times, as ``(function, its FLOPs)``, to time alongside others.
+
+    With ``dtype=jnp.bfloat16`` the product accumulates and returns float32
+    (``preferred_element_type``), as ``loglik_matrix(matmul_dtype="bfloat16")`` does.
+    """
     backend = jax.default_backend()
     if size is None:
         size = 2048 if backend == "cpu" else 8192
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (size, size), dtype)
     b = jax.random.normal(k2, (size, size), dtype)
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
+    out = jnp.float32 if jnp.dtype(dtype) == jnp.bfloat16 else None
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest", preferred_element_type=out))
     return (lambda: f(a, b)), 2.0 * size**3
 
 

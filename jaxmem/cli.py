@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("scoring")
     g.add_argument("--samples", type=_positive_int, default=128,
                    help="importance samples per log-likelihood (the paper: 256 on MNIST)")
+    g.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="matmul inputs of the log-likelihoods: bfloat16 scores MLP models faster "
+                        "(CPUs with AMX, accelerators) at a rounding far below the Monte Carlo "
+                        "error (benchmarks/RESULTS.md); training stays float32")
     g.add_argument("--quantile", type=float, default=0.95,
                    help="'highly memorized' means M above this quantile")
     g.add_argument("--track-epochs", type=_track_epochs, default="auto",
@@ -377,7 +381,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = memorization(
             ds.x, ds.y, model=args.model, model_options=options, folds=args.folds,
             repeats=args.repeats, epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.lr, num_samples=args.samples, seed=args.seed,
+            learning_rate=args.lr, num_samples=args.samples, matmul_dtype=args.matmul_dtype, seed=args.seed,
             quantile=args.quantile, full_model=args.full_model, track_epochs=tracked,
             track_samples=args.track_samples, out_dir=out,
             data_info={"name": ds.name, **spec, "sha256": _fingerprint(ds.x)},

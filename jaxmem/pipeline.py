@@ -35,6 +35,7 @@ from jaxmem import models as _models
 from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.mesh import make_mesh
+from jaxmem.models import _latent
 from jaxmem.scores import feldman_zhang, memorization_scores
 
 __all__ = ["MemorizationResult", "memorization", "load_result", "ConfigMismatchError"]
@@ -182,6 +183,8 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
         return
     with open(path) as f:
         stored = json.load(f)
+    if isinstance(stored.get("scoring"), dict):  # written before matmul_dtype existed: float32
+        stored["scoring"].setdefault("matmul_dtype", "float32")
     flat_a, flat_b = _flatten(stored), _flatten(config)
     differ = sorted(
         k for k in set(flat_a) | set(flat_b)
@@ -249,6 +252,7 @@ def memorization(
     learning_rate: float = 1e-3,
     optimizer: optax.GradientTransformation | None = None,
     num_samples: int = 256,
+    matmul_dtype: str | None = None,
     seed: int = 0,
     quantile: float = 0.95,
     full_model: bool = False,
@@ -284,6 +288,9 @@ def memorization(
         (e.g. with a schedule). It cannot be recorded in the configuration, so a
         resumed run must be given the same one.
       num_samples: importance samples per likelihood (the paper: 256 on MNIST).
+      matmul_dtype: ``None``/``"float32"`` (default) or ``"bfloat16"``: the matmul
+        inputs of every likelihood evaluation (training is float32 either way); see
+        :func:`jaxmem.likelihood.loglik_matrix`, which states what bf16 changes.
       seed: everything random (plan, initialisation, batches, samples) derives from it.
       quantile: "highly memorized" means ``M`` above this quantile.
       full_model: also train a model on all examples (as one more member of the same
@@ -330,6 +337,7 @@ def memorization(
         raise ValueError(f"track_epochs {outside} lie outside the epochs 1..{epochs} that are trained")
     tracked = sorted({int(e) for e in track_epochs})
     track_samples = int(track_samples or num_samples)
+    matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
     config = {
         "format": _FORMAT,
         "data": {"n": int(n), "example_shape": list(x.shape[1:]), **(data_info or {})},
@@ -341,7 +349,8 @@ def memorization(
                      "optimizer": "adam" if optimizer is None else "custom",
                      "full_model": bool(full_model), "seed": int(seed)},
         "scoring": {"num_samples": int(num_samples), "quantile": float(quantile),
-                    "track_epochs": tracked, "track_samples": track_samples},
+                    "track_epochs": tracked, "track_samples": track_samples,
+                    "matmul_dtype": matmul_dtype},
     }
     run_dir = None
     if out_dir is not None:
@@ -388,7 +397,7 @@ def memorization(
         if epoch in tracked and not (epoch == epochs and last_is_final):
             members = plan_members(nnx.merge_state(state.params, state.rest))
             ll_e = loglik_matrix(graphdef, members, data, key=score_key,
-                                 num_samples=track_samples, mesh=score_mesh)
+                                 num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
             record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
         if on_epoch is not None:
             on_epoch(epoch)
@@ -408,7 +417,8 @@ def memorization(
     if on_stage:
         on_stage("likelihood")
     ll_all = np.asarray(loglik_matrix(graphdef, state, data, key=score_key,
-                                      num_samples=num_samples, mesh=score_mesh, progress=progress))
+                                      num_samples=num_samples, mesh=score_mesh, progress=progress,
+                                      matmul_dtype=matmul_dtype))
     ll = ll_all[:num_plan]
     logp_full = ll_all[num_plan] if full_model else None
 
@@ -420,7 +430,7 @@ def memorization(
     label_mem = None
     if model_cfg["name"] == "classifier":
         correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
-                                kind="correct", mesh=score_mesh)
+                                kind="correct", mesh=score_mesh, matmul_dtype=matmul_dtype)
         label_mem = np.asarray(feldman_zhang(np.asarray(correct) > 0.5, keep, mesh=score_mesh).mem)
     lev = _leverage_baseline(x) if linear_baseline else None
     fold = np.full(n, -1, np.int32)

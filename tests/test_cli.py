@@ -137,6 +137,9 @@ def test_mismatched_configuration_is_refused(finished):
     proc = jaxmem(*RUN, "--hidden", "8", "--out", out)
     assert_one_line_error(proc.returncode, proc.stderr, "another configuration", "hidden")
     assert (out / "config.json").read_text() == config
+    proc = jaxmem(*RUN, "--matmul-dtype", "bfloat16", "--out", out)  # scored in float32
+    assert_one_line_error(proc.returncode, proc.stderr, "another configuration", "scoring.matmul_dtype")
+    assert (out / "config.json").read_text() == config
 
 
 def test_more_epochs_continue_a_finished_run(finished, tmp_path):
@@ -187,6 +190,7 @@ def test_option_errors_in_process(capsys, tmp_path):
         "quantile": (["run", "--quantile", "1.5"], ["--quantile"]),
         "track": (["run", "--epochs", "3", "--track-epochs", "5"], ["--track-epochs", "exceed"]),
         "hidden": (["run", "--hidden", "0,3"], ["positive"]),
+        "dtype": (["run", "--matmul-dtype", "float16"], ["--matmul-dtype", "float16"]),
         "not_prepared": (["run", "--data", "mnist", "--data-dir", tmp_path / "tfds"],
                          ["not prepared", "tfds build"]),
         "report": (["report", tmp_path / "nowhere"], ["not found"]),

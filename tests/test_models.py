@@ -302,22 +302,25 @@ def test_models_keep_forward_mode_autodiff_outside_the_training_step():
     the same loss and the same gradient (float32 rounding)."""
     from jaxmem.models._latent import reverse_mode_dense
 
-    model = models.create("mlp_vae", (4, 4), seed=0, hidden=[8], latent_dim=2)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x = jnp.asarray((np.random.default_rng(0).random((3, 4, 4)) < 0.5), jnp.float32)
-    key = jax.random.key(1)
+    # the MLP VAE, and the conv VAE, whose dense layers (not its convolutions) take the same path
+    for name, shape, kw in [("mlp_vae", (4, 4), {"hidden": [8], "latent_dim": 2}),
+                            ("conv_vae", (8, 8, 3), {"channels": [4, 8], "dense": 16, "latent_dim": 2})]:
+        model = models.create(name, shape, seed=0, **kw)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        x = jnp.asarray((np.random.default_rng(0).random((3, *shape)) < 0.5), jnp.float32)
+        key = jax.random.key(1)
 
-    def loss(p):
-        return jnp.mean(nnx.merge(graphdef, p, rest).loss(x, key))
+        def loss(p, graphdef=graphdef, rest=rest, x=x, key=key):
+            return jnp.mean(nnx.merge(graphdef, p, rest).loss(x, key))
 
-    tangent = jax.tree.map(jnp.ones_like, params)
-    value, slope = jax.jvp(loss, (params,), (tangent,))  # forward mode works
-    grad_plain = jax.grad(loss)(params)
-    with reverse_mode_dense():
-        np.testing.assert_allclose(loss(params), value, rtol=1e-6)
-        grad_fast = jax.grad(loss)(params)
-        with pytest.raises(TypeError, match="custom_vjp"):
-            jax.jvp(loss, (params,), (tangent,))
-    for a, b in zip(jax.tree.leaves(grad_plain), jax.tree.leaves(grad_fast)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert np.isfinite(float(slope))
+        tangent = jax.tree.map(jnp.ones_like, params)
+        value, slope = jax.jvp(loss, (params,), (tangent,))  # forward mode works
+        grad_plain = jax.grad(loss)(params)
+        with reverse_mode_dense():
+            np.testing.assert_allclose(loss(params), value, rtol=1e-6)
+            grad_fast = jax.grad(loss)(params)
+            with pytest.raises(TypeError, match="custom_vjp"):
+                jax.jvp(loss, (params,), (tangent,))
+        for a, b in zip(jax.tree.leaves(grad_plain), jax.tree.leaves(grad_fast)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert np.isfinite(float(slope))

@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmem.models._latent import LOG_2PI, LatentVariableModel, activation_fn, mlp_layers, run_layers, softplus
+from jaxmem.models._latent import (
+    LOG_2PI,
+    LatentVariableModel,
+    activation_fn,
+    apply_layer,
+    mlp_layers,
+    run_layers,
+    softplus,
+)
 
 __all__ = ["MLPVAE", "ConvVAE", "logit_transform", "logit_gaussian_log_density"]
 
@@ -209,14 +217,14 @@ class ConvVAE(LatentVariableModel):
         h, _ = logit_transform(x, self.lam)
         for layer in self.enc_convs:
             h = act(layer(h))
-        h = act(self.enc_dense(h.reshape(h.shape[0], -1)))
-        return _diag_gaussian(self.enc_head(h), self.latent_dim)
+        h = act(apply_layer(self.enc_dense, h.reshape(h.shape[0], -1)))
+        return _diag_gaussian(apply_layer(self.enc_head, h), self.latent_dim)
 
     def log_likelihood(self, x, z):
         act = activation_fn(self.activation)
         b, s, _ = z.shape
-        h = act(self.dec_dense(z.reshape(b * s, -1)))
-        h = act(self.dec_expand(h)).reshape(b * s, *self._bottom)
+        h = act(apply_layer(self.dec_dense, z.reshape(b * s, -1)))
+        h = act(apply_layer(self.dec_expand, h)).reshape(b * s, *self._bottom)
         h = run_layers(self.dec_convs, h, act)
         c = self.example_shape[-1]
         mean = h[..., :c].reshape(b, s, *self.example_shape)
