@@ -32,7 +32,7 @@ for stage in $stages; do
       run profile-default-100 90 benchmarks/profile_training.py --steps 100 --top 5 --tag default-100 ;;
     north_star) run north_star 200 benchmarks/north_star.py --measure-epochs 3 --measure-examples 8192 ;;
     ensemble_training) run ensemble_training 180 benchmarks/ensemble_training.py --steps 100 --rounds 2 ;;
-    likelihood) run likelihood 80 benchmarks/likelihood.py --examples 4096 ;;
+    likelihood) run likelihood 100 benchmarks/likelihood.py --examples 4096 ;;
     leverage) run leverage 80 benchmarks/leverage.py --quick ;;
     paper_protocol) run paper_protocol 30 benchmarks/paper_protocol.py --backend gpu ;;
     matmul_dtype) run matmul_dtype 150 benchmarks/matmul_dtype.py ;;  # also TF32 vs "highest"
