@@ -603,7 +603,8 @@ def _run_description(config: dict[str, Any]) -> list[str]:
         f"- plan: {design}, {plan.get('num_models', '?')} models",
         f"- training: {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
         f"{optimizer}, seed {train.get('seed', '?')}",
-        f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples",
+        f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples"
+        + (", bf16 matmuls (float32 accumulation)" if scoring.get("matmul_dtype") == "bfloat16" else ""),
     ]
 
 

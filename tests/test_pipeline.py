@@ -129,6 +129,11 @@ def test_result_directory_roundtrip_resume_and_refusal(digits, tmp_path):
                               **{**kw, "track_epochs": []})
     assert low.config["scoring"]["matmul_dtype"] == "bfloat16"
     assert 0 < np.abs(low.M - r3.M).max() < 0.1, np.abs(low.M - r3.M).max()
+    # the report says how log p was computed
+    from jaxmem.report import _run_description
+
+    assert any(line.endswith("samples, bf16 matmuls (float32 accumulation)") for line in _run_description(low.config))
+    assert not any("bf16" in line for line in _run_description(r3.config))
 
 
 def test_classifier_gives_label_memorization(digits):
