@@ -68,7 +68,8 @@ def main():
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--time-examples", type=int, default=256, help="examples of each timed scoring call")
+    ap.add_argument("--time-examples", type=int, default=None,
+                    help="examples of each timed scoring call (default 256 on CPUs, all on accelerators)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -78,6 +79,8 @@ def main():
     data = load_dataset("digits", resize_to=SIDE, binarize="static", seed=args.seed, limit=limit)
     x = data.x.reshape(-1, SIDE, SIDE)
     n = x.shape[0]
+    if args.time_examples is None:
+        args.time_examples = 256 if jax.default_backend() == "cpu" else n
     sizes = dict(examples=n, image=(SIDE, SIDE), hidden=HIDDEN, latent=LATENT, folds=args.folds,
                  epochs=args.epochs, samples=args.samples, batch=64, time_examples=args.time_examples,
                  rounds=args.rounds)
