@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--measure-examples", type=int, default=4096)
     ap.add_argument("--example-chunk", type=int, default=64)
     ap.add_argument("--sample-chunk", type=int, default=64)
+    ap.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="matmul inputs of the likelihood stage (loglik_matrix's matmul_dtype; training is float32)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     args = ap.parse_args()
     if args.quick:
@@ -59,7 +61,7 @@ def main() -> None:
     sizes = {
         "members": args.folds * args.repeats, "epochs": args.epochs, "n": args.n,
         "image": f"{args.side}x{args.side}", "hidden": args.hidden, "latent": args.latent,
-        "batch": args.batch_size, "S": args.samples,
+        "batch": args.batch_size, "S": args.samples, "matmul_dtype": args.matmul_dtype,
         "measure_epochs": args.measure_epochs, "measure_examples": args.measure_examples,
     }
     info = _common.header("north_star: the paper's MNIST setting", sizes)
@@ -109,7 +111,7 @@ def main() -> None:
     m_ex = min(args.measure_examples, args.n)
     score_mesh = jaxmem.make_mesh()
     kw = dict(key=jax.random.key(1), num_samples=args.samples, mesh=score_mesh,
-              example_chunk=args.example_chunk, sample_chunk=args.sample_chunk)
+              example_chunk=args.example_chunk, sample_chunk=args.sample_chunk, matmul_dtype=args.matmul_dtype)
     warm = min(m_ex, 512)
     t0 = time.perf_counter()
     _common.block(jaxmem.loglik_matrix(ens.graphdef, full, data[:warm], **kw))
@@ -120,7 +122,8 @@ def main() -> None:
     pairs_per_s = members * m_ex / t_ll
     ll_total = members * args.n / pairs_per_s
     ll_flops = 2.0 * (enc + args.samples * dec) * members * m_ex
-    print(f"likelihood: {m_ex} examples x {members} members x S={args.samples} in {t_ll:.2f} s "
+    print(f"likelihood ({args.matmul_dtype} matmuls): {m_ex} examples x {members} members x S={args.samples} "
+          f"in {t_ll:.2f} s "
           f"({pairs_per_s:,.0f} pairs/s; first call incl. compile {t_ll_first:.1f} s); "
           f"mean ll {float(np.mean(np.asarray(ll))):.2f} nats")
 

@@ -2,7 +2,7 @@
 # Every benchmark on one accelerator machine, in one go (the device is lent for minutes).
 # Usage: OUT=/some/dir bash benchmarks/run_gpu.sh [STAGE...]   (from the repository root)
 # Stages (default: all, in this order): profile profile-cublas north_star ensemble_training likelihood
-# leverage paper_protocol matmul_dtype. Each gets its own time limit so that one slow script cannot eat
+# leverage paper_protocol matmul_dtype north_star-bf16. Each gets its own time limit so that one slow script cannot eat
 # the others' time. Logs, JSON results, traces and HLO end up in $OUT/gpu_results.tgz
 # (one file: the device tool brings back at most 8) and the logs also on stdout.
 set -u
@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=${PYTHON:-python3}
-stages=${*:-profile profile-cublas north_star ensemble_training likelihood leverage paper_protocol matmul_dtype}
+stages=${*:-profile profile-cublas north_star ensemble_training likelihood leverage paper_protocol matmul_dtype north_star-bf16}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$WORK/gpu.txt"
 $py -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)" 2>&1 | tee -a "$WORK/gpu.txt"
 run() {  # run NAME LIMIT_S ARGS...
@@ -36,6 +36,9 @@ for stage in $stages; do
     leverage) run leverage 80 benchmarks/leverage.py --quick ;;
     paper_protocol) run paper_protocol 30 benchmarks/paper_protocol.py --backend gpu ;;
     matmul_dtype) run matmul_dtype 150 benchmarks/matmul_dtype.py ;;  # also TF32 vs "highest"
+    north_star-bf16)  # the same setting, likelihood with bf16 matmuls (its JSON overwrites north_star's: copy first)
+      [ benchmarks/results/north_star-gpu.json -nt "$WORK/gpu.txt" ] && cp benchmarks/results/north_star-gpu.json "$WORK/north_star-f32-gpu.json"
+      run north_star-bf16 200 benchmarks/north_star.py --measure-epochs 3 --measure-examples 8192 --matmul-dtype bfloat16 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
