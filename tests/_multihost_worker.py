@@ -4,7 +4,8 @@ Usage: python _multihost_worker.py PORT NUM_PROCESSES PROCESS_ID OUT.npy
 
 Joins a loopback cluster with gloo CPU collectives, builds the same small ensemble and
 data as the test (deterministic from seeds), feeds only this process's rows
-(``host_local_rows``) and writes the gathered ``[models, n]`` matrix (process 0 only).
+(``host_local_rows``) and writes the gathered ``[models, n]`` matrix (process 0 only),
+also with ``matmul_dtype="bfloat16"``.
 """
 import os
 import sys
@@ -52,6 +53,8 @@ def main():
     rows = mesh.host_local_rows(x.shape[0])
     ll = loglik_matrix_multihost(graphdef, state, x[rows], num_examples=x.shape[0],
                                  key=jax.random.key(7), **KW)
+    ll_bf16 = loglik_matrix_multihost(graphdef, state, x[rows], num_examples=x.shape[0],
+                                      key=jax.random.key(7), matmul_dtype="bfloat16", **KW)
     # Scores of the gathered matrix, sharded over the examples across both processes;
     # their outputs are global arrays, gathered once more.
     from jax.experimental.multihost_utils import process_allgather
@@ -62,6 +65,7 @@ def main():
     M, stderr = (np.asarray(process_allgather(a, tiled=True)) for a in (s.M, s.stderr))
     if pid == 0:
         np.save(out, ll)
+        np.save(out.replace(".npy", "_bf16.npy"), ll_bf16)
         np.save(out.replace(".npy", "_scores.npy"), np.stack([M, stderr]))
     jax.distributed.shutdown()
 

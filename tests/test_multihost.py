@@ -50,6 +50,12 @@ def test_two_processes_match_single_process(tmp_path):
     assert multi.shape == (2, 13)
     # same per-example randomness; only the float32 summation order may differ
     np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-4)
+    # the bf16 kernel too: the same rounding whichever process computes an example
+    single_bf16 = np.asarray(likelihood.loglik_matrix(graphdef, state, x, key=jax.random.key(7), mesh=mesh.make_mesh(1),
+                                                      matmul_dtype="bfloat16", **worker.KW))
+    multi_bf16 = np.load(str(out).replace(".npy", "_bf16.npy"))
+    np.testing.assert_allclose(multi_bf16, single_bf16, rtol=1e-5, atol=1e-4)
+    assert np.abs(multi_bf16 - multi).max() > 0  # and it is the bf16 kernel
     # scores computed across the processes equal one process's scores of the same matrix
     M, stderr = np.load(str(out).replace(".npy", "_scores.npy"))
     ref = memorization_scores(worker.four_models(multi), worker.KEEP, mesh=mesh.make_mesh(1))
