@@ -143,14 +143,13 @@ def main():
 
     # Speed: both on the same ensemble and examples, interleaved with the two peaks.
     xt = x[: args.time_examples]
-    flops = plan.num_models * xt.shape[0] * 2.0 * (
-        _mlp_macs()[0] + args.samples * _mlp_macs()[1])
+    enc, dec = _common.mlp_vae_macs(SIDE * SIDE, HIDDEN, LATENT)
+    flops = plan.num_models * xt.shape[0] * 2.0 * (enc + args.samples * dec)
     f32_peak_fn, peak_flops = _common.matmul_peak_fn()
     bf16_peak_fn, _ = _common.matmul_peak_fn(dtype=jnp.bfloat16)
     fns = {
-        "f32": lambda: loglik_matrix(fit.graphdef, fit.state, xt, key=key_a, num_samples=args.samples),
-        "bf16": lambda: loglik_matrix(fit.graphdef, fit.state, xt, key=key_a, num_samples=args.samples,
-                                      matmul_dtype="bfloat16"),
+        "f32": lambda: score(key_a, None, xt),
+        "bf16": lambda: score(key_a, "bfloat16", xt),
         "peak f32": f32_peak_fn, "peak bf16": bf16_peak_fn,
     }
     best = _common.interleaved_best(fns, rounds=args.rounds)
@@ -172,10 +171,6 @@ def main():
         "heldout_loss_first_last": [float(h["heldout_loss"][0].mean()), float(h["heldout_loss"][-1].mean())],
         "accuracy": accuracy, "peaks_flops": peaks, "timing": timing,
     })
-
-
-def _mlp_macs():
-    return _common.mlp_vae_macs(SIDE * SIDE, HIDDEN, LATENT)
 
 
 if __name__ == "__main__":

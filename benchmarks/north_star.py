@@ -33,6 +33,7 @@ import optax
 import _common
 import jaxmem
 from jaxmem import ensemble, models
+from jaxmem.models._latent import MATMUL_DTYPES
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--measure-examples", type=int, default=4096)
     ap.add_argument("--example-chunk", type=int, default=64)
     ap.add_argument("--sample-chunk", type=int, default=64)
-    ap.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+    ap.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
                     help="matmul inputs of the likelihood stage (loglik_matrix's matmul_dtype; training is float32)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     args = ap.parse_args()

@@ -43,10 +43,13 @@ def load(name: str, backend: str) -> dict:
         return json.load(f)
 
 
-def row(rows: list[dict], key: str, prefix: str) -> dict:
+def row(rows: list[dict], key: str, prefix: str, required: bool = True) -> dict | None:
+    """The first row whose ``key`` starts with ``prefix`` (None if there is none and not ``required``)."""
     for r in rows:
         if str(r[key]).startswith(prefix):
             return r
+    if not required:
+        return None
     raise SystemExit(f"no row starting with {prefix!r} in {[r[key] for r in rows]}")
 
 
@@ -61,8 +64,8 @@ def main():
     t_a = row(ens["rows"], "variant", "(a)")["s_per_member_epoch"]
     t_c = row(ens["rows"], "variant", "(c)")["s_per_member_epoch"]
     r_a = row(ll["rows"], "impl", "jaxmem")["pairs_per_s"]  # the first jaxmem row: float32
-    bf16 = [r for r in ll["rows"] if str(r["impl"]).startswith("jaxmem bf16")]
-    r_b = bf16[0]["pairs_per_s"] if bf16 else None
+    bf16 = row(ll["rows"], "impl", "jaxmem bf16", required=False)
+    r_b = bf16["pairs_per_s"] if bf16 else None
     r_c = row(ll["rows"], "impl", "paper")["pairs_per_s"]
     cases = {
         "paper's code (10 likelihood passes)": (t_c, r_c, PASSES),

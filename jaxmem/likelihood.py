@@ -50,14 +50,8 @@ KINDS = ("iw", "elbo", "correct", "exact")
 _METHOD_OF_KIND = {"correct": "correct", "exact": "exact_log_prob"}
 
 
-def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk, matmul_dtype="float32"):
+def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk):
     """One member's values ``[c]`` on one block of ``c`` examples."""
-    with _latent.matmul_dtype(matmul_dtype):  # read while this function is traced
-        return _member_values_traced(graphdef, state, batch, keys, kind=kind, num_samples=num_samples,
-                                     sample_chunk=sample_chunk)
-
-
-def _member_values_traced(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk):
     model = nnx.merge(graphdef, state)
     if kind in _METHOD_OF_KIND:
         name = _METHOD_OF_KIND[kind]
@@ -118,7 +112,7 @@ def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, ex
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
             member = functools.partial(
                 _member_values, graphdef, batch=batch, keys=keys, kind=kind,
-                num_samples=num_samples, sample_chunk=sample_chunk, matmul_dtype=matmul_dtype,
+                num_samples=num_samples, sample_chunk=sample_chunk,
             )
             if members_in_turn:  # one member's activations at a time
                 return jax.lax.map(member, state_r)  # [models, c]
@@ -127,7 +121,8 @@ def _kernel(graphdef, state, data, idx, key_data, *, mesh, kind, num_samples, ex
         out = jax.lax.map(one_block, blocks)  # [rows / c, models, c]
         return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], rows)
 
-    return _mesh.shard_examples(local, mesh, (data, idx), (state, key_data), example_axis=1)
+    with _latent.matmul_dtype(matmul_dtype):  # the models' layers read it while `local` is traced
+        return _mesh.shard_examples(local, mesh, (data, idx), (state, key_data), example_axis=1)
 
 
 def _split_model(graphdef_or_model, state):

@@ -175,6 +175,10 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
 # do not touch the training state (scores of epochs already passed are not recomputed).
 _MUTABLE = ("training.epochs", "scoring.track_epochs", "format")
 
+# Keys added to the configuration after runs were written without them, with the value
+# those runs had: an older directory reads as that value and still resumes.
+_ADDED_LATER = {"scoring.matmul_dtype": "float32"}
+
 
 def _check_config(directory: str, config: dict[str, Any]) -> None:
     """Refuse to reuse ``directory`` for another configuration (training epochs may grow)."""
@@ -183,9 +187,7 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
         return
     with open(path) as f:
         stored = json.load(f)
-    if isinstance(stored.get("scoring"), dict):  # written before matmul_dtype existed: float32
-        stored["scoring"].setdefault("matmul_dtype", "float32")
-    flat_a, flat_b = _flatten(stored), _flatten(config)
+    flat_a, flat_b = {**_ADDED_LATER, **_flatten(stored)}, _flatten(config)
     differ = sorted(
         k for k in set(flat_a) | set(flat_b)
         if flat_a.get(k) != flat_b.get(k) and k not in _MUTABLE

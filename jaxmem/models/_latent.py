@@ -158,8 +158,8 @@ def matmul_dtype(dtype) -> Iterator[None]:
     of :class:`~jaxmem.models.MLPVAE` and :class:`~jaxmem.models.Classifier`, the dense
     layers of :class:`~jaxmem.models.ConvVAE`; not convolutions, nor the linear-Gaussian
     VAE's own parameters) rounds its input and kernel to bfloat16 (8 significant bits)
-    and multiplies them with float32 accumulation (``preferred_element_type=float32``); the bias, activations and every
-    reduction stay float32. CPUs with bf16 matrix units (Intel AMX, Arm SME/BF16) and
+    and multiplies them with float32 accumulation (``preferred_element_type=float32``);
+    the bias, activations and every reduction stay float32. CPUs with bf16 matrix units (Intel AMX, Arm SME/BF16) and
     every accelerator multiply bf16 several times faster than f32. ``"float32"`` or
     ``None``: the layers as they are. Scoring uses it through
     ``loglik_matrix(..., matmul_dtype=...)``, which states what it changes in the values.
