@@ -20,6 +20,12 @@ evaluation, whose share of the work is the same at both sizes).
                  BCE-with-logits, training steps only (no held-out pass)
   (e) (a), SGD   with ``--sgd``: program (a) with plain SGD instead of Adam, a diagnostic
                  of how much of a step Adam's moment updates take (not a target row)
+  (f) ceiling    the training step's matrix products alone, at its shapes and layouts
+                 (forward, kernel and input gradients of every layer at batch 64, one
+                 member, scanned over the steps; nothing else but a row normalisation
+                 of the [64, width] activations): the fastest a step can run with this
+                 machine's matmuls at these shapes, so the ceiling of the 60% target
+                 (a diagnostic, not a variant)
 
 Targets (issue #3) are measured against (c), the paper's code; (d) is printed beside it
 to show how much of the gap is the paper's data pipeline and loss rather than the
@@ -40,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -161,6 +168,51 @@ def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr
     return total
 
 
+def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
+    """Row (f): ``(function, its FLOPs)`` for ``steps`` steps of the VAE step's products alone.
+
+    The same products, shapes and dimension layouts as one member's training step
+    (``models._latent.dense``: forward ``h @ W``; kernel gradient ``h^T g`` as
+    ``[in, out]``; input gradient ``(W g^T)^T``, none for the encoder's input), in a
+    ``lax.scan``; each step's weights are the previous step's kernel gradients, so no
+    product is loop-invariant, and each activation and gradient row is rescaled to unit
+    RMS (work of the activations' size, ``[batch, width]``, not the weights') so that
+    the values stay finite. FLOPs: 2 per multiply-accumulate of the products.
+    """
+    enc = [d, *hidden, 2 * latent]
+    dec = [latent, *reversed(list(hidden)), d]
+    shapes = list(zip(enc[:-1], enc[1:])) + list(zip(dec[:-1], dec[1:]))
+    n_enc = len(enc) - 1
+    key = jax.random.key(0)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), s) / np.sqrt(s[0]) for i, s in enumerate(shapes)]
+    x = jax.random.normal(jax.random.fold_in(key, len(shapes)), (batch, d))
+    norm = lambda h: h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+    kernel_grad = lambda h, g: jax.lax.dot_general(h, g, (((0,), (0,)), ((), ())))  # noqa: E731
+    input_grad = lambda w, g: jax.lax.dot_general(w, g, (((1,), (1,)), ((), ()))).T  # noqa: E731
+
+    def step(ws, _):
+        hs, h = [], x
+        for i, w in enumerate(ws):
+            if i == n_enc:  # the decoder starts from z, half the encoder's output
+                h = h[:, :latent]
+            hs.append(h)
+            h = norm(h @ w)
+        g, grads = h, [None] * len(ws)
+        for i in reversed(range(len(ws))):
+            grads[i] = kernel_grad(hs[i], g)
+            if i == 0:
+                break
+            g = norm(input_grad(ws[i], g))
+            if i == n_enc:  # back into the encoder's 2 * latent outputs
+                g = jnp.concatenate([g, jnp.zeros_like(g)], axis=1)
+        return grads, None
+
+    run = jax.jit(lambda ws: jax.lax.scan(step, ws, None, length=steps)[0])
+    macs = sum(a * b for a, b in shapes)
+    flops = steps * 2 * batch * (3 * macs - enc[0] * enc[1])
+    return (lambda: run(ws)), flops
+
+
 def add_problem_args(ap: argparse.ArgumentParser, steps: int) -> None:
     """The arguments of :func:`problem` (shared with ``profile_training.py``)."""
     ap.add_argument("--members", type=int, default=10)
@@ -252,6 +304,8 @@ def main():
     # (b) the same members one after another, each a jitted scanned epoch
     states = [single.init(m) for m in range(k)]
     fns["b"] = lambda: [single.epoch(s, xd) for s in states]
+    # (f) the ceiling: one member's step products alone (timed per member, like (b))
+    fns["f"], flops_f = matmul_ceiling_fn(x.shape[1] * x.shape[2], args.hidden, args.latent, batch, steps)
 
     # (c) the paper's code path, fold after fold (training steps + held-out loss), and
     # (d) lean PyTorch (training steps only: no held-out pass, which favours it); both time
@@ -265,13 +319,14 @@ def main():
     best = _common.interleaved_best(fns, rounds=args.rounds)
     peak = peak_flops / best["peak"]
     print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s")
-    per = {name: best[name] / k * scale for name in fns if name != "peak"}
+    per = {name: best[name] / (1 if name == "f" else k) * scale for name in fns if name != "peak"}
     per_a, per_b, per_c = per["a"], per["b"], per.get("c")
     labels = {"a": "(a) ensemble, one program", "a'": "(a') one program, all K vmapped",
               "b": "(b) JAX loop over members", "c": "(c) the paper's PyTorch code", "d": "(d) lean PyTorch loop",
-              "e": "(e) (a) with SGD, not Adam"}
+              "e": "(e) (a) with SGD, not Adam", "f": "(f) ceiling: the step's matmuls alone"}
     rows = [{"variant": labels[name], "s_per_member_epoch": secs,
-             "GFLOP/s": flops_b * scale / secs / 1e9 if flops_b else None} for name, secs in per.items()]
+             "GFLOP/s": (flops_f if name == "f" else flops_b) * scale / secs / 1e9 if flops_b else None}
+            for name, secs in per.items()]
     for r in rows:
         r["fraction_of_peak"] = r["GFLOP/s"] * 1e9 / peak if r["GFLOP/s"] else None
         r["a_speedup"] = r["s_per_member_epoch"] / per_a if r["s_per_member_epoch"] else None
@@ -286,11 +341,15 @@ def main():
     if info["backend"] != "cpu":
         targets["a_vs_b_ge_5x"] = per_b / per_a >= 5.0
     print("targets:", targets)
+    ceiling = next(r for r in rows if r["variant"].startswith("(f)"))
+    print(f"ceiling of the 60% target on this machine: the step's matmuls alone ran at "
+          f"{ceiling['fraction_of_peak']:.0%} of the peak ((f)); (a) ran at "
+          f"{ceiling['s_per_member_epoch'] / per_a:.0%} of (f)'s speed")
     _common.write_json("ensemble_training", {
         "machine": info, "peak_flops": peak, "sizes": vars(args) | {"subset_n": n, "steps": steps,
                                                                       "full_steps": full_steps},
         "rows": rows, "flops_per_epoch_a": flops_a, "flops_per_epoch_b_member": flops_b,
-        "targets": targets,
+        "flops_per_epoch_f": flops_f, "targets": targets,
     })
 
 

@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples per log-likelihood (the paper: 256 on MNIST)")
     g.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="matmul inputs of the log-likelihoods: bfloat16 scores MLP models faster "
-                        "(CPUs with AMX, accelerators) at a rounding far below the Monte Carlo "
-                        "error (benchmarks/RESULTS.md); training stays float32")
+                        "on hardware that multiplies bf16 (accelerators, CPUs with AMX; slower on "
+                        "CPUs without, which warn) at a rounding far below the Monte Carlo error "
+                        "(benchmarks/RESULTS.md); training stays float32")
     g.add_argument("--quantile", type=float, default=0.95,
                    help="'highly memorized' means M above this quantile")
     g.add_argument("--track-epochs", type=_track_epochs, default="auto",

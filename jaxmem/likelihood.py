@@ -268,9 +268,12 @@ def loglik_matrix(
         all, :class:`~jaxmem.models.ConvVAE`'s dense ones, not its convolutions)
         multiply bf16-rounded inputs and kernels with float32 accumulation
         (:func:`jaxmem.models._latent.matmul_dtype`); everything else stays float32.
-        Opt-in, for speed: on this project's 2-core Sapphire Rapids CPU (AMX units) the
-        paper's MNIST VAE scored 2.8-3.1x more pairs per second. It changes the values,
-        by the rounding alone (the importance samples are the same): for the paper's VAE
+        Opt-in, for speed where the hardware multiplies bf16 natively: on a 2-core
+        Sapphire Rapids CPU (AMX units) the paper's MNIST VAE scored 2.8-3.1x more pairs
+        per second; on a 2-core AMD EPYC (Zen 3, AVX2, no bf16 instructions) 0.77x,
+        slower, and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
+        It changes the values, by the rounding alone (the importance samples are the
+        same): for the paper's VAE
         trained on 32x32 digits, S = 256, log p moved by 0.03 nats RMS (at most 0.27, at
         log p ~ -367) and M by 0.04 RMS, about 1/50 of the Monte Carlo spread of the
         S-sample estimate itself across keys (``benchmarks/RESULTS.md``,
@@ -285,6 +288,7 @@ def loglik_matrix(
     graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
     loop_members = _loop_members(loop_members)
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
+    _latent.warn_if_bf16_is_slow(matmul_dtype)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk)
     if jax.process_count() > 1:
@@ -359,6 +363,7 @@ def loglik_matrix_multihost(
     graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
     loop_members = _loop_members(loop_members)
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
+    _latent.warn_if_bf16_is_slow(matmul_dtype)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
     n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk)

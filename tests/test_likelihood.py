@@ -221,3 +221,37 @@ def test_bf16_matmuls_round_only_the_products(devices8):
     for bad in ("float16", "int8", "bf16x"):
         with pytest.raises(ValueError, match=r"matmul_dtype must be one of \('float32', 'bfloat16'\)"):
             loglik_matrix(graphdef, state, x, matmul_dtype=bad, **kw)
+
+
+def test_bf16_warns_on_cpus_that_cannot_multiply_it(tmp_path, monkeypatch):
+    """bf16 matmuls are only faster where the hardware multiplies bf16; on a CPU whose
+    ``/proc/cpuinfo`` flags name no bf16 instruction, ``loglik_matrix`` says so (it measured
+    0.77x the float32 rate on an AMD EPYC, Zen 3), and still returns the bf16 numbers."""
+    import warnings
+
+    from jaxmem.models import _latent
+
+    zen3 = tmp_path / "zen3"
+    zen3.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    spr = tmp_path / "spr"
+    spr.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    arm = tmp_path / "arm"
+    arm.write_text("Features\t: fp asimd bf16 i8mm\n")
+    assert _latent._cpu_flags(str(zen3)) == frozenset({"fpu", "sse", "avx", "avx2", "fma"})  # the first CPU's
+    assert _latent._cpu_flags(str(tmp_path / "missing")) is None
+    assert "bf16" in _latent._cpu_flags(str(arm))
+
+    model = models.create("mlp_vae", (8, 8), seed=0, hidden=[16], latent_dim=2)
+    x = np.random.default_rng(0).uniform(size=(4, 8, 8)).astype(np.float32)
+    kw = dict(key=KEY, num_samples=4)
+    read = _latent._cpu_flags.__wrapped__  # uncached: each file below stands in for /proc/cpuinfo
+    for path, warns in ((zen3, True), (spr, False), (arm, False), (tmp_path / "missing", False)):
+        monkeypatch.setattr(_latent, "_cpu_flags", lambda p=str(path): read(p))
+        assert _latent.cpu_multiplies_bf16() is (None if "missing" in str(path) else not warns)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bf16 = loglik_matrix(model, data=x, matmul_dtype="bfloat16", **kw)
+            f32 = loglik_matrix(model, data=x, matmul_dtype="float32", **kw)
+        messages = [str(w.message) for w in caught if "bf16 multiply instructions" in str(w.message)]
+        assert len(messages) == (1 if warns else 0), (path, messages)
+        assert np.all(np.isfinite(bf16)) and np.abs(np.asarray(bf16) - np.asarray(f32)).max() > 0
