@@ -22,7 +22,7 @@ the two JSON files, printed with their machine description.
 
 Usage::
 
-    python benchmarks/paper_protocol.py [--backend cpu]
+    python benchmarks/paper_protocol.py [--backend cpu]   # or gpu, cpu-epyc: results/*-<that>.json
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def row(rows: list[dict], key: str, prefix: str, required: bool = True) -> dict 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="cpu", help="which results to read: cpu or gpu")
+    ap.add_argument("--backend", default="cpu", help="which results to read: the suffix of results/<name>-<suffix>.json "
+                    "(cpu, gpu, or a machine's kept copy such as cpu-epyc)")
     args = ap.parse_args()
     ens, ll = load("ensemble_training", args.backend), load("likelihood", args.backend)
     m = ens["machine"]
