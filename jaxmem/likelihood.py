@@ -273,10 +273,9 @@ def loglik_matrix(
         per second; on a 2-core AMD EPYC (Zen 3, AVX2, no bf16 instructions) 0.77x,
         slower, and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
         It changes the values, by the rounding alone (the importance samples are the
-        same): for the paper's VAE
-        trained on 32x32 digits, S = 256, log p moved by 0.03 nats RMS (at most 0.27, at
-        log p ~ -367) and M by 0.04 RMS, about 1/50 of the Monte Carlo spread of the
-        S-sample estimate itself across keys (``benchmarks/RESULTS.md``,
+        same): for the paper's VAE trained on 32x32 digits, S = 256, log p moved by
+        0.03 nats RMS (at most 0.27, at log p ~ -367) and M by 0.04 RMS, about 1/50 of
+        the Monte Carlo spread of the S-sample estimate itself across keys (``benchmarks/RESULTS.md``,
         ``matmul_dtype.py``; ``tests/test_likelihood.py`` bounds both).
 
     Returns:
