@@ -36,10 +36,13 @@ Preprocessing follows van den Burg & Williams (2021):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import os
 import pathlib
+import tempfile
 import zipfile
 from typing import Any, Literal
 
@@ -262,7 +265,32 @@ def _default_tfds_dir() -> str:
     return os.fspath(constants.DATA_DIR)
 
 
+@contextlib.contextmanager
+def _tfds_empty_temp_dirs_removed():
+    """Remove the empty ``tmp*tfds`` folders that TFDS leaves in the temp dir during the block.
+
+    Building a data set's info without its files (``DatasetInfo.initialize_from_bucket``,
+    TFDS 4.9) makes a temporary folder for metadata from GCS before it asks GCS, and
+    leaves it behind, empty, when GCS has nothing or cannot be reached: one per call
+    on an unprepared data set. Only folders that appeared during the block and are
+    still empty are removed (``os.rmdir`` refuses any other).
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
 def _load_tfds(name, split, limit, resize_to, data_dir):
+    with _tfds_empty_temp_dirs_removed():
+        return _load_tfds_records(name, split, limit, resize_to, data_dir)
+
+
+def _load_tfds_records(name, split, limit, resize_to, data_dir):
     import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import, only when used)
 
     spec = _TFDS[name]

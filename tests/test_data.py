@@ -1,5 +1,6 @@
 """Tests of jaxmem.data: the embedded digits, TFDS (mocked), user files, neighbours."""
 
+import tempfile
 import time
 
 import numpy as np
@@ -122,18 +123,31 @@ def test_tfds_binarized_mnist_keeps_fixed_binarization():
     np.testing.assert_array_equal(d.x[:, 2:30, 2:30], images.astype(np.float32))
 
 
-def test_tfds_not_prepared_gives_instructions_without_download(tmp_path):
+def test_tfds_not_prepared_gives_instructions_without_download(tmp_path, monkeypatch):
+    # TFDS leaves an empty tmp*tfds folder in the temp dir for an unprepared data set;
+    # jaxmem removes it (a temp dir of this test's own, so other processes do not count)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    tfds.builder("fashion_mnist", data_dir=data_dir)  # TFDS alone: 4.9.10 leaves one such folder
+    leaked = list(temp.iterdir())
+    assert all(p.name.endswith("tfds") and not any(p.iterdir()) for p in leaked), leaked
+    for p in leaked:
+        p.rmdir()
     start = time.perf_counter()
     with pytest.raises(DatasetNotPreparedError) as err:
-        load_dataset("fashion_mnist", data_dir=tmp_path)
+        load_dataset("fashion_mnist", data_dir=data_dir)
     elapsed = time.perf_counter() - start
+    assert not any(temp.iterdir())
     # A download attempt offline retries for minutes; reading metadata takes < 1 s.
     assert elapsed < 5.0
     msg = str(err.value)
-    assert "not prepared" in msg and str(tmp_path) in msg
+    assert "not prepared" in msg and str(data_dir) in msg
     assert "tfds build fashion_mnist --file_format=array_record" in msg
     assert isinstance(err.value, FileNotFoundError)
-    assert not any(tmp_path.iterdir())  # nothing downloaded or written
+    assert not any(data_dir.iterdir())  # nothing downloaded or written
 
 
 # ---------------------------------------------------------------------- user files
