@@ -44,12 +44,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import _common  # noqa: E402
 from jaxmem import ensemble, membership, models  # noqa: E402
 from jaxmem.mesh import make_mesh  # noqa: E402
 
@@ -80,8 +80,9 @@ def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float:
     training indices (per-item Pad/ToTensor/Binarize), then the loss over its held-out
     indices, as ``MarginalTrainer.fit`` does every epoch.
     """
-    import _paper_torch as paper  # main() calls this only when paper_available()
     import torch
+
+    import _paper_torch as paper  # main() calls this only when paper_available()
 
     dev = torch_device()
     data = paper.MNISTLike(paper.random_mnist_like(keep.shape[1]))
@@ -98,7 +99,8 @@ def paper_loop(keep: np.ndarray, hidden, latent, batch, steps, lr) -> float:
         paper.train_steps(model, opt, paper.loader(data, np.flatnonzero(keep[m]), batch), steps, dev)
         model.eval()
         with torch.no_grad():
-            held_out = sum(model.step(x.to(dev)).item() for x, _, _ in paper.loader(data, np.flatnonzero(~keep[m]), batch))
+            rows = paper.loader(data, np.flatnonzero(~keep[m]), batch)
+            held_out = sum(model.step(x.to(dev)).item() for x, _, _ in rows)
         _common.block(None)
         total += time.perf_counter() - t0
         assert np.isfinite(held_out)

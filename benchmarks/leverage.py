@@ -26,14 +26,13 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import scipy.linalg  # noqa: E402
 import statsmodels.api as sm  # noqa: E402
 from statsmodels.stats.outliers_influence import OLSInfluence  # noqa: E402
 
+import _common as C  # noqa: E402
 import jaxmem.linear as jl  # noqa: E402
 
 
@@ -189,13 +188,15 @@ def main():
     p_lev, p_stream, p_diag, sm_max_n = 50, 100, 10, 1_000_000
     info = C.header(
         "leverage",
-        {"stream_n": stream_n, "p_stream": p_stream, "lev_ns": lev_ns, "p": p_lev, "diag_ns": diag_ns, "p_diag": p_diag},
+        {"stream_n": stream_n, "p_stream": p_stream, "lev_ns": lev_ns, "p": p_lev,
+         "diag_ns": diag_ns, "p_diag": p_diag},
     )
 
     stream = streamed_part(stream_n, p_stream, block_rows=131_072)
     C.print_table(
         [stream],
-        ["n", "p", "seconds", "generate_s_per_pass", "peak_rss_after_mb", "X_if_materialized_mb", "h_output_mb", "sum_h_minus_p"],
+        ["n", "p", "seconds", "generate_s_per_pass", "peak_rss_after_mb", "X_if_materialized_mb", "h_output_mb",
+         "sum_h_minus_p"],
         title="1. streamed leverage (X generated per block from a seed; peak RSS of the whole process)",
     )
 
@@ -220,17 +221,20 @@ def main():
             "pct_of_peak",
             "max_abs_err_f64",
         ],
-        title=f"2. leverage, p = {p_lev} (jaxmem: Cholesky, device-resident input; statsmodels: OLS fit + hat_matrix_diag, float64)",
+        title=f"2. leverage, p = {p_lev} (jaxmem: Cholesky, device-resident input; "
+              "statsmodels: OLS fit + hat_matrix_diag, float64)",
     )
     diag = diagnostics_part(diag_ns, p_diag)
     C.print_table(
         diag,
-        ["n", "p", "statsmodels_s", "jaxmem_f64_ms", "jaxmem_f32_ms", "sm/jaxmem_f64", "sm/jaxmem_f32", "max_rel_diff_vs_sm"],
+        ["n", "p", "statsmodels_s", "jaxmem_f64_ms", "jaxmem_f32_ms", "sm/jaxmem_f64", "sm/jaxmem_f32",
+         "max_rel_diff_vs_sm"],
         title="3. external studentized residuals + DFBETAS: closed form vs statsmodels' LOO refit loop",
     )
     C.write_json(
         "leverage",
-        {"machine": info, "quick": args.quick, "matmul_peak_flops": peak, "streamed": stream, "leverage": lev, "diagnostics": diag},
+        {"machine": info, "quick": args.quick, "matmul_peak_flops": peak, "streamed": stream, "leverage": lev,
+         "diagnostics": diag},
     )
 
 

@@ -44,12 +44,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import _common  # noqa: E402
 from jaxmem import models  # noqa: E402
 from jaxmem.likelihood import _kernel, _key_parts  # noqa: E402
 from jaxmem.mesh import make_mesh  # noqa: E402
@@ -117,8 +117,9 @@ def torch_weights(member):
     p = nnx.state(member, nnx.Param)
 
     def layers(group):
-        return [(torch.from_numpy(np.array(l["kernel"][...]).T.copy()), torch.from_numpy(np.array(l["bias"][...])))
-                for l in p[group].values()]
+        return [(torch.from_numpy(np.array(layer["kernel"][...]).T.copy()),
+                 torch.from_numpy(np.array(layer["bias"][...])))
+                for layer in p[group].values()]
 
     return layers("encoder"), layers("decoder")
 
@@ -126,8 +127,9 @@ def torch_weights(member):
 def run_paper(members, num_samples, rows):
     """The paper's ``marginal`` loop over a loader: ``(function, pairs it evaluates, threads)``."""
     try:
-        import _paper_torch as paper
         import torch
+
+        import _paper_torch as paper
     except ImportError:
         print("torch is not installed: skipping the paper's-code row (pip install torch==2.13.0)")
         return None

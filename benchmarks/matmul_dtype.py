@@ -34,12 +34,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+import _common  # noqa: E402
 from jaxmem import ensemble, membership, models, scores  # noqa: E402
 from jaxmem.data import load_dataset  # noqa: E402
 from jaxmem.likelihood import loglik_matrix  # noqa: E402

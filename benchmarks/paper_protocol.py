@@ -55,8 +55,9 @@ def row(rows: list[dict], key: str, prefix: str, required: bool = True) -> dict 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="cpu", help="which results to read: the suffix of results/<name>-<suffix>.json "
-                    "(cpu, gpu, or a machine's kept copy such as cpu-epyc)")
+    ap.add_argument("--backend", default="cpu",
+                    help="which results to read: the suffix of results/<name>-<suffix>.json "
+                         "(cpu, gpu, or a machine's kept copy such as cpu-epyc)")
     args = ap.parse_args()
     ens, ll = load("ensemble_training", args.backend), load("likelihood", args.backend)
     m = ens["machine"]

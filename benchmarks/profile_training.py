@@ -30,10 +30,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402
-import ensemble_training  # noqa: E402
 import jax  # noqa: E402
 import optax  # noqa: E402
+
+import _common  # noqa: E402
+import ensemble_training  # noqa: E402
 
 
 def kernel_table(trace_file: str, steps: int, top: int) -> dict:

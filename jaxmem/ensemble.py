@@ -51,8 +51,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem.membership import _check_keep
-from jaxmem.models._latent import reverse_mode_dense
 from jaxmem.mesh import make_mesh, on_cpu, shard_examples
+from jaxmem.models._latent import reverse_mode_dense
 
 __all__ = [
     "EnsembleState",

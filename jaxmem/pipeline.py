@@ -29,9 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxmem import ensemble as _ensemble
-from jaxmem import membership as _membership
-from jaxmem import models as _models
+from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
 from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.mesh import make_mesh

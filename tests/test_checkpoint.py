@@ -72,7 +72,8 @@ def test_other_configuration_is_refused(tmp_path):
     other_plan = KEEP[::-1].copy()
     with pytest.raises(ConfigMismatchError, match="plan_sha256"):
         ensemble.fit(tiny, 1e-2, X, other_plan, **kw)
-    with pytest.raises(ConfigMismatchError, match=r"model.params.\['enc'\]\['kernel'\].value: stored .float32\[4, 8\]. vs now .float32\[4, 6\]"):
+    shapes = r"model.params.\['enc'\]\['kernel'\].value: stored .float32\[4, 8\]. vs now .float32\[4, 6\]"
+    with pytest.raises(ConfigMismatchError, match=shapes):
         ensemble.fit(lambda s: tiny(s, h=6), 1e-2, X, KEEP, **kw)
     with pytest.raises(ConfigMismatchError, match="learning_rate"):
         ensemble.fit(tiny, 3e-2, X, KEEP, **kw)

@@ -15,7 +15,6 @@ from jaxmem.data import (
     nearest_neighbours,
 )
 
-
 # ------------------------------------------------------------------ embedded digits
 
 

@@ -92,8 +92,8 @@ def test_mlp_vae_log_weights_match_float64_numpy():
     got, eps = weights_and_noise(state, x, keys)
 
     p = nnx.state(model, nnx.Param)
-    enc = [(np.float64(l["kernel"][...]), np.float64(l["bias"][...])) for l in p["encoder"].values()]
-    dec = [(np.float64(l["kernel"][...]), np.float64(l["bias"][...])) for l in p["decoder"].values()]
+    enc = [(np.float64(layer["kernel"][...]), np.float64(layer["bias"][...])) for layer in p["encoder"].values()]
+    dec = [(np.float64(layer["kernel"][...]), np.float64(layer["bias"][...])) for layer in p["decoder"].values()]
 
     def mlp(layers, h):
         for i, (w, b) in enumerate(layers):
@@ -228,7 +228,8 @@ def test_classifier_matches_log_softmax():
     logits = h @ np.float64(p[1]["kernel"][...]) + np.float64(p[1]["bias"][...])
     ref = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
     np.testing.assert_allclose(call(model, "log_prob", (x, y), _keys(9)), ref[np.arange(9), y], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(call(model, "loss", (x, y), jax.random.key(0)), -ref[np.arange(9), y], rtol=1e-5, atol=1e-6)
+    loss = call(model, "loss", (x, y), jax.random.key(0))
+    np.testing.assert_allclose(loss, -ref[np.arange(9), y], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(call(model, "correct", (x, y)), np.argmax(logits, 1) == np.asarray(y))
     with pytest.raises(ValueError, match="labels must be int"):
         model.loss((x, jnp.zeros(9)), jax.random.key(0))

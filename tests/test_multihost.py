@@ -7,10 +7,9 @@ import sys
 import jax
 import numpy as np
 
+import _multihost_worker as worker  # tests/ is on sys.path under pytest's default import mode
 from jaxmem import likelihood, mesh
 from jaxmem.scores import memorization_scores
-
-import _multihost_worker as worker  # tests/ is on sys.path under pytest's default import mode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -27,8 +27,7 @@ from flax import nnx
 from jaxmem.models._latent import LatentVariableModel as LatentVariableModel
 from jaxmem.models.classifier import Classifier as Classifier
 from jaxmem.models.linear_gaussian import LinearGaussianVAE as LinearGaussianVAE
-from jaxmem.models.vae import ConvVAE as ConvVAE
-from jaxmem.models.vae import MLPVAE as MLPVAE
+from jaxmem.models.vae import MLPVAE as MLPVAE, ConvVAE as ConvVAE
 
 __all__ = [
     "MODELS",

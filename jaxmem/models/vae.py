@@ -130,7 +130,10 @@ class ConvVAE(LatentVariableModel):
     the decoder puts a diagonal Gaussian (per-pixel mean and standard deviation) on y.
     The density is carried back by the log-det Jacobian of the logit transform,
 
-    .. math:: \\log p(u) = \\log N(y; \\mu(z), \\sigma(z)) + \\sum_j \\log \\frac{1 - 2\\lambda}{s_j (1 - s_j)}, \\quad s = \\lambda + (1 - 2\\lambda) u,
+    .. math::
+
+        \\log p(u) = \\log N(y; \\mu(z), \\sigma(z))
+            + \\sum_j \\log \\frac{1 - 2\\lambda}{s_j (1 - s_j)}, \\quad s = \\lambda + (1 - 2\\lambda) u,
 
     and then to the pixel scale ``v = 256 u`` in ``[0, 256)^D`` (subtract ``D log 256``).
     ``log_prob`` is therefore a density over dequantised pixel values in ``[0, 256)^D``
