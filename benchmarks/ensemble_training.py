@@ -18,8 +18,9 @@ evaluation, whose share of the work is the same at both sizes).
                  loss each epoch (``_paper_torch``; skipped without torch)
   (d) torch lean a lean PyTorch per-fold loop: data already in one tensor, fused
                  BCE-with-logits, training steps only (no held-out pass)
-  (e) (a), SGD   with ``--sgd``: program (a) with plain SGD instead of Adam, a diagnostic
-                 of how much of a step Adam's moment updates take (not a target row)
+  (e) (a), SGD   with ``--sgd``: program (a) with plain SGD instead of Adam (and (a)'s
+                 member chunk), a diagnostic of how much of a step Adam's moment updates
+                 take (not a target row)
   (f) ceiling    the training step's matrix products alone, at its shapes and layouts
                  (forward, kernel and input gradients of every layer at batch 64, one
                  member, scanned over the steps; nothing else but a row normalisation
@@ -299,7 +300,9 @@ def main():
         state_all = ens_all.init(0)
         fns["a'"] = lambda: ens_all.epoch(state_all, xd)
     if args.sgd:  # (e) the same program without Adam's moments
-        ens_sgd = ensemble.make(factory, optax.sgd(lr), keep, batch_size=batch, unroll=args.unroll)
+        # with (a)'s chunk: SGD's smaller state could make the default chunk another one
+        ens_sgd = ensemble.make(factory, optax.sgd(lr), keep, batch_size=batch, unroll=args.unroll,
+                                member_chunk=chunk)
         state_sgd = ens_sgd.init(0)
         fns["e"] = lambda: ens_sgd.epoch(state_sgd, xd)
 

@@ -238,8 +238,14 @@ def _build_members(model: Any, num_members: int, seed: int):
     return graphdef, stack(1), stack(2)
 
 
-#: Cache budget for one chunk of members' training state on a CPU (``member_chunk=None``).
-CPU_CHUNK_BYTES = 64 * 2**20
+#: Budget for one chunk of members' training state (parameters and optimizer state) on a
+#: CPU (``member_chunk=None``). Vmapping members only pays on a CPU while each member's
+#: products are too small to keep the cores busy; measured on a 2-core AMD EPYC (Adam,
+#: K = 10, batch 64, ``benchmarks/RESULTS.md``), all 10 vmapped against one at a time:
+#: 1.30x faster at 0.03 MB of state per member, 1.16x at 0.4 MB, 1.06x at 1.2 MB, but
+#: 1.12x slower at 6.2 MB and 1.07x slower at 16 MB, and chunks of 4 of the paper's VAE
+#: trained with SGD (13.7 MB each) 1.10x slower than one at a time.
+CPU_CHUNK_BYTES = 4 * 2**20
 
 
 def _auto_chunk(member_rows: Any, mesh: Mesh) -> int:
@@ -286,11 +292,11 @@ def make(
         epoch. ``None`` (default) picks by backend: on accelerators all of a device's
         members at once (one vmapped step, the fastest layout there); on a CPU as many
         as keep their parameters and optimizer state within :data:`CPU_CHUNK_BYTES`
-        (at least one), so that a chunk's state stays in cache for the whole epoch
-        instead of every member's streaming through memory at every step (1.22x and 1.44x
-        faster per member-epoch than all vmapped in two runs, on the paper's MNIST VAE on
-        a 2-core CPU;
-        ``benchmarks/RESULTS.md``). Results agree across chunk sizes to float rounding
+        (at least one): small models gain from vmapping, while members of a few MB
+        train fastest one at a time, each one's state staying in cache for its whole
+        epoch instead of every member's streaming through memory at every step (the
+        paper's MNIST VAE on a 2-core CPU: 1.13x to 1.44x faster per member-epoch than
+        all vmapped, ``benchmarks/RESULTS.md``). Results agree across chunk sizes to float rounding
         (the matmuls are batched differently), not bitwise; a given chunk size is
         deterministic. ``step`` and ``evaluate`` always vmap all members.
 

@@ -300,7 +300,8 @@ def test_member_chunk_default_and_bad_values():
         ensemble.make(tiny, optax.sgd(0.1), folds(3), batch_size=4, member_chunk=1.5)
     # On a CPU the default chunk holds as many members as fit CPU_CHUNK_BYTES: every tiny
     # member (a few hundred bytes), one of the paper's MNIST VAE (3.4 M parameters, Adam:
-    # 41 MB of parameters and moments).
+    # 41 MB of parameters and moments; SGD: 13.7 MB of parameters, still one at a time),
+    # and a few of a 1.2 MB model.
     mesh = make_mesh(1)
     tiny_state = ensemble.make(tiny, optax.adam(1e-2), folds(5), batch_size=8).init(0)
     assert ensemble._auto_chunk((tiny_state.params, tiny_state.rest, tiny_state.opt_state), mesh) == 5
@@ -308,3 +309,7 @@ def test_member_chunk_default_and_bad_values():
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((4, *a.shape), a.dtype), nnx.state(vae, nnx.Param))
     opt = jax.eval_shape(jax.vmap(optax.adam(1e-3).init), params)
     assert ensemble._auto_chunk((params, {}, opt), mesh) == 1
+    assert ensemble._auto_chunk((params, {}, jax.eval_shape(jax.vmap(optax.sgd(1e-3).init), params)), mesh) == 1
+    small = models.create("mlp_vae", (8, 8), seed=0, hidden=(256, 128))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((10, *a.shape), a.dtype), nnx.state(small, nnx.Param))
+    assert ensemble._auto_chunk((params, {}, jax.eval_shape(jax.vmap(optax.adam(1e-3).init), params)), mesh) == 3
