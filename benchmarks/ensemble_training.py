@@ -292,8 +292,8 @@ def main():
     flops_a = step_flops * steps * ens.mesh.size if step_flops else None  # all members
     flops_b = flops_a / k if flops_a else None
     fns["a"] = lambda: ens.epoch(state, xd)
-    local = k // ens.mesh.size if k % ens.mesh.size == 0 else k
-    chunk = min(local, ensemble._auto_chunk((state.params, state.rest, state.opt_state), ens.mesh))
+    local = -(-k // ens.mesh.size)
+    chunk = ens.member_chunk(state)
     print(f"(a) trains {chunk} of each device's {local} members at a time (member_chunk=None)")
     if chunk < local:  # (a') every member vmapped at every step
         ens_all = ensemble.make(factory, optax.adam(lr), keep, batch_size=batch, unroll=args.unroll, member_chunk=k)

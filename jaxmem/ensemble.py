@@ -111,6 +111,10 @@ class Ensemble(NamedTuple):
       steps_per_epoch: optimizer steps per epoch (the same for every member).
       batch_size: examples per member per step.
       mesh: the 1-D mesh the member axis is split over.
+      member_chunk: ``member_chunk(state) -> int``, how many of a device's members
+        ``epoch`` trains side by side (vmapped) at a time: the ``member_chunk`` given to
+        :func:`make`, or the one it picks for this state's sizes (see there), at most
+        the device's share of the members.
     """
 
     graphdef: Any
@@ -123,6 +127,7 @@ class Ensemble(NamedTuple):
     steps_per_epoch: int
     batch_size: int
     mesh: Mesh
+    member_chunk: Callable[[EnsembleState], int]
 
 
 class FitResult(NamedTuple):
@@ -455,6 +460,10 @@ def make(
         _check_data(data, n)
         return data
 
+    def chunk_of(state: EnsembleState) -> int:
+        local = -(-num_members // mesh.size)  # members per device, padded as shard_examples does
+        return min(local, member_chunk or _auto_chunk((state.params, state.rest, state.opt_state), mesh))
+
     def init(seed: int) -> EnsembleState:
         built, params, rest = _build_members(model, num_members, seed)
         if built != graphdef:
@@ -483,6 +492,7 @@ def make(
         steps_per_epoch=steps,
         batch_size=batch_size,
         mesh=mesh,
+        member_chunk=chunk_of,
     )
 
 

@@ -313,3 +313,10 @@ def test_member_chunk_default_and_bad_values():
     small = models.create("mlp_vae", (8, 8), seed=0, hidden=(256, 128))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((10, *a.shape), a.dtype), nnx.state(small, nnx.Param))
     assert ensemble._auto_chunk((params, {}, jax.eval_shape(jax.vmap(optax.adam(1e-3).init), params)), mesh) == 3
+    # Ensemble.member_chunk(state) says what epoch() will do: the given chunk or the
+    # picked one, capped at the device's share of the members (5 members on 8 devices: 1).
+    for kw, want in (({}, 5), ({"member_chunk": 2}, 2), ({"member_chunk": 9}, 5)):
+        ens = ensemble.make(tiny, optax.adam(1e-2), folds(5), batch_size=8, mesh=mesh, **kw)
+        assert ens.member_chunk(ens.init(0)) == want
+    ens = ensemble.make(tiny, optax.adam(1e-2), folds(5), batch_size=8, mesh=make_mesh(8))
+    assert ens.member_chunk(ens.init(0)) == 1
