@@ -301,9 +301,9 @@ def make(
         train fastest one at a time, each one's state staying in cache for its whole
         epoch instead of every member's streaming through memory at every step (the
         paper's MNIST VAE on a 2-core CPU: 1.13x to 1.44x faster per member-epoch than
-        all vmapped, ``benchmarks/RESULTS.md``). Results agree across chunk sizes to float rounding
-        (the matmuls are batched differently), not bitwise; a given chunk size is
-        deterministic. ``step`` and ``evaluate`` always vmap all members.
+        all vmapped, ``benchmarks/RESULTS.md``). Results agree across chunk sizes to
+        float rounding (the matmuls are batched differently), not bitwise; a given chunk
+        size is deterministic. ``step`` and ``evaluate`` always vmap all members.
 
     Returns:
       An :class:`Ensemble`.
@@ -401,6 +401,10 @@ def make(
         heldout = member_evaluate(params, rest, keep_row, key, data)
         return params, rest, opt_state, jnp.mean(losses), heldout
 
+    def pick_chunk(member_rows, local: int) -> int:
+        """Members of a device's ``local`` that ``epoch`` trains side by side."""
+        return min(local, member_chunk or _auto_chunk(member_rows, mesh))
+
     def sharded(fn, rows, replicated):
         return shard_examples(fn, mesh, rows, replicated, axis_name=axis)
 
@@ -409,8 +413,8 @@ def make(
         def block(rows, rep):
             data, epoch, step0 = rep
             local = jax.tree.leaves(rows)[0].shape[0]
-            chunk = member_chunk or _auto_chunk(rows[:3], mesh)
-            if chunk >= local:
+            chunk = pick_chunk(rows[:3], local)
+            if chunk == local:
                 return jax.vmap(member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, None))(
                     *rows, data, epoch, step0
                 )
@@ -462,7 +466,7 @@ def make(
 
     def chunk_of(state: EnsembleState) -> int:
         local = -(-num_members // mesh.size)  # members per device, padded as shard_examples does
-        return min(local, member_chunk or _auto_chunk((state.params, state.rest, state.opt_state), mesh))
+        return pick_chunk((state.params, state.rest, state.opt_state), local)
 
     def init(seed: int) -> EnsembleState:
         built, params, rest = _build_members(model, num_members, seed)
