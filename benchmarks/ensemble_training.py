@@ -5,7 +5,10 @@ K = 10 folds, so each member trains on 54,000 of 60,000 images (844 steps per ep
 Data are random binary 32x32 images (timing only). To keep CPU runs short each variant
 runs ``--steps`` steps per member on a subset sized so that one epoch is exactly that
 many steps, and the time is extrapolated to a full member-epoch (844 steps + the held-out
-evaluation, whose share of the work is the same at both sizes).
+evaluation, whose share of the work is the same at both sizes). GFLOP/s and fractions
+of the peak count XLA's cost analysis of a member-epoch's work, the training steps and
+the held-out evaluation (until the eighth session the evaluation's ~4% was left out),
+the same count for every row, the PyTorch ones included.
 
   (a) ensemble   jaxmem.ensemble: K members in one scanned, jitted epoch, with the default
                  member_chunk (all K vmapped on accelerators; on a CPU, members a few at a
@@ -26,6 +29,14 @@ evaluation, whose share of the work is the same at both sizes).
                  member, scanned over the steps; nothing else but a row normalisation
                  of the [64, width] activations): the fastest a step can run with this
                  machine's matmuls at these shapes, so the ceiling of the 60% target
+                 (a diagnostic, not a variant)
+  (g) Adam floor the least memory traffic any Adam step needs: one pass that reads the
+                 parameters, gradients and both moments and writes back the parameters
+                 and moments (7 parameter-sized f32 streams), timed as a 3-stream pass
+                 ``p + s * g`` over one member's parameter count and scaled by 7/3 (XLA's
+                 CPU backend has no multi-output fusion, so optax's Adam makes 10 streams
+                 in three passes). With (f) it bounds what (a) can reach: a step can be no
+                 faster than its products plus this pass, whatever else it does
                  (a diagnostic, not a variant)
 
 Targets (issue #3) are measured against (c), the paper's code; (d) is printed beside it
@@ -49,6 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import _common  # noqa: E402
 from jaxmem import ensemble, membership, models  # noqa: E402
@@ -171,6 +183,14 @@ def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr
     return total
 
 
+def layer_shapes(d: int, hidden, latent: int) -> list[tuple[int, int]]:
+    """``(in, out)`` of every dense layer of the MLP VAE: encoder ``d -> hidden -> 2 * latent``,
+    then decoder ``latent -> reversed(hidden) -> d`` (``jaxmem.models.MLPVAE``)."""
+    enc = [d, *hidden, 2 * latent]
+    dec = [latent, *reversed(list(hidden)), d]
+    return list(zip(enc[:-1], enc[1:])) + list(zip(dec[:-1], dec[1:]))
+
+
 def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
     """Row (f): ``(function, its FLOPs)`` for ``steps`` steps of the VAE step's products alone.
 
@@ -183,8 +203,7 @@ def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
     the values stay finite. FLOPs: 2 per multiply-accumulate of the products.
     """
     enc = [d, *hidden, 2 * latent]
-    dec = [latent, *reversed(list(hidden)), d]
-    shapes = list(zip(enc[:-1], enc[1:])) + list(zip(dec[:-1], dec[1:]))
+    shapes = layer_shapes(d, hidden, latent)
     n_enc = len(enc) - 1
     key = jax.random.key(0)
     ws = [jax.random.normal(jax.random.fold_in(key, i), s) / np.sqrt(s[0]) for i, s in enumerate(shapes)]
@@ -214,6 +233,25 @@ def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
     macs = sum(a * b for a, b in shapes)
     flops = steps * 2 * batch * (3 * macs - enc[0] * enc[1])
     return (lambda: run(ws)), flops
+
+
+def adam_floor_fn(n_params: int, steps: int):
+    """Row (g): ``(function, its streamed bytes)``, ``steps`` passes of ``p + s * g`` in a scan.
+
+    ``p`` and ``g`` are float32 vectors of ``n_params`` (one member's parameters); each
+    step reads both and writes ``p`` (3 streams of ``4 * n_params`` bytes), with a scale
+    ``s`` that changes per step so that no pass is loop-invariant. Its time times 7/3 is
+    the memory floor of a one-pass Adam step (read p, g, mu, nu; write p, mu, nu).
+    """
+    key = jax.random.key(1)
+    p0 = jax.random.normal(key, (n_params,))
+    g = jax.random.normal(jax.random.fold_in(key, 1), (n_params,))
+
+    def step(p, i):
+        return p + (1e-3 / (1.0 + i.astype(jnp.float32))) * g, None
+
+    run = jax.jit(lambda p: jax.lax.scan(step, p, jnp.arange(steps))[0])
+    return (lambda: run(p0)), 3 * 4 * n_params * steps
 
 
 def add_problem_args(ap: argparse.ArgumentParser, steps: int) -> None:
@@ -285,14 +323,23 @@ def main():
     state = ens.init(0)
     xd = jax.device_put(x)
     # XLA's cost analysis counts a while-loop body once, not once per trip, so the FLOPs of
-    # an epoch are those of one compiled step (all members) times the steps; the held-out
-    # evaluation (a forward pass over 1/K of the data) is left out, so rates are a floor.
+    # an epoch are those of one compiled step (all members) times the steps, plus those of
+    # the held-out evaluation every epoch ends with (a forward pass and loss over each
+    # member's held-out fold, in chunks of the batch size): the model's loss on one chunk,
+    # per example, times the held-out examples (padding slots of the last chunk not counted).
+    local = -(-k // ens.mesh.size)
     batch0 = x[np.asarray(ens.schedule(state))[:, 0]]
     step_flops = _common.flops_of(ens.step.lower(state, batch0).compile())
-    flops_a = step_flops * steps * ens.mesh.size if step_flops else None  # all members
+    gd, st = nnx.split(ensemble.member(ens.graphdef, (state.params, state.rest), 0))
+    loss = jax.jit(lambda st, b, key: nnx.merge(gd, st).loss(b, key))  # one held-out chunk
+    chunk_flops = _common.flops_of(loss.lower(st, x[:batch], jax.random.key(0)).compile())
+    flops_train = step_flops * steps * ens.mesh.size if step_flops else None  # all members
+    flops_eval = chunk_flops / batch * int((~keep).sum()) if chunk_flops else 0.0
+    flops_a = flops_train + flops_eval if flops_train else None
     flops_b = flops_a / k if flops_a else None
+    print(f"FLOPs per epoch, all members: training steps {flops_train:.4g}, held-out evaluation "
+          f"{flops_eval:.4g} ({flops_eval / flops_a:.1%})" if flops_a else "FLOPs: no cost analysis here")
     fns["a"] = lambda: ens.epoch(state, xd)
-    local = -(-k // ens.mesh.size)
     chunk = ens.member_chunk(state)
     print(f"(a) trains {chunk} of each device's {local} members at a time (member_chunk=None)")
     if chunk < local:  # (a') every member vmapped at every step
@@ -311,6 +358,9 @@ def main():
     fns["b"] = lambda: [single.epoch(s, xd) for s in states]
     # (f) the ceiling: one member's step products alone (timed per member, like (b))
     fns["f"], flops_f = matmul_ceiling_fn(x.shape[1] * x.shape[2], args.hidden, args.latent, batch, steps)
+    # (g) the memory floor of a one-pass Adam step over one member's parameters
+    n_params = sum(a * b + b for a, b in layer_shapes(x.shape[1] * x.shape[2], args.hidden, args.latent))
+    fns["g"], bytes_g3 = adam_floor_fn(n_params, steps)
 
     # (c) the paper's code path, fold after fold (training steps + held-out loss), and
     # (d) lean PyTorch (training steps only: no held-out pass, which favours it); both time
@@ -324,13 +374,15 @@ def main():
     best = _common.interleaved_best(fns, rounds=args.rounds)
     peak = peak_flops / best["peak"]
     print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s")
-    per = {name: best[name] / (1 if name == "f" else k) * scale for name in fns if name != "peak"}
+    per = {name: best[name] / (1 if name in "fg" else k) * scale for name in fns if name != "peak"}
+    per["g"] *= 7 / 3  # the 3-stream pass's time at 7 streams: a one-pass Adam's traffic
     per_a, per_b, per_c = per["a"], per["b"], per.get("c")
     labels = {"a": "(a) ensemble, one program", "a'": "(a') one program, all K vmapped",
               "b": "(b) JAX loop over members", "c": "(c) the paper's PyTorch code", "d": "(d) lean PyTorch loop",
-              "e": "(e) (a) with SGD, not Adam", "f": "(f) ceiling: the step's matmuls alone"}
+              "e": "(e) (a) with SGD, not Adam", "f": "(f) ceiling: the step's matmuls alone",
+              "g": "(g) one-pass Adam's memory floor"}
     rows = [{"variant": labels[name], "s_per_member_epoch": secs,
-             "GFLOP/s": (flops_f if name == "f" else flops_b) * scale / secs / 1e9 if flops_b else None}
+             "GFLOP/s": (flops_f if name == "f" else flops_b) * scale / secs / 1e9 if flops_b and name != "g" else None}
             for name, secs in per.items()]
     for r in rows:
         r["fraction_of_peak"] = r["GFLOP/s"] * 1e9 / peak if r["GFLOP/s"] else None
@@ -350,11 +402,20 @@ def main():
     print(f"ceiling of the 60% target on this machine: the step's matmuls alone ran at "
           f"{ceiling['fraction_of_peak']:.0%} of the peak ((f)); (a) ran at "
           f"{ceiling['s_per_member_epoch'] / per_a:.0%} of (f)'s speed")
+    bandwidth = bytes_g3 * scale / (per["g"] * 3 / 7)
+    # the bound's times are the training steps' alone, so are its FLOPs
+    bound = flops_train / k * scale / (per["f"] + per["g"]) / peak if flops_train else None
+    if bound is not None:
+        print(f"bound: a step that were its matmuls ((f)) plus one ideal Adam pass ((g), 7 streams of "
+              f"{4 * n_params / 1e6:.1f} MB at the measured {bandwidth / 1e9:.0f} GB/s) would run at "
+              f"{bound:.0%} of the peak; (a) ran at {rows[0]['fraction_of_peak']:.0%}")
     _common.write_json("ensemble_training", {
         "machine": info, "peak_flops": peak, "sizes": vars(args) | {"subset_n": n, "steps": steps,
                                                                       "full_steps": full_steps},
         "rows": rows, "flops_per_epoch_a": flops_a, "flops_per_epoch_b_member": flops_b,
-        "flops_per_epoch_f": flops_f, "targets": targets,
+        "flops_per_epoch_training_steps": flops_train, "flops_per_epoch_heldout_eval": flops_eval,
+        "flops_per_epoch_f": flops_f, "targets": targets, "n_params": n_params,
+        "stream_bandwidth_bytes_per_s": bandwidth, "bound_f_plus_g_fraction_of_peak": bound,
     })
 
 
