@@ -147,16 +147,21 @@ def flops_of(compiled) -> float | None:
     return float(cost.get("flops", 0.0)) or None
 
 
-def mlp_vae_macs(d: int, hidden, latent: int) -> tuple[int, int]:
-    """Multiply-accumulates of one example through an MLP VAE's encoder and decoder.
+def mlp_vae_layers(d: int, hidden, latent: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(in, out)`` of every dense layer of an MLP VAE, as ``(encoder, decoder)`` lists.
 
     Encoder ``d -> hidden -> 2 * latent``, decoder ``latent -> reversed(hidden) -> d``
-    (``jaxmem.models.MLPVAE``); FLOPs are twice these.
+    (``jaxmem.models.MLPVAE``).
     """
     enc = [d, *hidden, 2 * latent]
     dec = [latent, *reversed(list(hidden)), d]
-    macs = lambda sizes: sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # noqa: E731
-    return macs(enc), macs(dec)
+    return list(zip(enc[:-1], enc[1:])), list(zip(dec[:-1], dec[1:]))
+
+
+def mlp_vae_macs(d: int, hidden, latent: int) -> tuple[int, int]:
+    """Multiply-accumulates of one example through an MLP VAE's encoder and decoder
+    (the layers of :func:`mlp_vae_layers`); FLOPs are twice these."""
+    return tuple(sum(a * b for a, b in layers) for layers in mlp_vae_layers(d, hidden, latent))
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> None:

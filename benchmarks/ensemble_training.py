@@ -183,14 +183,6 @@ def torch_loop(x: np.ndarray, keep: np.ndarray, hidden, latent, batch, steps, lr
     return total
 
 
-def layer_shapes(d: int, hidden, latent: int) -> list[tuple[int, int]]:
-    """``(in, out)`` of every dense layer of the MLP VAE: encoder ``d -> hidden -> 2 * latent``,
-    then decoder ``latent -> reversed(hidden) -> d`` (``jaxmem.models.MLPVAE``)."""
-    enc = [d, *hidden, 2 * latent]
-    dec = [latent, *reversed(list(hidden)), d]
-    return list(zip(enc[:-1], enc[1:])) + list(zip(dec[:-1], dec[1:]))
-
-
 def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
     """Row (f): ``(function, its FLOPs)`` for ``steps`` steps of the VAE step's products alone.
 
@@ -202,9 +194,9 @@ def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
     RMS (work of the activations' size, ``[batch, width]``, not the weights') so that
     the values stay finite. FLOPs: 2 per multiply-accumulate of the products.
     """
-    enc = [d, *hidden, 2 * latent]
-    shapes = layer_shapes(d, hidden, latent)
-    n_enc = len(enc) - 1
+    enc_layers, dec_layers = _common.mlp_vae_layers(d, hidden, latent)
+    shapes = enc_layers + dec_layers
+    n_enc = len(enc_layers)
     key = jax.random.key(0)
     ws = [jax.random.normal(jax.random.fold_in(key, i), s) / np.sqrt(s[0]) for i, s in enumerate(shapes)]
     x = jax.random.normal(jax.random.fold_in(key, len(shapes)), (batch, d))
@@ -231,34 +223,38 @@ def matmul_ceiling_fn(d: int, hidden, latent: int, batch: int, steps: int):
 
     run = jax.jit(lambda ws: jax.lax.scan(step, ws, None, length=steps)[0])
     macs = sum(a * b for a, b in shapes)
-    flops = steps * 2 * batch * (3 * macs - enc[0] * enc[1])
+    flops = steps * 2 * batch * (3 * macs - enc_layers[0][0] * enc_layers[0][1])
     return (lambda: run(ws)), flops
 
 
-def adam_floor_fn(n_params: int, steps: int):
-    """Row (g): ``(function, its streamed bytes)``, ``steps`` passes of ``p + s * g`` in a scan.
+def adam_floor_fn(n_params: int, steps: int, min_passes: int = 64):
+    """Row (g): ``(function, its streamed bytes)``, ``steps`` passes of ``p + s * g``.
 
     ``p`` and ``g`` are float32 vectors of ``n_params`` (one member's parameters); each
-    step reads both and writes ``p`` (3 streams of ``4 * n_params`` bytes), with a scale
-    ``s`` that changes per step so that no pass is loop-invariant. Its time times 7/3 is
+    pass reads both and writes ``p`` (3 streams of ``4 * n_params`` bytes), with a scale
+    ``s`` that changes per pass so that no pass is loop-invariant. Its time times 7/3 is
     the memory floor of a one-pass Adam step (read p, g, mu, nu; write p, mu, nu). ``p``
     is donated and updated in place, as an optimizer's state is, so fresh buffers' page
-    faults are not timed. The floor errs low, so the bound it gives errs high (toward the
+    faults are not timed. The scan runs at least ``min_passes`` passes (a few passes'
+    time is mostly dispatch) and the function times itself, returning the seconds of
+    ``steps`` passes. The floor errs low, so the bound it gives errs high (toward the
     target): two vectors may stay in a large last-level cache where Adam's four cannot
     (the paper's VAE: 27 MB against 55 MB, with a 32 MiB L3 on the EPYC).
     """
+    passes = max(steps, min_passes)
     key = jax.random.key(1)
     g = jax.random.normal(jax.random.fold_in(key, 1), (n_params,))
 
     def step(p, i):
         return p + (1e-3 / (1.0 + i.astype(jnp.float32))) * g, None
 
-    run = jax.jit(lambda p: jax.lax.scan(step, p, jnp.arange(steps))[0], donate_argnums=0)
+    run = jax.jit(lambda p: jax.lax.scan(step, p, jnp.arange(passes))[0], donate_argnums=0)
     buf = [jax.random.normal(key, (n_params,))]
 
-    def call():
-        buf[0] = run(buf[0])
-        return buf[0]
+    def call() -> float:
+        t0 = time.perf_counter()
+        buf[0] = jax.block_until_ready(run(buf[0]))
+        return (time.perf_counter() - t0) * steps / passes
 
     return call, 3 * 4 * n_params * steps
 
@@ -368,7 +364,7 @@ def main():
     # (f) the ceiling: one member's step products alone (timed per member, like (b))
     fns["f"], flops_f = matmul_ceiling_fn(x.shape[1] * x.shape[2], args.hidden, args.latent, batch, steps)
     # (g) the memory floor of a one-pass Adam step over one member's parameters
-    n_params = sum(a * b + b for a, b in layer_shapes(x.shape[1] * x.shape[2], args.hidden, args.latent))
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(state.params)) // k
     fns["g"], bytes_g3 = adam_floor_fn(n_params, steps)
 
     # (c) the paper's code path, fold after fold (training steps + held-out loss), and
@@ -411,7 +407,7 @@ def main():
     print(f"ceiling of the 60% target on this machine: the step's matmuls alone ran at "
           f"{ceiling['fraction_of_peak']:.0%} of the peak ((f)); (a) ran at "
           f"{ceiling['s_per_member_epoch'] / per_a:.0%} of (f)'s speed")
-    bandwidth = bytes_g3 * scale / (per["g"] * 3 / 7)
+    bandwidth = bytes_g3 / best["g"]
     # the bound's times are the training steps' alone, so are its FLOPs
     bound = flops_train / k * scale / (per["f"] + per["g"]) / peak if flops_train else None
     if bound is not None:
