@@ -110,19 +110,45 @@ def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) ->
 
     ``size`` defaults to 2048 on CPU and 8192 on accelerators. Uses
     ``precision="highest"`` off-CPU so that the peak is true-f32 (not TF32/bf16) — the
-    same precision the f32 kernels it is compared with are asked to use by default.
+    same precision the f32 kernels it is compared with are asked to use by default. On
+    CPUs the faster of XLA's two matmul paths (:func:`matmul_peak_fns`).
     """
-    fn, flops = matmul_peak_fn(size, dtype)
-    secs = timeit(fn, repeats=repeats, warmup=2)
-    return flops / secs
+    fns, flops = matmul_peak_fns("peak", size, dtype)
+    return max(flops / timeit(fn, repeats=repeats, warmup=2) for fn in fns.values())
 
 
-def matmul_peak_fn(size: int | None = None, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
-    """The product :func:`matmul_peak` times, as ``(function, its FLOPs)``, to time alongside others.
+def matmul_peak_fns(name: str = "peak", size: int | None = None,
+                    dtype=jnp.float32) -> tuple[dict[str, Callable[[], Any]], float]:
+    """The products the peak is timed on, as ``({label: function}, FLOPs of each)``.
 
-    With ``dtype=jnp.bfloat16`` the product accumulates and returns float32
-    (``preferred_element_type``), as ``loglik_matrix(matmul_dtype="bfloat16")`` does.
+    ``{name: XLA's default product}``, and on CPUs also ``{name + NO_YNN: the product
+    compiled with jaxmem.likelihood.CPU_COMPILER_OPTIONS}`` (XLA's Eigen matmuls instead of
+    YNNPACK's, which the likelihood kernel uses there): the peak is the faster of the
+    two (:func:`peak_of`), so that no kernel is measured against a slower path than the
+    best this machine's XLA offers.
     """
+    fns = {name: _peak_product(size, dtype, None)}
+    if jax.default_backend() == "cpu":
+        from jaxmem import likelihood
+
+        if likelihood._cpu_options_supported():
+            fns[name + NO_YNN] = _peak_product(size, dtype, likelihood.CPU_COMPILER_OPTIONS)
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    return fns, 2.0 * size**3
+
+
+#: Label suffix of the peak product compiled without YNNPACK (:func:`matmul_peak_fns`).
+NO_YNN = " (no YNNPACK)"
+
+
+def peak_of(best: dict[str, float], flops: float, name: str = "peak") -> float:
+    """FLOP/s of the fastest of :func:`matmul_peak_fns`'s products, from best times ``best``."""
+    return max(flops / best[k] for k in (name, name + NO_YNN) if k in best)
+
+
+def _peak_product(size: int | None, dtype, compiler_options) -> Callable[[], Any]:
+    """A ``size``-cube product of ``dtype`` (bf16: float32 accumulation and result, as
+    ``loglik_matrix(matmul_dtype="bfloat16")`` does), compiled with ``compiler_options``."""
     backend = jax.default_backend()
     if size is None:
         size = 2048 if backend == "cpu" else 8192
@@ -130,8 +156,9 @@ def matmul_peak_fn(size: int | None = None, dtype=jnp.float32) -> tuple[Callable
     a = jax.random.normal(k1, (size, size), dtype)
     b = jax.random.normal(k2, (size, size), dtype)
     out = jnp.float32 if jnp.dtype(dtype) == jnp.bfloat16 else None
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest", preferred_element_type=out))
-    return (lambda: f(a, b)), 2.0 * size**3
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest", preferred_element_type=out),
+                compiler_options=compiler_options)
+    return lambda: f(a, b)
 
 
 def flops_of(compiled) -> float | None:

@@ -320,8 +320,7 @@ def main():
          "hidden": args.hidden, "latent": args.latent, "batch": batch},
     )
     scale = full_steps / steps  # extrapolation factor to a full member-epoch
-    peak_fn, peak_flops = _common.matmul_peak_fn()
-    fns = {"peak": peak_fn}
+    fns, peak_flops = _common.matmul_peak_fns("peak")
 
     # (a) one program for all members; (b) one member's program, run for each in turn
     ens, single = one_program_and_loop(factory, optax.adam(lr), keep, args)
@@ -377,9 +376,9 @@ def main():
         print("torch is not installed: rows (c) and (d) skipped (pip install torch==2.13.0)")
 
     best = _common.interleaved_best(fns, rounds=args.rounds)
-    peak = peak_flops / best["peak"]
+    peak = _common.peak_of(best, peak_flops, "peak")
     print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s")
-    per = {name: best[name] / (1 if name in "fg" else k) * scale for name in fns if name != "peak"}
+    per = {name: best[name] / (1 if name in "fg" else k) * scale for name in fns if not name.startswith("peak")}
     per["g"] *= 7 / 3  # the 3-stream pass's time at 7 streams: a one-pass Adam's traffic
     per_a, per_b, per_c = per["a"], per["b"], per.get("c")
     labels = {"a": "(a) ensemble, one program", "a'": "(a') one program, all K vmapped",

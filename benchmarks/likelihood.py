@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 
 import _common  # noqa: E402
 from jaxmem import models  # noqa: E402
-from jaxmem.likelihood import _kernel, _key_parts  # noqa: E402
+from jaxmem.likelihood import _kernel_for, _key_parts  # noqa: E402
 from jaxmem.mesh import make_mesh  # noqa: E402
 
 HIDDEN = (1024, 512, 256)
@@ -72,7 +72,7 @@ def ensemble(members: int):
 
 def compile_kernel(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk, matmul_dtype="float32"):
     key_data, impl = _key_parts(jax.random.key(0))
-    return _kernel.lower(
+    return _kernel_for(mesh, matmul_dtype).lower(
         graphdef, state, jax.ShapeDtypeStruct((n, *SHAPE), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32),
         key_data, mesh=mesh, kind="iw", num_samples=num_samples, example_chunk=example_chunk,
         sample_chunk=sample_chunk, key_impl=impl, matmul_dtype=matmul_dtype,
@@ -226,9 +226,9 @@ def main():
 
     # Everything to time, then timed in interleaved rounds (best round of each), so that
     # jaxmem, the PyTorch rows and the matmul peak all see the machine in the same state.
-    peak_fn, peak_flops = _common.matmul_peak_fn()
-    bf16_peak_fn, _ = _common.matmul_peak_fn(dtype=jnp.bfloat16)
-    fns, work = {"peak": peak_fn, "peak bf16": bf16_peak_fn}, {}
+    fns, peak_flops = _common.matmul_peak_fns("peak")
+    fns.update(_common.matmul_peak_fns("peak bf16", dtype=jnp.bfloat16)[0])
+    work = {}
     meshes = [1] if not args.devices else sorted({1, *[2**k for k in range(1, 8) if 2**k <= jax.device_count()],
                                                     jax.device_count()})
     for ndev in meshes:
@@ -253,8 +253,8 @@ def main():
         fns["lean"] = lean[0]
         work["lean"] = (f"torch per-row ({lean[2]} threads)", 1, lean[1], lean[1] * matmul_flops_per_pair(S))
     best = _common.interleaved_best(fns, rounds=args.rounds)
-    peak = peak_flops / best["peak"]
-    peak_bf16 = peak_flops / best["peak bf16"]
+    peak = _common.peak_of(best, peak_flops, "peak")
+    peak_bf16 = _common.peak_of(best, peak_flops, "peak bf16")
     print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s; "
           f"bf16 (f32 accumulation): {peak_bf16 / 1e9:.1f} GFLOP/s")
 

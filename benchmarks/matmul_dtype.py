@@ -145,15 +145,12 @@ def main():
     xt = x[: args.time_examples]
     enc, dec = _common.mlp_vae_macs(SIDE * SIDE, HIDDEN, LATENT)
     flops = plan.num_models * xt.shape[0] * 2.0 * (enc + args.samples * dec)
-    f32_peak_fn, peak_flops = _common.matmul_peak_fn()
-    bf16_peak_fn, _ = _common.matmul_peak_fn(dtype=jnp.bfloat16)
-    fns = {
-        "f32": lambda: score(key_a, None, xt),
-        "bf16": lambda: score(key_a, "bfloat16", xt),
-        "peak f32": f32_peak_fn, "peak bf16": bf16_peak_fn,
-    }
+    fns = {"f32": lambda: score(key_a, None, xt), "bf16": lambda: score(key_a, "bfloat16", xt)}
+    f32_peaks, peak_flops = _common.matmul_peak_fns("peak f32")
+    fns.update(f32_peaks)
+    fns.update(_common.matmul_peak_fns("peak bf16", dtype=jnp.bfloat16)[0])
     best = _common.interleaved_best(fns, rounds=args.rounds)
-    peaks = {"f32": peak_flops / best["peak f32"], "bf16": peak_flops / best["peak bf16"]}
+    peaks = {k: _common.peak_of(best, peak_flops, f"peak {k}") for k in ("f32", "bf16")}
     print(f"matmul peaks (best of {args.rounds} interleaved rounds): f32 {peaks['f32'] / 1e9:.1f}, "
           f"bf16 (f32 accumulation) {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     pairs = plan.num_models * xt.shape[0]

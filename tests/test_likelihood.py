@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxmem import models
-from jaxmem.likelihood import _kernel, _key_parts, loglik_matrix
+from jaxmem.likelihood import _kernel_for, _key_parts, loglik_matrix
 from jaxmem.mesh import make_mesh
 
 KEY = jax.random.key(5)
@@ -154,7 +154,7 @@ def test_memory_does_not_grow_with_examples_or_samples():
     chunk, schunk = 64, 32
 
     def temp_bytes(n, s, loop_members):
-        compiled = _kernel.lower(
+        compiled = _kernel_for(make_mesh(1)).lower(
             graphdef, state, jax.ShapeDtypeStruct((n, 32, 32), jnp.float32),
             jax.ShapeDtypeStruct((n,), jnp.int32), key_data, mesh=make_mesh(1), kind="iw",
             num_samples=s, example_chunk=chunk, sample_chunk=schunk, key_impl=impl,
@@ -255,3 +255,35 @@ def test_bf16_warns_on_cpus_that_cannot_multiply_it(tmp_path, monkeypatch):
         messages = [str(w.message) for w in caught if "bf16 multiply instructions" in str(w.message)]
         assert len(messages) == (1 if warns else 0), (path, messages)
         assert np.all(np.isfinite(bf16)) and np.abs(np.asarray(bf16) - np.asarray(f32)).max() > 0
+
+
+def test_cpu_compile_options_choice_and_values(monkeypatch):
+    """On CPUs the kernel is compiled without YNNPACK (likelihood.CPU_COMPILER_OPTIONS),
+    except for bf16 products on a CPU with bf16 units; both compilations give the same
+    matrix. Tolerance: the two paths sum each dot product in another order, float32
+    rounding of ~1e-7 relative on log p of ~-700 nats (measured at most 2e-4 nats)."""
+    from jaxmem import likelihood
+    from jaxmem.models import _latent
+
+    mesh = make_mesh(1)
+    if not likelihood._cpu_options_supported():
+        pytest.skip("this jaxlib rejects the CPU compile options (the default kernel is used)")
+    assert likelihood._kernel_for(mesh, "float32") is likelihood._kernel_cpu
+    monkeypatch.setattr(_latent, "cpu_multiplies_bf16", lambda: True)
+    assert likelihood._kernel_for(mesh, "bfloat16") is likelihood._kernel_default
+    monkeypatch.setattr(_latent, "cpu_multiplies_bf16", lambda: False)
+    assert likelihood._kernel_for(mesh, "bfloat16") is likelihood._kernel_cpu
+    assert likelihood._kernel_for(mesh, "float32") is likelihood._kernel_cpu
+
+    members = [models.create("mlp_vae", (16, 16), seed=s, hidden=(64, 32), latent_dim=4) for s in range(2)]
+    graphdef, state = _stack(members)
+    x = (np.random.default_rng(0).random((48, 16, 16)) < 0.4).astype(np.float32)
+    key_data, impl = _key_parts(KEY)
+    idx = np.arange(48, dtype=np.int32)
+    kw = dict(mesh=mesh, kind="iw", num_samples=32, example_chunk=16, sample_chunk=16, key_impl=impl)
+    cpu = np.asarray(likelihood._kernel_cpu(graphdef, state, x, idx, key_data, **kw))
+    default = np.asarray(likelihood._kernel_default(graphdef, state, x, idx, key_data, **kw))
+    assert cpu.shape == (2, 48) and np.isfinite(cpu).all()
+    np.testing.assert_allclose(cpu, default, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(loglik_matrix(graphdef, state, x, key=KEY, num_samples=32,
+                                                           example_chunk=16, sample_chunk=16)), cpu)
