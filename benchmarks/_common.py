@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmem import mesh
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -122,17 +124,14 @@ def matmul_peak_fns(name: str = "peak", size: int | None = None,
     """The products the peak is timed on, as ``({label: function}, FLOPs of each)``.
 
     ``{name: XLA's default product}``, and on CPUs also ``{name + NO_YNN: the product
-    compiled with jaxmem.likelihood.CPU_COMPILER_OPTIONS}`` (XLA's Eigen matmuls instead of
-    YNNPACK's, which the likelihood kernel uses there): the peak is the faster of the
+    compiled with jaxmem.mesh.CPU_COMPILER_OPTIONS['likelihood']}`` (XLA's Eigen matmuls
+    instead of YNNPACK's, which the likelihood kernel uses there): the peak is the faster of the
     two (:func:`peak_of`), so that no kernel is measured against a slower path than the
     best this machine's XLA offers.
     """
     fns = {name: _peak_product(size, dtype, None)}
-    if jax.default_backend() == "cpu":
-        from jaxmem import likelihood
-
-        if likelihood._cpu_options_supported():
-            fns[name + NO_YNN] = _peak_product(size, dtype, likelihood.CPU_COMPILER_OPTIONS)
+    if jax.default_backend() == "cpu" and mesh.cpu_options_supported("likelihood"):
+        fns[name + NO_YNN] = _peak_product(size, dtype, mesh.CPU_COMPILER_OPTIONS["likelihood"])
     size = size or (2048 if jax.default_backend() == "cpu" else 8192)
     return fns, 2.0 * size**3
 

@@ -13,7 +13,7 @@ classifiers — computed by ONE jitted program that
   ``[example_chunk * sample_chunk, width]``-sized,
 - is sharded over examples with :func:`jaxmem.mesh.shard_examples`,
 - on CPUs, is compiled with XLA's Eigen matmuls rather than YNNPACK's
-  (:data:`CPU_COMPILER_OPTIONS`, measured faster for these products).
+  (``jaxmem.mesh.CPU_COMPILER_OPTIONS``, measured faster for these products).
 
 Reproducibility: example i's randomness (binarisation / dequantisation, and each
 importance sample) comes from ``fold_in(key, i)`` with i its *global* index, and
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any
 
 import jax
@@ -123,46 +122,22 @@ def _kernel_impl(graphdef, state, data, idx, key_data, *, mesh, kind, num_sample
         return _mesh.shard_examples(local, mesh, (data, idx), (state, key_data), example_axis=1)
 
 
-#: XLA compile options of the kernel on CPUs. XLA's CPU backend (jaxlib 0.10 and 0.11)
-#: hands dots, and the element-wise work around them, to YNNPACK by default; for this
-#: kernel's ``[example_chunk * sample_chunk, width]`` products XLA's Eigen path was
-#: measured faster on a 2-core AMD EPYC (Zen 3): the paper's MNIST VAE at S = 256 scored
-#: 4-9% more pairs per second with jaxlib 0.10.2 (best and median of interleaved
-#: rounds, four comparisons) and 22-34% more with 0.11.2 (one); in one comparison each,
-#: the opt-in bf16 products 27% (a CPU without bf16 units), the classifier 6%, the
-#: convolutional VAE 7% (``benchmarks/RESULTS.md``). Not used
-#: for bf16 products on CPUs with bf16 units (AMX, AVX512-BF16), which YNNPACK uses and
-#: Eigen does not; training keeps XLA's defaults (YNNPACK was 28% faster there).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
 _STATIC = ("graphdef", "mesh", "kind", "num_samples", "example_chunk", "sample_chunk", "key_impl",
            "loop_members", "matmul_dtype")
 _kernel_default = jax.jit(_kernel_impl, static_argnames=_STATIC)
-_kernel_cpu = jax.jit(_kernel_impl, static_argnames=_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
-
-
-@functools.cache
-def _cpu_options_supported() -> bool:
-    """Whether this jaxlib knows :data:`CPU_COMPILER_OPTIONS` (a later one may drop them)."""
-    try:
-        x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
-        jax.jit(lambda a: a + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(x).compile()
-        return True
-    except Exception as e:  # noqa: BLE001 - jaxlib raises JaxRuntimeError("No such compile option")
-        warnings.warn(f"jaxmem.likelihood: XLA rejected {CPU_COMPILER_OPTIONS} ({str(e).splitlines()[0]}); "
-                      "the kernel is compiled with XLA's defaults", RuntimeWarning, stacklevel=3)
-        return False
+_kernel_cpu = jax.jit(_kernel_impl, static_argnames=_STATIC,
+                      compiler_options=_mesh.CPU_COMPILER_OPTIONS["likelihood"])
 
 
 def _kernel_for(mesh, matmul_dtype: str = "float32"):
     """The jitted kernel for ``mesh`` and ``matmul_dtype``: compiled with
-    :data:`CPU_COMPILER_OPTIONS` on CPU meshes, unless it multiplies bf16 on a CPU with
-    bf16 units (or one whose units cannot be read)."""
+    ``jaxmem.mesh.CPU_COMPILER_OPTIONS["likelihood"]`` on CPU meshes, unless it multiplies
+    bf16 on a CPU with bf16 units (or one whose units cannot be read)."""
     if not _mesh.on_cpu(mesh):
         return _kernel_default
     if matmul_dtype == "bfloat16" and _latent.cpu_multiplies_bf16() is not False:
         return _kernel_default
-    return _kernel_cpu if _cpu_options_supported() else _kernel_default
+    return _kernel_cpu if _mesh.compiler_options(mesh, "likelihood") else _kernel_default
 
 
 def _kernel(graphdef, state, data, idx, key_data, *, mesh, matmul_dtype="float32", **kwargs):
@@ -317,8 +292,8 @@ def loglik_matrix(
         Opt-in, for speed where the hardware multiplies bf16 natively: on a 2-core
         Sapphire Rapids CPU (AMX units) the paper's MNIST VAE scored 2.8-3.1x more pairs
         per second; on a 2-core AMD EPYC (Zen 3, AVX2, no bf16 instructions) 0.77x
-        (0.99x with :data:`CPU_COMPILER_OPTIONS`), no faster, and on such CPUs it warns
-        (``jaxmem.models._latent.cpu_multiplies_bf16``).
+        (0.99x with Eigen's matmuls, ``jaxmem.mesh.CPU_COMPILER_OPTIONS``), no faster,
+        and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
         It changes the values, by the rounding alone (the importance samples are the
         same): for the paper's VAE trained on 32x32 digits, S = 256, log p moved by
         0.03 nats RMS (at most 0.27, at log p ~ -367) and M by 0.04 RMS, about 1/50 of

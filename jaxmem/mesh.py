@@ -13,6 +13,8 @@ call; :func:`make_mesh` then spans the devices of all processes.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,6 +75,51 @@ def make_mesh(
 def on_cpu(mesh: Mesh) -> bool:
     """Whether ``mesh``'s devices are CPUs (where the kernels pick CPU-friendly layouts)."""
     return all(d.platform == "cpu" for d in mesh.devices.flat)
+
+
+#: XLA compile options of jaxmem's programs on CPU meshes, by program. XLA's CPU
+#: backend (jaxlib 0.10 and 0.11) hands dots, and reductions it rewrites as dots, to
+#: YNNPACK by default. Measured on a 2-core AMD EPYC (Zen 3), ``benchmarks/RESULTS.md``:
+#:
+#: - ``"likelihood"`` (:func:`jaxmem.likelihood.loglik_matrix`): no YNNPACK, XLA's Eigen
+#:   matmuls: the paper's MNIST VAE at S = 256 scored 4-12% (best of interleaved rounds)
+#:   and 4-9% (median) more pairs per second with jaxlib 0.10.2 in three comparisons,
+#:   22% and 34% more with 0.11.2 in one; in one comparison each, bf16 products 26% less
+#:   time (a CPU without bf16 units), the classifier 6%, the convolutional VAE 7%. Not
+#:   used for bf16 products on CPUs with bf16 units (AMX, AVX512-BF16), which YNNPACK
+#:   uses and Eigen does not. (Training without YNNPACK was 28% slower.)
+#: - ``"training"`` (:mod:`jaxmem.ensemble`'s programs): YNNPACK for the dots alone, one
+#:   call each, not for the bias-gradient and loss reductions XLA otherwise turns into
+#:   small YNNPACK dots: an epoch of the paper's VAE took 8% less time (median of 7
+#:   interleaved rounds), 14% and 0% less in two comparisons of 3 rounds.
+#:
+#: Both were measured on that CPU only; other CPUs may favour other settings.
+CPU_COMPILER_OPTIONS = {
+    "likelihood": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "training": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
+
+
+@functools.cache
+def cpu_options_supported(program: str) -> bool:
+    """Whether this jaxlib accepts ``CPU_COMPILER_OPTIONS[program]`` (a later one may drop them)."""
+    options = CPU_COMPILER_OPTIONS[program]
+    try:
+        x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+        jax.jit(lambda a: a + 1, compiler_options=options).lower(x).compile()
+        return True
+    except Exception as e:  # noqa: BLE001 - jaxlib raises JaxRuntimeError("No such compile option")
+        warnings.warn(f"jaxmem: XLA rejected the CPU compile options {options} ({str(e).splitlines()[0]}); "
+                      f"the {program} programs are compiled with XLA's defaults", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def compiler_options(mesh: Mesh, program: str) -> dict[str, str] | None:
+    """``jax.jit(compiler_options=...)`` for ``program``'s programs on ``mesh``:
+    :data:`CPU_COMPILER_OPTIONS` on CPU meshes (where this jaxlib accepts them), else None."""
+    if on_cpu(mesh) and cpu_options_supported(program):
+        return CPU_COMPILER_OPTIONS[program]
+    return None
 
 
 def pad_rows(x: Any, multiple: int, *, zeros: bool = False) -> tuple[Any, int]:

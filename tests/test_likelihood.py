@@ -258,15 +258,15 @@ def test_bf16_warns_on_cpus_that_cannot_multiply_it(tmp_path, monkeypatch):
 
 
 def test_cpu_compile_options_choice_and_values(monkeypatch):
-    """On CPUs the kernel is compiled without YNNPACK (likelihood.CPU_COMPILER_OPTIONS),
+    """On CPUs the kernel is compiled without YNNPACK (mesh.CPU_COMPILER_OPTIONS),
     except for bf16 products on a CPU with bf16 units; both compilations give the same
     matrix. Tolerance: the two paths sum each dot product in another order, float32
     rounding of ~1e-7 relative on log p of ~-700 nats (measured at most 2e-4 nats)."""
-    from jaxmem import likelihood
+    from jaxmem import likelihood, mesh as mesh_lib
     from jaxmem.models import _latent
 
     mesh = make_mesh(1)
-    if not likelihood._cpu_options_supported():
+    if not mesh_lib.cpu_options_supported("likelihood"):
         pytest.skip("this jaxlib rejects the CPU compile options (the default kernel is used)")
     assert likelihood._kernel_for(mesh, "float32") is likelihood._kernel_cpu
     monkeypatch.setattr(_latent, "cpu_multiplies_bf16", lambda: True)

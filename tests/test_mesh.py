@@ -44,3 +44,23 @@ def test_pad_rows_repeats_a_real_row_and_make_mesh_checks_counts():
 def test_shard_examples_refuses_an_example_axis_it_cannot_place():
     with pytest.raises(ValueError, match="example_axis must be 0 or 1, got 2"):
         shard_examples(lambda b, r: b, make_mesh(1), jnp.asarray(X), example_axis=2)
+
+
+def test_compiler_options_on_cpu_meshes():
+    """CPU meshes get jaxmem.mesh.CPU_COMPILER_OPTIONS (where this jaxlib accepts them), and
+    a program compiled with them computes what XLA's defaults compute."""
+    from jaxmem import mesh as mesh_lib
+
+    m = mesh_lib.make_mesh(1)
+    for program in ("likelihood", "training"):
+        opts = mesh_lib.compiler_options(m, program)
+        if not mesh_lib.cpu_options_supported(program):
+            assert opts is None
+            continue
+        assert opts == mesh_lib.CPU_COMPILER_OPTIONS[program]
+        a = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+        b = np.random.default_rng(1).standard_normal((96, 32)).astype(np.float32)
+        f = lambda a, b: jax.nn.relu(a @ b + 1.0).sum(0)  # noqa: E731
+        got = np.asarray(jax.jit(f, compiler_options=opts)(a, b))
+        np.testing.assert_allclose(got, np.asarray(jax.jit(f)(a, b)), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got, np.maximum(np.float64(a) @ b + 1.0, 0).sum(0), rtol=1e-4, atol=1e-3)
