@@ -87,7 +87,7 @@ def on_cpu(mesh: Mesh) -> bool:
 #:   22% and 34% more with 0.11.2 in one; in one comparison each, bf16 products 26% less
 #:   time (a CPU without bf16 units), the classifier 6%, the convolutional VAE 7%. Not
 #:   used for bf16 products on CPUs with bf16 units (AMX, AVX512-BF16), which YNNPACK
-#:   uses and Eigen does not. (Training without YNNPACK was 28% slower.)
+#:   uses and Eigen does not. (Training without YNNPACK took 1.39x the time.)
 #: - ``"training"`` (:mod:`jaxmem.ensemble`'s programs): YNNPACK for the dots alone, one
 #:   call each, not for the bias-gradient and loss reductions XLA otherwise turns into
 #:   small YNNPACK dots: an epoch of the paper's VAE took 8% less time (median of 7
