@@ -35,6 +35,9 @@ __all__ = [
     "replicate",
     "initialize_distributed",
     "host_local_rows",
+    "CPU_COMPILER_OPTIONS",
+    "compiler_options",
+    "cpu_options_supported",
 ]
 
 
