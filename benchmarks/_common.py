@@ -129,10 +129,11 @@ def matmul_peak_fns(name: str = "peak", size: int | None = None,
     two (:func:`peak_of`), so that no kernel is measured against a slower path than the
     best this machine's XLA offers.
     """
-    fns = {name: _peak_product(size, dtype, None)}
-    if jax.default_backend() == "cpu" and mesh.cpu_options_supported("likelihood"):
-        fns[name + NO_YNN] = _peak_product(size, dtype, mesh.CPU_COMPILER_OPTIONS["likelihood"])
     size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    fns = {name: _peak_product(size, dtype, None)}
+    options = mesh.compiler_options(mesh.make_mesh(1), "likelihood")  # None off CPU
+    if options:
+        fns[name + NO_YNN] = _peak_product(size, dtype, options)
     return fns, 2.0 * size**3
 
 
@@ -145,12 +146,9 @@ def peak_of(best: dict[str, float], flops: float, name: str = "peak") -> float:
     return max(flops / best[k] for k in (name, name + NO_YNN) if k in best)
 
 
-def _peak_product(size: int | None, dtype, compiler_options) -> Callable[[], Any]:
+def _peak_product(size: int, dtype, compiler_options) -> Callable[[], Any]:
     """A ``size``-cube product of ``dtype`` (bf16: float32 accumulation and result, as
     ``loglik_matrix(matmul_dtype="bfloat16")`` does), compiled with ``compiler_options``."""
-    backend = jax.default_backend()
-    if size is None:
-        size = 2048 if backend == "cpu" else 8192
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (size, size), dtype)
     b = jax.random.normal(k2, (size, size), dtype)

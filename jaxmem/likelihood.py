@@ -133,11 +133,11 @@ def _kernel_for(mesh, matmul_dtype: str = "float32"):
     """The jitted kernel for ``mesh`` and ``matmul_dtype``: compiled with
     ``jaxmem.mesh.CPU_COMPILER_OPTIONS["likelihood"]`` on CPU meshes, unless it multiplies
     bf16 on a CPU with bf16 units (or one whose units cannot be read)."""
-    if not _mesh.on_cpu(mesh):
+    if not _mesh.compiler_options(mesh, "likelihood"):  # not a CPU mesh, or options rejected
         return _kernel_default
     if matmul_dtype == "bfloat16" and _latent.cpu_multiplies_bf16() is not False:
         return _kernel_default
-    return _kernel_cpu if _mesh.compiler_options(mesh, "likelihood") else _kernel_default
+    return _kernel_cpu
 
 
 def _kernel(graphdef, state, data, idx, key_data, *, mesh, matmul_dtype="float32", **kwargs):

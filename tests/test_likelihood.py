@@ -153,10 +153,12 @@ def test_memory_does_not_grow_with_examples_or_samples():
     key_data, impl = _key_parts(KEY)
     chunk, schunk = 64, 32
 
+    mesh = make_mesh(1)
+
     def temp_bytes(n, s, loop_members):
-        compiled = _kernel_for(make_mesh(1)).lower(
+        compiled = _kernel_for(mesh).lower(
             graphdef, state, jax.ShapeDtypeStruct((n, 32, 32), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.int32), key_data, mesh=make_mesh(1), kind="iw",
+            jax.ShapeDtypeStruct((n,), jnp.int32), key_data, mesh=mesh, kind="iw",
             num_samples=s, example_chunk=chunk, sample_chunk=schunk, key_impl=impl,
             loop_members=loop_members,
         ).compile()
