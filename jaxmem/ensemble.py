@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -328,6 +329,11 @@ def make(
         raise ValueError(f"mesh must be 1-D (see jaxmem.mesh.make_mesh), got axes {mesh.axis_names}")
     axis = mesh.axis_names[0]
     train_sizes = keep.sum(axis=1)
+    if batch_size > train_sizes.max():
+        warnings.warn(
+            f"batch_size={batch_size} exceeds the largest member's training set ({int(train_sizes.max())} "
+            f"examples): each step's batch repeats examples, some more often than others; pass "
+            f"batch_size <= {int(train_sizes.max())} for batches of distinct examples", UserWarning, stacklevel=2)
     steps = int(math.ceil(train_sizes.max() / batch_size))
     max_out = int((~keep).sum(axis=1).max())
     eval_chunks = int(math.ceil(max_out / eval_batch_size))

@@ -220,9 +220,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _model_data(model_cfg: dict[str, Any], x: np.ndarray, y: np.ndarray | None) -> Any:
-    if model_cfg["name"] == "classifier":
-        if y is None:
-            raise ValueError("the classifier needs labels: the data set has none")
+    if model_cfg["name"] == "classifier":  # y checked by models.check_data
         return (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     return jnp.asarray(x)
 
@@ -314,11 +312,22 @@ def memorization(
 
     Returns:
       A :class:`MemorizationResult` (saved to ``out_dir`` when given).
+
+    Raises:
+      ValueError: before anything is trained or written, for data the model has no
+        likelihood for (non-finite values; ``mlp_vae`` intensities outside [0, 1];
+        ``conv_vae`` pixels outside [0, 1]; classifier labels missing, fractional or
+        outside ``[0, num_classes)``: :func:`jaxmem.models.check_data`), shapes that do
+        not match, no examples, ``epochs < 1``, or a plan that leaves an example never
+        held out or never trained on.
+      ConfigMismatchError: ``out_dir`` holds a run of another configuration.
     """
     x = np.asarray(x, np.float32)
     if x.ndim < 2:
         raise ValueError(f"x must be [examples, *example_shape], got shape {x.shape}")
     n = x.shape[0]
+    if n == 0:
+        raise ValueError(f"x has no examples (shape {x.shape})")
     bad = np.argwhere(~np.isfinite(x.reshape(n, -1)))
     if bad.size:
         raise ValueError(f"x has {len(bad)} non-finite value(s); the first is in example {int(bad[0][0])}")
@@ -331,7 +340,10 @@ def memorization(
     if plan.n != n:
         raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
     plan.validate()
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs} (untrained models memorize nothing)")
     model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
+    y = _models.check_data(model_cfg, x, y)  # value ranges: before anything is trained
     outside = sorted({int(e) for e in track_epochs if not 0 < int(e) <= epochs})
     if outside:
         raise ValueError(f"track_epochs {outside} lie outside the epochs 1..{epochs} that are trained")

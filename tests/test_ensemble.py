@@ -219,6 +219,11 @@ def test_bad_inputs_are_refused():
         ens.epoch(state, X[:40])
     with pytest.raises(TypeError, match="nnx.Module"):
         ensemble.make(lambda s: "not a model", optax.sgd(0.1), keep, batch_size=4)
+    # a batch larger than every training set repeats examples: allowed, but said
+    largest = int(keep.sum(1).max())
+    with pytest.warns(UserWarning, match=rf"batch_size={largest + 1} exceeds the largest member's training set "
+                                         rf"\({largest} examples\)"):
+        ensemble.make(tiny, optax.sgd(0.1), keep, batch_size=largest + 1)
 
 
 def test_vae_ensemble_learns_on_digits():

@@ -19,7 +19,8 @@ def load(name):
 
 def test_own_training_loop(capsys):
     out = load("own_training_loop").main(
-        ["--limit", "120", "--folds", "2", "--repeats", "1", "--epochs", "2", "--hidden", "16", "--samples", "4"])
+        ["--limit", "120", "--folds", "2", "--repeats", "1", "--epochs", "2", "--hidden", "16", "--samples", "4",
+         "--batch-size", "30"])
     assert "most memorized" in capsys.readouterr().out
     s, ll = out["scores"], out["ll"]
     assert ll.shape == (2, 120) and np.isfinite(ll).all()

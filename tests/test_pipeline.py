@@ -162,3 +162,42 @@ def test_bad_inputs(digits):
         jaxmem.memorization(digits.x, matmul_dtype="float8", progress=False)
     with pytest.raises(ValueError, match=r"track_epochs \[5\] lie outside the epochs 1..3"):
         jaxmem.memorization(digits.x, epochs=3, track_epochs=[2, 5], progress=False)
+
+
+def test_out_of_range_data_is_refused_before_training(digits, tmp_path):
+    """Values a model has no likelihood for fail fast, naming the example and the range.
+
+    Without the check they give silently wrong scores (a Bernoulli draw with p > 1 is
+    always 1, conv_vae clips to [0, 1], float labels truncate), after the whole training.
+    """
+    out = tmp_path / "run"
+    kw = dict(epochs=1, progress=False, out_dir=out)
+    x255 = digits.x * 255.0
+    msg = r"in \[0, 1\], but example 0 has 79.6875 \(x spans \[0, 255\]; divide 8-bit images by 255"
+    with pytest.raises(ValueError, match=msg):
+        jaxmem.memorization(x255, **kw)
+    binary = np.round(digits.x)
+    binary[4, 0, 0, 0] = 0.5
+    with pytest.raises(ValueError, match="binarize='none'.*must be 0 or 1, but example 4 has 0.5"):
+        jaxmem.memorization(binary, model_options={"binarize": "none"}, **kw)
+    colour = np.repeat(digits.x, 3, axis=-1)
+    colour[9, 1, 1, 2] = -0.25
+    with pytest.raises(ValueError, match="conv_vae.*example 9 has -0.25"):
+        jaxmem.memorization(colour, model="conv_vae", **kw)
+    y = digits.y.copy()
+    y[11] = 10
+    with pytest.raises(ValueError, match=r"label 10 of example 11 lies outside \[0, 10\)"):
+        jaxmem.memorization(digits.x, y, model="classifier", **kw)
+    with pytest.raises(ValueError, match="whole-number labels, but example 0 has label 0.5"):
+        jaxmem.memorization(digits.x, digits.y + 0.5, model="classifier", **kw)
+    with pytest.raises(ValueError, match="x has no examples"):
+        jaxmem.memorization(digits.x[:0], **kw)
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        jaxmem.memorization(digits.x, **(kw | {"epochs": 0}))
+    assert not out.exists()  # refused before anything was written or trained
+    # whole-number float labels (a CSV column) are accepted as int32; linear-Gaussian data are unbounded
+    cfg = jaxmem.model_config("classifier", digits.x.shape[1:])
+    labels = jaxmem.models.check_data(cfg, digits.x, digits.y.astype(np.float64))
+    assert labels.dtype == np.int32 and np.array_equal(labels, digits.y)
+    lg = jaxmem.model_config("linear_gaussian_vae", (3,), latent_dim=1)
+    assert jaxmem.models.check_data(lg, np.array([[-300.0, 2.0, 1e6]])) is None

@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from jaxmem.models._latent import LatentVariableModel as LatentVariableModel
@@ -34,6 +35,7 @@ __all__ = [
     "create",
     "model_config",
     "from_config",
+    "check_data",
     "MLPVAE",
     "ConvVAE",
     "LinearGaussianVAE",
@@ -119,3 +121,86 @@ def create(name: str, example_shape: Sequence[int], *, seed: int, **kwargs: Any)
       An ``nnx.Module`` with ``loss``, ``log_prob`` and ``elbo``.
     """
     return from_config(model_config(name, example_shape, **kwargs), seed=seed)
+
+
+def _first_bad(x: np.ndarray, bad: np.ndarray) -> tuple[int, float]:
+    """(example index, value) of the first ``True`` of ``bad`` (same shape as ``x``)."""
+    flat = bad.reshape(len(x), -1)
+    i = int(np.argmax(flat.any(axis=1)))
+    return i, float(x.reshape(len(x), -1)[i][np.argmax(flat[i])])
+
+
+def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | None:
+    """Check that ``x`` (and ``y``) are data the model of ``config`` has a likelihood for.
+
+    The models do not check value ranges inside their jitted programs, and out-of-range
+    values give silently wrong scores rather than errors: a Bernoulli draw with ``p > 1``
+    is always 1 (so 8-bit pixel values 0..255 would all binarise to 1), the conv VAE
+    clips pixels to [0, 1], and a classifier label stored as a float is truncated. So
+    :func:`jaxmem.memorization` calls this before anything is trained:
+
+    - ``mlp_vae``: pixel intensities in [0, 1] (``binarize="dynamic"``), or exactly 0
+      or 1 (``binarize="none"``, the Bernoulli likelihood of binary data);
+    - ``conv_vae``: pixel values in [0, 1] (8-bit images as ``k / 255``);
+    - ``classifier``: labels ``y`` given, whole numbers in ``[0, num_classes)``;
+    - ``linear_gaussian_vae``: any real values.
+
+    Finiteness and shapes are checked by the caller.
+
+    Args:
+      config: a model configuration (:func:`model_config`).
+      x: f32 ``[n, *example_shape]`` examples.
+      y: ``[n]`` labels or None.
+
+    Returns:
+      The classifier's labels as int32 ``[n]`` (whole-number floats accepted), else ``y``
+      unchanged.
+
+    Raises:
+      ValueError: naming the first offending example, its value and the allowed range.
+    """
+    name = config["name"]
+    x = np.asarray(x)
+    if name == "mlp_vae" and len(x):
+        if config.get("binarize", "dynamic") == "none":
+            bad = (x != 0) & (x != 1)
+            if bad.any():
+                i, v = _first_bad(x, bad)
+                raise ValueError(
+                    f"model 'mlp_vae' with binarize='none' has a Bernoulli likelihood of binary data: "
+                    f"x must be 0 or 1, but example {i} has {v:g} (binarize='dynamic' takes intensities "
+                    f"in [0, 1])")
+        else:
+            bad = (x < 0) | (x > 1)
+            if bad.any():
+                i, v = _first_bad(x, bad)
+                raise ValueError(
+                    f"model 'mlp_vae' binarizes pixel intensities, which must lie in [0, 1], but example "
+                    f"{i} has {v:g} (x spans [{x.min():g}, {x.max():g}]; divide 8-bit images by 255)")
+    elif name == "conv_vae" and len(x):
+        bad = (x < 0) | (x > 1)
+        if bad.any():
+            i, v = _first_bad(x, bad)
+            raise ValueError(
+                f"model 'conv_vae' takes pixel values in [0, 1] (8-bit images as k / 255), but example "
+                f"{i} has {v:g} (x spans [{x.min():g}, {x.max():g}])")
+    elif name == "classifier":
+        if y is None:
+            raise ValueError("model 'classifier' needs labels y (int [n] in [0, num_classes)); none were given")
+        y = np.asarray(y)
+        k = int(config.get("num_classes", 10))
+        if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+            raise ValueError(f"model 'classifier' needs integer labels, got dtype {y.dtype}")
+        if np.issubdtype(y.dtype, np.floating):
+            bad = ~np.isfinite(y) | (y != np.round(y))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(f"model 'classifier' needs whole-number labels, but example {i} has label "
+                                 f"{float(y[i]):g}")
+        bad = (y < 0) | (y >= k)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"label {y[i]:g} of example {i} lies outside [0, {k}) (the classifier's "
+                             f"num_classes is {k}; set model_options={{'num_classes': ...}})")
+        return y.astype(np.int32)
+    return y
