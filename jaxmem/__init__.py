@@ -33,7 +33,13 @@ from jaxmem.data import (
     load_dataset as load_dataset,
     nearest_neighbours as nearest_neighbours,
 )
-from jaxmem.ensemble import Ensemble as Ensemble, EnsembleState as EnsembleState, FitResult as FitResult, fit as fit
+from jaxmem.ensemble import (
+    Ensemble as Ensemble,
+    EnsembleState as EnsembleState,
+    FitResult as FitResult,
+    TrainingDivergedError as TrainingDivergedError,
+    fit as fit,
+)
 from jaxmem.likelihood import loglik_matrix as loglik_matrix, loglik_matrix_multihost as loglik_matrix_multihost
 from jaxmem.linear import (
     Influence as Influence,

@@ -582,9 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "same command again to resume") if args.command == "run" and where else ""
         print(f"\n{_PROG}: interrupted{hint}", file=sys.stderr, flush=True)
         return _EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         # Expected failures: bad data, bad options, a results directory of another run
-        # (ConfigMismatchError is a ValueError, DatasetNotPreparedError a FileNotFoundError).
+        # (ConfigMismatchError is a ValueError, DatasetNotPreparedError a FileNotFoundError),
+        # training that diverged (ensemble.TrainingDivergedError, a FloatingPointError).
         _fail(err)
     except OSError as err:  # unwritable output directory, full disk, ...
         _fail(f"{err.strerror or err}: {err.filename}" if err.filename else err)

@@ -60,6 +60,7 @@ __all__ = [
     "EnsembleState",
     "Ensemble",
     "FitResult",
+    "TrainingDivergedError",
     "make",
     "fit",
     "member",
@@ -132,6 +133,15 @@ class Ensemble(NamedTuple):
     member_chunk: Callable[[EnsembleState], int]
 
 
+class TrainingDivergedError(FloatingPointError):
+    """:func:`fit` stopped: a member's training loss became NaN or infinite.
+
+    Its parameters are then non-finite for good, and so would be its log-likelihoods
+    and every score that uses them. The epoch that diverged is not checkpointed, so the
+    run directory keeps the last finite state.
+    """
+
+
 class FitResult(NamedTuple):
     """What :func:`fit` returns.
 
@@ -202,6 +212,20 @@ def _check_data(data: Any, n: int) -> None:
             raise ValueError(
                 f"data leaf {jax.tree_util.keystr(path) or 'x'} has shape {np.shape(leaf)}; "
                 f"axis 0 must be the {n} examples of the plan"
+            )
+
+
+def _check_finite(data: Any) -> None:
+    """Refuse NaN or inf in floating data leaves (checked where the data lie, on device)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        finite = jnp.isfinite(jnp.asarray(leaf)).reshape(np.shape(leaf)[0], -1).all(axis=1)
+        if not bool(finite.all()):
+            bad = np.flatnonzero(~np.asarray(finite))
+            raise ValueError(
+                f"data leaf {jax.tree_util.keystr(path) or 'x'} has NaN or inf in {bad.size} example(s), "
+                f"the first {bad[:5].tolist()}: training on them makes every member that keeps them NaN"
             )
 
 
@@ -588,6 +612,12 @@ def fit(
     Returns:
       A :class:`FitResult`; ``history`` holds per-member train and held-out losses (nats
       per example) of every epoch.
+
+    Raises:
+      ValueError: data whose axis 0 is not the plan's examples, or with NaN or inf.
+      TrainingDivergedError: a member's training loss became non-finite (checked after
+        every epoch, before its checkpoint is written).
+      ConfigMismatchError: ``run_dir`` holds a run of another configuration.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -601,6 +631,7 @@ def fit(
     keep = _as_keep(keep)
     num_members = keep.shape[0]
     _check_data(data, keep.shape[1])
+    _check_finite(data)
     ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
     state = ens.init(seed)
     # Placed before the configuration is taken: its fingerprint is of the data as trained on
@@ -629,6 +660,7 @@ def fit(
             log.info("resumed %s from epoch %d", run_dir, latest)
 
     start = int(state.epoch)
+    saved = start if ckpt is not None and start > 0 else None  # the last checkpointed epoch
     try:
         from tqdm.auto import tqdm
 
@@ -642,6 +674,16 @@ def fit(
         for e in range(start, epochs):
             state, metrics = ens.epoch(state, data)
             metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            diverged = np.flatnonzero(~np.isfinite(metrics["train_loss"]))
+            if diverged.size:  # before the checkpoint: the run directory keeps finite states only
+                kept = (f"; {run_dir} keeps the checkpoint of epoch {saved}" if saved is not None
+                        else f"; {run_dir} holds no checkpoint yet" if ckpt is not None else "")
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {e + 1}: member(s) {diverged[:10].tolist()} of "
+                    f"{num_members} have a non-finite training loss "
+                    f"({', '.join(f'{v:g}' for v in metrics['train_loss'][diverged[:3]])}); lower the "
+                    f"learning rate{kept}"
+                )
             for k in history:
                 history[k].append(metrics[k].astype(float).tolist())
             done = e + 1
@@ -659,6 +701,7 @@ def fit(
                 )
             if ckpt is not None and (done % checkpoint_every == 0 or done == epochs):
                 ckpt.save(done, state, history)
+                saved = done
             if callback is not None:
                 callback(done, state, metrics)
     finally:

@@ -1,6 +1,7 @@
 """Run directories: orbax round trips, refusal of other configurations, and resumption
 after a SIGKILL that ends with the same parameters as an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,43 @@ def test_plan_fingerprint_sees_one_flipped_entry():
     other[0, 0] = ~other[0, 0]
     assert fingerprint_array(KEEP) != fingerprint_array(other)
     assert fingerprint_array(KEEP) == fingerprint_array(KEEP.copy())
+
+
+def nan_after(steps: int, lr: float = 1e-2):
+    """SGD whose updates turn NaN from step ``steps`` on: a run that diverges on cue."""
+    import optax
+
+    def init(params):
+        return jnp.zeros([], jnp.int32)
+
+    def update(grads, count, params=None):
+        poison = jnp.where(count >= steps, jnp.nan, 1.0)
+        return jax.tree.map(lambda g: -lr * poison * g, grads), count + 1
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_divergence_stops_training_and_keeps_the_last_finite_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    steps = 3  # per epoch: 20 training examples per member, batch 8
+    with pytest.raises(ensemble.TrainingDivergedError,
+                       match=rf"diverged in epoch 3: member\(s\) \[0, 1\] of 2 .*\(nan, nan\).*"
+                             rf"{run} keeps the checkpoint of epoch 2"):
+        ensemble.fit(tiny, nan_after(2 * steps), X, KEEP, epochs=EPOCHS, batch_size=8, seed=0,
+                     run_dir=run, progress=False, mesh=make_mesh(1))
+    assert latest_epoch(run) == 2  # epoch 3's NaN state was never written
+    template = ensemble.make(tiny, nan_after(2 * steps), KEEP, batch_size=8, mesh=make_mesh(1)).init(0)
+    with open(os.path.join(run, "config.json")) as f:
+        ck = RunCheckpoints(run, json.load(f), max_to_keep=3)
+    state, hist = ck.restore(template, 2)
+    ck.close()
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
+    assert np.isfinite(hist["train_loss"]).all() and len(hist["train_loss"]) == 2
+    # data with NaN are refused before anything trains, naming the examples
+    bad = X.copy()
+    bad[[5, 17], 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf in 2 example\(s\), the first \[5, 17\]"):
+        ensemble.fit(tiny, 1e-2, bad, KEEP, epochs=1, batch_size=8, progress=False, mesh=make_mesh(1))
 
 
 def test_other_configuration_is_refused(tmp_path):
