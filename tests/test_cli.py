@@ -201,6 +201,14 @@ def test_option_errors_in_process(capsys, tmp_path):
     for name, (args, words) in cases.items():
         code, _, err = run_main(capsys, *args)
         assert_one_line_error(code, err, *words)
+    # Training that diverges (a finite but absurd rate: Adam's first steps of 1e30 overflow
+    # every member's loss) ends with one error line after the stage lines, no traceback.
+    code, _, err = run_main(capsys, "run", "--limit", "40", "--folds", "2", "--epochs", "2", "--hidden", "8",
+                            "--latent", "2", "--samples", "4", "--batch-size", "16", "--lr", "1e30",
+                            "--no-progress", "--out", tmp_path / "diverged")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert last.startswith("jaxmem: error: training diverged in epoch 1") and "holds no checkpoint yet" in last, err
 
 
 def _table(path, header=True):
