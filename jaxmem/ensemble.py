@@ -631,12 +631,12 @@ def fit(
     keep = _as_keep(keep)
     num_members = keep.shape[0]
     _check_data(data, keep.shape[1])
-    _check_finite(data)
     ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
     state = ens.init(seed)
     # Placed before the configuration is taken: its fingerprint is of the data as trained on
     # (e.g. float64 input becomes float32 without x64).
     data = jax.device_put(data, NamedSharding(ens.mesh, P()))
+    _check_finite(data)  # on the devices, where the data now lie
     history: dict[str, list] = {"train_loss": [], "heldout_loss": []}
 
     ckpt = None

@@ -123,11 +123,19 @@ def create(name: str, example_shape: Sequence[int], *, seed: int, **kwargs: Any)
     return from_config(model_config(name, example_shape, **kwargs), seed=seed)
 
 
-def _first_bad(x: np.ndarray, bad: np.ndarray) -> tuple[int, float]:
-    """(example index, value) of the first ``True`` of ``bad`` (same shape as ``x``)."""
-    flat = bad.reshape(len(x), -1)
-    i = int(np.argmax(flat.any(axis=1)))
-    return i, float(x.reshape(len(x), -1)[i][np.argmax(flat[i])])
+def _first_bad(x: np.ndarray, is_bad, rows: int = 4096) -> tuple[int, float] | None:
+    """(example index, value) of the first entry of ``x`` where ``is_bad`` holds, or None.
+
+    Scans ``rows`` examples at a time, so the boolean temporaries stay small whatever
+    the size of the data set.
+    """
+    flat = x.reshape(len(x), -1)
+    for start in range(0, len(flat), rows):
+        bad = is_bad(flat[start:start + rows])
+        if bad.any():
+            r = int(np.argmax(bad.any(axis=1)))
+            return start + r, float(flat[start + r][np.argmax(bad[r])])
+    return None
 
 
 def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | None:
@@ -161,29 +169,25 @@ def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | No
     """
     name = config["name"]
     x = np.asarray(x)
-    if name == "mlp_vae" and len(x):
-        if config.get("binarize", "dynamic") == "none":
-            bad = (x != 0) & (x != 1)
-            if bad.any():
-                i, v = _first_bad(x, bad)
-                raise ValueError(
-                    f"model 'mlp_vae' with binarize='none' has a Bernoulli likelihood of binary data: "
-                    f"x must be 0 or 1, but example {i} has {v:g} (binarize='dynamic' takes intensities "
-                    f"in [0, 1])")
-        else:
-            bad = (x < 0) | (x > 1)
-            if bad.any():
-                i, v = _first_bad(x, bad)
-                raise ValueError(
-                    f"model 'mlp_vae' binarizes pixel intensities, which must lie in [0, 1], but example "
-                    f"{i} has {v:g} (x spans [{x.min():g}, {x.max():g}]; divide 8-bit images by 255)")
-    elif name == "conv_vae" and len(x):
-        bad = (x < 0) | (x > 1)
-        if bad.any():
-            i, v = _first_bad(x, bad)
+    in_unit = len(x) == 0 or (x.min() >= 0 and x.max() <= 1)
+    outside = lambda a: (a < 0) | (a > 1)  # noqa: E731
+    if name == "mlp_vae" and config.get("binarize", "dynamic") == "none":
+        first = _first_bad(x, lambda a: (a != 0) & (a != 1))
+        if first is not None:
             raise ValueError(
-                f"model 'conv_vae' takes pixel values in [0, 1] (8-bit images as k / 255), but example "
-                f"{i} has {v:g} (x spans [{x.min():g}, {x.max():g}])")
+                f"model 'mlp_vae' with binarize='none' has a Bernoulli likelihood of binary data: x must "
+                f"be 0 or 1, but example {first[0]} has {first[1]:g} (binarize='dynamic' takes "
+                f"intensities in [0, 1])")
+    elif name == "mlp_vae" and not in_unit:
+        i, v = _first_bad(x, outside)
+        raise ValueError(
+            f"model 'mlp_vae' binarizes pixel intensities, which must lie in [0, 1], but example {i} has "
+            f"{v:g} (x spans [{x.min():g}, {x.max():g}]; divide 8-bit images by 255)")
+    elif name == "conv_vae" and not in_unit:
+        i, v = _first_bad(x, outside)
+        raise ValueError(
+            f"model 'conv_vae' takes pixel values in [0, 1] (8-bit images as k / 255), but example {i} has "
+            f"{v:g} (x spans [{x.min():g}, {x.max():g}])")
     elif name == "classifier":
         if y is None:
             raise ValueError("model 'classifier' needs labels y (int [n] in [0, num_classes)); none were given")
