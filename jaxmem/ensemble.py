@@ -53,7 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem.membership import _check_keep
-from jaxmem.mesh import compiler_options, make_mesh, on_cpu, shard_examples
+from jaxmem.mesh import compiler_options, make_mesh, nonfinite_rows, on_cpu, shard_examples
 from jaxmem.models._latent import reverse_mode_dense
 
 __all__ = [
@@ -218,11 +218,8 @@ def _check_data(data: Any, n: int) -> None:
 def _check_finite(data: Any) -> None:
     """Refuse NaN or inf in floating data leaves (checked where the data lie, on device)."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(data):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            continue
-        finite = jnp.isfinite(jnp.asarray(leaf)).reshape(np.shape(leaf)[0], -1).all(axis=1)
-        if not bool(finite.all()):
-            bad = np.flatnonzero(~np.asarray(finite))
+        bad = nonfinite_rows(leaf)
+        if bad is not None and bad.size:
             raise ValueError(
                 f"data leaf {jax.tree_util.keystr(path) or 'x'} has NaN or inf in {bad.size} example(s), "
                 f"the first {bad[:5].tolist()}: training on them makes every member that keeps them NaN"

@@ -191,14 +191,9 @@ def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk):
         if not np.ndim(a) or np.shape(a)[0] != n:
             raise ValueError(f"every data array needs the same number of rows, got {[np.shape(a) for a in leaves]}")
     for a in leaves:
-        try:
-            a = np.asarray(a)
-        except jax.errors.TracerArrayConversionError:  # called under jit: cannot look
-            continue
-        if np.issubdtype(a.dtype, np.floating) and n:
-            bad = ~np.isfinite(a.reshape(n, -1)).all(axis=1)
-            if bad.any():
-                raise ValueError(f"data has non-finite values in example(s) {np.flatnonzero(bad)[:10].tolist()}")
+        bad = _mesh.nonfinite_rows(a)  # None under jit: cannot look
+        if bad is not None and bad.size:
+            raise ValueError(f"data has non-finite values in example(s) {bad[:10].tolist()}")
     return n
 
 

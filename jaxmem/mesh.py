@@ -35,6 +35,7 @@ __all__ = [
     "replicate",
     "initialize_distributed",
     "host_local_rows",
+    "nonfinite_rows",
     "CPU_COMPILER_OPTIONS",
     "compiler_options",
     "cpu_options_supported",
@@ -123,6 +124,21 @@ def compiler_options(mesh: Mesh, program: str) -> dict[str, str] | None:
     if on_cpu(mesh) and cpu_options_supported(program):
         return CPU_COMPILER_OPTIONS[program]
     return None
+
+
+def nonfinite_rows(a: Any) -> np.ndarray | None:
+    """Indices (int ``[k]``, ascending) of the rows (axis 0) of ``a`` that hold NaN or inf.
+
+    Computed where ``a`` lies (a reduction on its devices; one boolean per row comes back
+    to the host). An integer or boolean array has none. None for a tracer: under
+    ``jit`` the values cannot be looked at.
+    """
+    if isinstance(a, jax.core.Tracer):
+        return None
+    if not jnp.issubdtype(jnp.result_type(a), jnp.inexact) or np.shape(a)[0] == 0:
+        return np.zeros(0, np.int64)
+    a = jnp.asarray(a)
+    return np.flatnonzero(~np.asarray(jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)))
 
 
 def pad_rows(x: Any, multiple: int, *, zeros: bool = False) -> tuple[Any, int]:
