@@ -12,7 +12,9 @@ the same count for every row, the PyTorch ones included.
 
   (a) ensemble   jaxmem.ensemble: K members in one scanned, jitted epoch, with the default
                  member_chunk (all K vmapped on accelerators; on a CPU, members a few at a
-                 time, each chunk's state kept in cache for the epoch)
+                 time, each chunk's state kept in cache for the epoch) and the default
+                 mesh (on a CPU one device per core, as `jaxmem run` sets it up with
+                 jaxmem.mesh.use_cpu_devices: the members split over the cores)
   (a') vmap-all  the same with all K members vmapped at every step (member_chunk=K);
                  printed only where it differs from (a)
   (b) jax-loop   the same members one after another, each a jitted scanned epoch (K = 1)
@@ -64,7 +66,12 @@ from flax import nnx  # noqa: E402
 
 import _common  # noqa: E402
 from jaxmem import ensemble, membership, models  # noqa: E402
-from jaxmem.mesh import make_mesh  # noqa: E402
+from jaxmem.mesh import make_mesh, use_cpu_devices  # noqa: E402
+
+# As `jaxmem run` does, before JAX starts: on a CPU, one device per core, so program (a)
+# splits its members over the cores (no effect on accelerators, or where XLA_FLAGS
+# forces a device count). (b) runs each member on one device.
+use_cpu_devices()
 
 FULL_N = 60_000
 

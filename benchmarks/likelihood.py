@@ -4,7 +4,12 @@ The paper's MNIST VAE (MLP 1024-512-256, z = 16, Bernoulli decoder on 32x32 inpu
 an ensemble of 10 members, S = 256 importance samples per pair:
 
 - ``jaxmem``: :func:`jaxmem.likelihood.loglik_matrix`'s one jitted kernel (members
-  looped on CPUs and vmapped on accelerators, examples and samples in blocks);
+  looped on CPUs and vmapped on accelerators, examples and samples in blocks), on one
+  device and, on a CPU, on one device per core as ``jaxmem run`` sets it up
+  (:func:`jaxmem.mesh.use_cpu_devices`: each core runs its own shard of the examples).
+  The targets are read off the row ``jaxmem run`` uses: every CPU device on a CPU (the
+  paper's code also runs on every core), one device on an accelerator (the paper's
+  code uses one GPU);
 - ``jaxmem bf16``: the same kernel with ``matmul_dtype="bfloat16"`` (opt-in: bf16-rounded
   matmul inputs, float32 accumulation; what that rounding does to log p and M is
   measured by ``matmul_dtype.py``). Not the default, so the targets are read off the
@@ -52,7 +57,11 @@ from flax import nnx  # noqa: E402
 import _common  # noqa: E402
 from jaxmem import models  # noqa: E402
 from jaxmem.likelihood import _kernel_for, _key_parts  # noqa: E402
-from jaxmem.mesh import make_mesh  # noqa: E402
+from jaxmem.mesh import make_mesh, use_cpu_devices  # noqa: E402
+
+# As `jaxmem run` does, before JAX starts: on a CPU, one device per core (no effect on
+# accelerators, or where XLA_FLAGS forces a device count).
+use_cpu_devices()
 
 HIDDEN = (1024, 512, 256)
 LATENT = 16
@@ -229,8 +238,12 @@ def main():
     fns, peak_flops = _common.matmul_peak_fns("peak")
     fns.update(_common.matmul_peak_fns("peak bf16", dtype=jnp.bfloat16)[0])
     work = {}
-    meshes = [1] if not args.devices else sorted({1, *[2**k for k in range(1, 8) if 2**k <= jax.device_count()],
-                                                    jax.device_count()})
+    # The row the targets are read from: the kernel as `jaxmem run` runs it. On a CPU that
+    # is every CPU device (one per core) against the paper's code on every core; on an
+    # accelerator one device, as the paper's code uses one GPU.
+    head = jax.device_count() if info["backend"] == "cpu" else 1
+    meshes = sorted({1, head}) if not args.devices else sorted(
+        {1, head, *[2**k for k in range(1, 8) if 2**k <= jax.device_count()], jax.device_count()})
     for ndev in meshes:
         mesh = make_mesh(ndev)
         chunk = min(args.example_chunk, n // ndev)
@@ -242,6 +255,7 @@ def main():
         work[f"jaxmem/{ndev}"] = ("jaxmem", ndev, M * n, flops)
         if ndev == 1:
             print(f"one block's cost_analysis / its analytic dense-matmul FLOPs: {block_check:.4f}")
+        if ndev == head:
             fns["bf16"] = run_jax(graphdef, state, x, S, mesh, chunk, args.sample_chunk, "bfloat16")
             work["bf16"] = ("jaxmem bf16 (opt-in)", ndev, M * n, flops)
     paper = run_paper(members, S, 64)  # one loader batch of 64, as the paper evaluates
@@ -264,8 +278,10 @@ def main():
         by_name[name] = {"impl": impl, "devices": ndev, "seconds_per_pair": secs / pairs, "pairs_per_s": pairs / secs,
                          "gflop_per_s": flops / secs / 1e9 if flops else None,
                          "peak_fraction": flops / secs / peak if flops else None}
-    rows = list(by_name.values())
-    base = rows[0]
+    base = by_name.get(f"jaxmem/{head}")
+    if base is None:  # the headline mesh was skipped (n not a multiple of its blocks)
+        raise SystemExit(f"n={n} must be a multiple of {head} devices x the example chunk")
+    rows = [base, *(r for r in by_name.values() if r is not base)]
     for row in rows:
         row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
     if "paper" in by_name:

@@ -57,7 +57,11 @@ from jaxmem.membership import (
     load_plan as load_plan,
     random_subsets as random_subsets,
 )
-from jaxmem.mesh import initialize_distributed as initialize_distributed, make_mesh as make_mesh
+from jaxmem.mesh import (
+    initialize_distributed as initialize_distributed,
+    make_mesh as make_mesh,
+    use_cpu_devices as use_cpu_devices,
+)
 from jaxmem.models import model_config as model_config
 from jaxmem.pipeline import (
     MemorizationResult as MemorizationResult,

@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_positive_int, default=5,
                    help="epochs between training checkpoints")
     g.add_argument("--devices", type=_positive_int, default=None,
-                   help="number of devices to split models and examples over (default: all)")
+                   help="number of devices to split models and examples over (default: all; "
+                        "a CPU host gets one device per core, at most one per model, and "
+                        "--devices N gives it N; scores agree across counts to float rounding)")
     g = run.add_argument_group("scoring")
     g.add_argument("--samples", type=_positive_int, default=128,
                    help="importance samples per log-likelihood (the paper: 256 on MNIST)")
@@ -338,6 +340,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--folds {args.folds} needs at least {args.folds} examples; "
                          f"--limit {args.limit} keeps only {args.limit}")
     tracked = _tracked(args.track_epochs, args.epochs)
+    members = args.folds * args.repeats + int(args.full_model)
+    # Before anything starts JAX: on a CPU host, one device per core (at most one per
+    # model), so that each core runs its own shard of the kernels (mesh.use_cpu_devices).
+    from jaxmem.mesh import use_cpu_devices
+
+    try:
+        use_cpu_devices(args.devices, at_most=members)
+    except RuntimeError:  # JAX already started in this process (main() called from Python):
+        pass  # --devices N then takes N of its devices (make_mesh says if there are fewer)
     spec = _data_spec(args)
     ds = _load(spec, seed=args.seed, data_dir=args.data_dir)
     n = len(ds)
@@ -355,7 +366,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         mesh = make_mesh(args.devices)
     out = args.out
-    members = args.folds * args.repeats + int(args.full_model)
     shown = ", ".join(f"{k}={v}" for k, v in options.items())
     stages = {
         "train": f"training {members} models (progress in model-epochs)",
@@ -368,9 +378,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def on_stage(stage: str) -> None:
         interrupts.on_stage(stage)
         if stage == "train":  # the results directory has accepted the configuration
+            import jax
+
+            devices = jax.devices()[: args.devices or None]
             _info(f"{ds.name}: {n} examples of shape {ds.example_shape}; {args.model} ({shown}); "
                   f"{args.folds} folds x {args.repeats} repeat(s) = {members} models x "
-                  f"{args.epochs} epochs")
+                  f"{args.epochs} epochs; {len(devices)} {devices[0].platform.upper()} device(s)")
             latest = _latest_checkpoint(out)
             if latest is not None and latest >= args.epochs:
                 _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again")

@@ -301,7 +301,9 @@ def memorization(
         :class:`ConfigMismatchError`.
       data_info: JSON facts about the data recorded in the configuration.
       progress: show progress bars.
-      mesh: mesh for the member axis of training and the example axis of scoring.
+      mesh: mesh for the member axis of training and the example axis of scoring
+        (default: every device; on a CPU, call :func:`jaxmem.mesh.use_cpu_devices`
+        first to have one device per core, as ``jaxmem run`` does).
       checkpoint_every: epochs between checkpoints.
       linear_baseline: compute hat-matrix leverage of the data for comparison.
       on_stage: optional ``callback(stage: str)`` called as stages begin (for CLIs).

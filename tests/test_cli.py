@@ -117,6 +117,10 @@ def test_run_writes_every_result_file(finished):
     assert summary in proc.stdout  # printed and saved
     assert "central 90% of log p" in summary and "Spearman rank correlation of M with leverage" in summary
     assert f"Results in {out}" in proc.stdout
+    # A CPU host: one device per core, at most one per model (2 models here).
+    from jaxmem.mesh import cpu_cores
+
+    assert f"2 models x {EPOCHS} epochs; {min(cpu_cores(), 2)} CPU device(s)" in proc.stderr
 
 
 def test_report_regenerates(finished, capsys):

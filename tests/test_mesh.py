@@ -64,3 +64,65 @@ def test_compiler_options_on_cpu_meshes():
         got = np.asarray(jax.jit(f, compiler_options=opts)(a, b))
         np.testing.assert_allclose(got, np.asarray(jax.jit(f)(a, b)), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(got, np.maximum(np.float64(a) @ b + 1.0, 0).sum(0), rtol=1e-4, atol=1e-3)
+
+
+_CPU_DEVICES_SCRIPT = """
+import json, sys
+import jax
+import pytest
+from jaxmem.mesh import cpu_cores, use_cpu_devices
+
+out = {"cores": cpu_cores()}
+for bad in (0, -1, True, 2.5, "2"):
+    with pytest.raises(ValueError, match="count must be a positive integer"):
+        use_cpu_devices(bad)
+    with pytest.raises(ValueError, match="at_most must be a positive integer"):
+        use_cpu_devices(at_most=bad)
+arg = sys.argv[1]
+out["set"] = (use_cpu_devices() if arg == "auto" else use_cpu_devices(at_most=1) if arg == "at_most=1"
+              else use_cpu_devices(int(arg), at_most=1))
+out["devices"] = len(jax.devices("cpu"))  # JAX starts here
+out["again"] = use_cpu_devices()
+out["same"] = use_cpu_devices(out["devices"])
+try:
+    use_cpu_devices(out["devices"] + 1)
+except RuntimeError as e:
+    out["late"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("arg,flags,env", [
+    ("auto", "", None), ("at_most=1", "", None), ("3", "", None), ("auto", "", "3"),
+    ("3", "--xla_force_host_platform_device_count=5", None)])
+def test_use_cpu_devices_before_jax_starts(arg, flags, env):
+    """A fresh process: the count is set before JAX starts (one per core by default, capped
+    by at_most; an explicit count ignores the cap), kept afterwards, and a different count
+    once JAX has started is an error naming why; a count forced in XLA_FLAGS wins, and
+    JAX_NUM_CPU_DEVICES is kept when no count is asked for."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    environ.update({"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, **({"JAX_NUM_CPU_DEVICES": env} if env else {}))
+    proc = subprocess.run([sys.executable, "-c", _CPU_DEVICES_SCRIPT, arg], env=environ,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = (5 if flags else int(env) if env else out["cores"] if arg == "auto" else 1 if arg == "at_most=1"
+            else int(arg))
+    assert out["set"] == out["devices"] == out["again"] == out["same"] == want
+    assert "before any JAX operation" in out["late"] and f"{want} CPU device(s)" in out["late"]
+
+
+def test_use_cpu_devices_keeps_a_started_backend(devices8, monkeypatch):
+    """Once JAX has started, the answer is the devices it runs, whatever XLA_FLAGS says
+    since (test_multihost's worker module, imported in-process, used to rewrite it)."""
+    from jaxmem.mesh import use_cpu_devices
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert use_cpu_devices() == use_cpu_devices(8) == len(devices8) == 8  # conftest forced 8
+    with pytest.raises(RuntimeError, match="already started with 8 CPU device"):
+        use_cpu_devices(2)

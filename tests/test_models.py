@@ -315,13 +315,15 @@ def test_models_keep_forward_mode_autodiff_outside_the_training_step():
             return jnp.mean(nnx.merge(graphdef, p, rest).loss(x, key))
 
         tangent = jax.tree.map(jnp.ones_like, params)
-        value, slope = jax.jvp(loss, (params,), (tangent,))  # forward mode works
-        grad_plain = jax.grad(loss)(params)
+        # each jitted function is a fresh object, so it is traced (and the context read) anew
+        forward = jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))
+        value, slope = forward(params, tangent)  # forward mode works
+        grad_plain = jax.jit(jax.grad(loss))(params)
         with reverse_mode_dense():
-            np.testing.assert_allclose(loss(params), value, rtol=1e-6)
-            grad_fast = jax.grad(loss)(params)
+            np.testing.assert_allclose(jax.jit(loss)(params), value, rtol=1e-6)
+            grad_fast = jax.jit(jax.grad(loss))(params)
             with pytest.raises(TypeError, match="custom_vjp"):
-                jax.jvp(loss, (params,), (tangent,))
+                jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))(params, tangent)
         for a, b in zip(jax.tree.leaves(grad_plain), jax.tree.leaves(grad_fast)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert np.isfinite(float(slope))
