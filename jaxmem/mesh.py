@@ -296,8 +296,9 @@ def use_cpu_devices(count: int | None = None, *, at_most: int | None = None) -> 
     :func:`shard_examples`, ensemble members in :func:`jaxmem.ensemble.make`), so with one
     CPU device per core each core runs its own shard, and no product waits for the
     other cores: on a 2-core AMD EPYC the likelihood kernel of the paper's MNIST VAE
-    scored 7-13% more pairs per second, and ``jaxmem run``'s default run took 20% less
-    time (``benchmarks/RESULTS.md``). ``jaxmem run`` calls this with one device per core
+    scored 2-13% more pairs per second (four comparisons), the paper's MNIST VAE
+    ensemble trained at 56-61% of the matmul peak against 45-57% on one device, and
+    ``jaxmem run``'s default run took 20-30% less time (``benchmarks/RESULTS.md``). ``jaxmem run`` calls this with one device per core
     (at most one per model); call it yourself before any other JAX operation (right
     after the imports) to do the same from Python.
 
