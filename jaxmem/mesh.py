@@ -298,9 +298,10 @@ def use_cpu_devices(count: int | None = None, *, at_most: int | None = None) -> 
     other cores: on a 2-core AMD EPYC the likelihood kernel of the paper's MNIST VAE
     scored 2-13% more pairs per second (four comparisons), the paper's MNIST VAE
     ensemble trained at 56-61% of the matmul peak against 45-57% on one device, and
-    ``jaxmem run``'s default run took 20-30% less time (``benchmarks/RESULTS.md``). ``jaxmem run`` calls this with one device per core
-    (at most one per model); call it yourself before any other JAX operation (right
-    after the imports) to do the same from Python.
+    ``jaxmem run``'s default run took 20-30% less time (``benchmarks/RESULTS.md``).
+    ``jaxmem run`` calls this with one device per core (at most one per model); call it
+    yourself before any other JAX operation (right after the imports) to do the same
+    from Python.
 
     Scores agree across device counts to float rounding, not bitwise: after many epochs
     training's rounding differences show in the scores (``jaxmem run``'s default: M of
@@ -340,7 +341,7 @@ def use_cpu_devices(count: int | None = None, *, at_most: int | None = None) -> 
     configured = int(jax.config.jax_num_cpu_devices)
     if count is None and configured >= 1:
         return configured
-    want = int(count) if count is not None else min(cpu_cores(), at_most or cpu_cores())
+    want = int(count) if count is not None else min(cpu_cores(), at_most) if at_most else cpu_cores()
     try:
         jax.config.update("jax_num_cpu_devices", want)
     except RuntimeError:  # JAX's backends are already initialised (a JAX without _jax_started)

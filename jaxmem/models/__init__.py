@@ -169,8 +169,6 @@ def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | No
     """
     name = config["name"]
     x = np.asarray(x)
-    in_unit = len(x) == 0 or (x.min() >= 0 and x.max() <= 1)
-    outside = lambda a: (a < 0) | (a > 1)  # noqa: E731
     if name == "mlp_vae" and config.get("binarize", "dynamic") == "none":
         first = _first_bad(x, lambda a: (a != 0) & (a != 1))
         if first is not None:
@@ -178,16 +176,17 @@ def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | No
                 f"model 'mlp_vae' with binarize='none' has a Bernoulli likelihood of binary data: x must "
                 f"be 0 or 1, but example {first[0]} has {first[1]:g} (binarize='dynamic' takes "
                 f"intensities in [0, 1])")
-    elif name == "mlp_vae" and not in_unit:
-        i, v = _first_bad(x, outside)
-        raise ValueError(
-            f"model 'mlp_vae' binarizes pixel intensities, which must lie in [0, 1], but example {i} has "
-            f"{v:g} (x spans [{x.min():g}, {x.max():g}]; divide 8-bit images by 255)")
-    elif name == "conv_vae" and not in_unit:
-        i, v = _first_bad(x, outside)
-        raise ValueError(
-            f"model 'conv_vae' takes pixel values in [0, 1] (8-bit images as k / 255), but example {i} has "
-            f"{v:g} (x spans [{x.min():g}, {x.max():g}])")
+    elif name in ("mlp_vae", "conv_vae") and len(x):
+        lo, hi = x.min(), x.max()  # one pass each; the example is looked for only if needed
+        if lo < 0 or hi > 1:
+            i, v = _first_bad(x, lambda a: (a < 0) | (a > 1))
+            if name == "mlp_vae":
+                raise ValueError(
+                    f"model 'mlp_vae' binarizes pixel intensities, which must lie in [0, 1], but example {i} "
+                    f"has {v:g} (x spans [{lo:g}, {hi:g}]; divide 8-bit images by 255)")
+            raise ValueError(
+                f"model 'conv_vae' takes pixel values in [0, 1] (8-bit images as k / 255), but example {i} has "
+                f"{v:g} (x spans [{lo:g}, {hi:g}])")
     elif name == "classifier":
         if y is None:
             raise ValueError("model 'classifier' needs labels y (int [n] in [0, num_classes)); none were given")
