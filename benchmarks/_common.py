@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem import mesh
-
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -113,7 +111,7 @@ def matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 5) ->
     ``size`` defaults to 2048 on CPU and 8192 on accelerators. Uses
     ``precision="highest"`` off-CPU so that the peak is true-f32 (not TF32/bf16) — the
     same precision the f32 kernels it is compared with are asked to use by default. On
-    CPUs the faster of XLA's two matmul paths (:func:`matmul_peak_fns`).
+    CPUs the faster of XLA's product and the host BLAS's (:func:`matmul_peak_fns`).
     """
     fns, flops = matmul_peak_fns("peak", size, dtype)
     return max(flops / timeit(fn, repeats=repeats, warmup=2) for fn in fns.values())
@@ -123,38 +121,47 @@ def matmul_peak_fns(name: str = "peak", size: int | None = None,
                     dtype=jnp.float32) -> tuple[dict[str, Callable[[], Any]], float]:
     """The products the peak is timed on, as ``({label: function}, FLOPs of each)``.
 
-    ``{name: XLA's default product}``, and on CPUs also ``{name + NO_YNN: the product
-    compiled with jaxmem.mesh.CPU_COMPILER_OPTIONS['likelihood']}`` (XLA's Eigen matmuls
-    instead of YNNPACK's, which the likelihood kernel uses there): the peak is the faster of the
-    two (:func:`peak_of`), so that no kernel is measured against a slower path than the
-    best this machine's XLA offers.
+    ``{name: XLA's product}``, and on CPUs for float32 also ``{name + HOST_BLAS: numpy's
+    product}`` (the BLAS numpy links, OpenBLAS in the PyPI wheels): the peak is the
+    faster of the two (:func:`peak_of`), so that utilisation is reported against the
+    fastest f32 product measured on the machine, not against XLA's alone. (On a 2-core
+    AMD EPYC, Zen 3, numpy's 2048-cube product ran at 186 GFLOP/s against XLA's
+    150-171: ``benchmarks/RESULTS.md``, twelfth session.)
     """
     size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-    fns = {name: _peak_product(size, dtype, None)}
-    options = mesh.compiler_options(mesh.make_mesh(1), "likelihood")  # None off CPU
-    if options:
-        fns[name + NO_YNN] = _peak_product(size, dtype, options)
+    fns = {name: _peak_product(size, dtype)}
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32:
+        a, b = np.random.default_rng(0).standard_normal((2, size, size), dtype=np.float32)
+        fns[name + HOST_BLAS] = lambda: a @ b
     return fns, 2.0 * size**3
 
 
-#: Label suffix of the peak product compiled without YNNPACK (:func:`matmul_peak_fns`).
-NO_YNN = " (no YNNPACK)"
+#: Label suffix of the peak product computed by numpy's BLAS (:func:`matmul_peak_fns`).
+HOST_BLAS = " (numpy BLAS)"
 
 
 def peak_of(best: dict[str, float], flops: float, name: str = "peak") -> float:
     """FLOP/s of the fastest of :func:`matmul_peak_fns`'s products, from best times ``best``."""
-    return max(flops / best[k] for k in (name, name + NO_YNN) if k in best)
+    return max(peak_parts(best, flops, name).values())
 
 
-def _peak_product(size: int, dtype, compiler_options) -> Callable[[], Any]:
-    """A ``size``-cube product of ``dtype`` (bf16: float32 accumulation and result, as
-    ``loglik_matrix(matmul_dtype="bfloat16")`` does), compiled with ``compiler_options``."""
+def peak_parts(best: dict[str, float], flops: float, name: str = "peak") -> dict[str, float]:
+    """FLOP/s of each of :func:`matmul_peak_fns`'s products: ``{"xla": ..., "host_blas": ...}``
+    (the second on CPUs only)."""
+    parts = {"xla": flops / best[name]}
+    if name + HOST_BLAS in best:
+        parts["host_blas"] = flops / best[name + HOST_BLAS]
+    return parts
+
+
+def _peak_product(size: int, dtype) -> Callable[[], Any]:
+    """A ``size``-cube XLA product of ``dtype`` (bf16: float32 accumulation and result, as
+    ``loglik_matrix(matmul_dtype="bfloat16")`` does)."""
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (size, size), dtype)
     b = jax.random.normal(k2, (size, size), dtype)
     out = jnp.float32 if jnp.dtype(dtype) == jnp.bfloat16 else None
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest", preferred_element_type=out),
-                compiler_options=compiler_options)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest", preferred_element_type=out))
     return lambda: f(a, b)
 
 

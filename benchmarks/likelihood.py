@@ -56,7 +56,7 @@ from flax import nnx  # noqa: E402
 
 import _common  # noqa: E402
 from jaxmem import models  # noqa: E402
-from jaxmem.likelihood import _kernel_for, _key_parts  # noqa: E402
+from jaxmem.likelihood import _kernel, _key_parts  # noqa: E402
 from jaxmem.mesh import make_mesh, use_cpu_devices  # noqa: E402
 
 # As `jaxmem run` does, before JAX starts: on a CPU, one device per core (no effect on
@@ -81,7 +81,7 @@ def ensemble(members: int):
 
 def compile_kernel(graphdef, state, n, num_samples, mesh, example_chunk, sample_chunk, matmul_dtype="float32"):
     key_data, impl = _key_parts(jax.random.key(0))
-    return _kernel_for(mesh, matmul_dtype).lower(
+    return _kernel.lower(
         graphdef, state, jax.ShapeDtypeStruct((n, *SHAPE), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32),
         key_data, mesh=mesh, kind="iw", num_samples=num_samples, example_chunk=example_chunk,
         sample_chunk=sample_chunk, key_impl=impl, matmul_dtype=matmul_dtype,
@@ -266,18 +266,32 @@ def main():
     if lean is not None:
         fns["lean"] = lean[0]
         work["lean"] = (f"torch per-row ({lean[2]} threads)", 1, lean[1], lean[1] * matmul_flops_per_pair(S))
+    # The layouts must agree before their rates mean anything (the twelfth session found a
+    # compilation that returned wrong values on two CPU devices and not on one).
+    layouts = {name: np.asarray(fn()) for name, fn in fns.items() if name.startswith("jaxmem/")}
+    one = layouts["jaxmem/1"]
+    agreement = {name: float(np.abs(v - one).max()) for name, v in layouts.items()}
+    print("largest |log p difference| from the 1-device matrix, nats: "
+          + ", ".join(f"{name} {d:.2g}" for name, d in agreement.items()))
+    if max(agreement.values()) > 1e-2:
+        raise SystemExit(f"the device layouts disagree by more than float32 rounding: {agreement}")
+    results["layout_max_abs_diff_nats"] = agreement
+
     best = _common.interleaved_best(fns, rounds=args.rounds)
     peak = _common.peak_of(best, peak_flops, "peak")
+    parts = _common.peak_parts(best, peak_flops, "peak")
     peak_bf16 = _common.peak_of(best, peak_flops, "peak bf16")
-    print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s; "
-          f"bf16 (f32 accumulation): {peak_bf16 / 1e9:.1f} GFLOP/s")
+    print(f"f32 matmul peak (best of {args.rounds} interleaved rounds): {peak / 1e9:.1f} GFLOP/s ("
+          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items())
+          + f"); bf16 (f32 accumulation, XLA): {peak_bf16 / 1e9:.1f} GFLOP/s")
 
     by_name = {}
     for name, (impl, ndev, pairs, flops) in work.items():
         secs = best[name]
         by_name[name] = {"impl": impl, "devices": ndev, "seconds_per_pair": secs / pairs, "pairs_per_s": pairs / secs,
                          "gflop_per_s": flops / secs / 1e9 if flops else None,
-                         "peak_fraction": flops / secs / peak if flops else None}
+                         "peak_fraction": flops / secs / peak if flops else None,
+                         "xla_peak_fraction": flops / secs / parts["xla"] if flops else None}
     base = by_name.get(f"jaxmem/{head}")
     if base is None:  # the headline mesh was skipped (n not a multiple of its blocks)
         raise SystemExit(f"n={n} must be a multiple of {head} devices x the example chunk")
@@ -296,7 +310,7 @@ def main():
     analytic = M * n * matmul_flops_per_pair(S)
     print(f"dense-matmul FLOPs of the jaxmem run (analytic): {analytic:.4g}")
     _common.print_table(rows, ["impl", "devices", "seconds_per_pair", "pairs_per_s", "gflop_per_s", "peak_fraction",
-                               "bf16_peak_fraction", "speedup"],
+                               "xla_peak_fraction", "bf16_peak_fraction", "speedup"],
                         title=f"{M} members x {n} examples, S={S} (PyTorch rows on {work.get('paper', [0, 0, 0])[2]} "
                               f"and {work.get('lean', [0, 0, 0])[2]} pairs); speedup = pairs/s / jaxmem's")
     results["targets"] = {
@@ -335,7 +349,8 @@ def main():
           f"arguments {memory['argument_mib']:.0f} MiB, output {memory['output_mib']:.1f} MiB; "
           f"this process's peak RSS {memory['process_peak_rss_mib']:.0f} MiB; "
           f"extrapolated time {memory['extrapolated_full_seconds'] / 60:.0f} min at the measured rate")
-    results.update({"machine": info, "sizes": sizes, "matmul_peak_flops": peak, "bf16_matmul_peak_flops": peak_bf16,
+    results.update({"machine": info, "sizes": sizes, "matmul_peak_flops": peak, "matmul_peak_parts_flops": parts,
+                    "bf16_matmul_peak_flops": peak_bf16,
                     "rows": rows, "memory": memory})
     _common.write_json("likelihood", results)
 

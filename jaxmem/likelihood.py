@@ -12,8 +12,10 @@ classifiers — computed by ONE jitted program that
   (without the ``models`` factor on CPUs), while every matmul is
   ``[example_chunk * sample_chunk, width]``-sized,
 - is sharded over examples with :func:`jaxmem.mesh.shard_examples`,
-- on CPUs, is compiled with XLA's Eigen matmuls rather than YNNPACK's
-  (``jaxmem.mesh.CPU_COMPILER_OPTIONS``, measured faster for these products).
+- is compiled with XLA's default options on every platform. (Until the twelfth session
+  it was compiled on CPUs with XLA's Eigen matmuls instead of YNNPACK's; on two CPU
+  devices of one process that program returned wrong values for about 5% of the pairs
+  of the paper's VAE, see ``jaxmem.mesh.CPU_COMPILER_OPTIONS``.)
 
 Reproducibility: example i's randomness (binarisation / dequantisation, and each
 importance sample) comes from ``fold_in(key, i)`` with i its *global* index, and
@@ -124,26 +126,7 @@ def _kernel_impl(graphdef, state, data, idx, key_data, *, mesh, kind, num_sample
 
 _STATIC = ("graphdef", "mesh", "kind", "num_samples", "example_chunk", "sample_chunk", "key_impl",
            "loop_members", "matmul_dtype")
-_kernel_default = jax.jit(_kernel_impl, static_argnames=_STATIC)
-_kernel_cpu = jax.jit(_kernel_impl, static_argnames=_STATIC,
-                      compiler_options=_mesh.CPU_COMPILER_OPTIONS["likelihood"])
-
-
-def _kernel_for(mesh, matmul_dtype: str = "float32"):
-    """The jitted kernel for ``mesh`` and ``matmul_dtype``: compiled with
-    ``jaxmem.mesh.CPU_COMPILER_OPTIONS["likelihood"]`` on CPU meshes, unless it multiplies
-    bf16 on a CPU with bf16 units (or one whose units cannot be read)."""
-    if not _mesh.compiler_options(mesh, "likelihood"):  # not a CPU mesh, or options rejected
-        return _kernel_default
-    if matmul_dtype == "bfloat16" and _latent.cpu_multiplies_bf16() is not False:
-        return _kernel_default
-    return _kernel_cpu
-
-
-def _kernel(graphdef, state, data, idx, key_data, *, mesh, matmul_dtype="float32", **kwargs):
-    """:func:`_kernel_impl`, jitted, with the compile options of ``mesh``'s platform."""
-    return _kernel_for(mesh, matmul_dtype)(graphdef, state, data, idx, key_data, mesh=mesh,
-                                           matmul_dtype=matmul_dtype, **kwargs)
+_kernel = jax.jit(_kernel_impl, static_argnames=_STATIC)
 
 
 def _split_model(graphdef_or_model, state):
@@ -286,9 +269,8 @@ def loglik_matrix(
         (:func:`jaxmem.models._latent.matmul_dtype`); everything else stays float32.
         Opt-in, for speed where the hardware multiplies bf16 natively: on a 2-core
         Sapphire Rapids CPU (AMX units) the paper's MNIST VAE scored 2.8-3.1x more pairs
-        per second; on a 2-core AMD EPYC (Zen 3, AVX2, no bf16 instructions) 0.77x
-        (0.99x with Eigen's matmuls, ``jaxmem.mesh.CPU_COMPILER_OPTIONS``), no faster,
-        and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
+        per second; on a 2-core AMD EPYC (Zen 3, AVX2, no bf16 instructions) 0.77x,
+        no faster, and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
         It changes the values, by the rounding alone (the importance samples are the
         same): for the paper's VAE trained on 32x32 digits, S = 256, log p moved by
         0.03 nats RMS (at most 0.27, at log p ~ -367) and M by 0.04 RMS, about 1/50 of

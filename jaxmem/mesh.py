@@ -89,21 +89,23 @@ def on_cpu(mesh: Mesh) -> bool:
 #: backend (jaxlib 0.10 and 0.11) hands dots, and reductions it rewrites as dots, to
 #: YNNPACK by default. Measured on a 2-core AMD EPYC (Zen 3), ``benchmarks/RESULTS.md``:
 #:
-#: - ``"likelihood"`` (:func:`jaxmem.likelihood.loglik_matrix`): no YNNPACK, XLA's Eigen
-#:   matmuls: the paper's MNIST VAE at S = 256 scored 4-12% (best of interleaved rounds)
-#:   and 4-9% (median) more pairs per second with jaxlib 0.10.2 in three comparisons,
-#:   22% and 34% more with 0.11.2 in one; in one comparison each, bf16 products 26% less
-#:   time (a CPU without bf16 units), the classifier 6%, the convolutional VAE 7%. Not
-#:   used for bf16 products on CPUs with bf16 units (AMX, AVX512-BF16), which YNNPACK
-#:   uses and Eigen does not. (Training without YNNPACK took 1.39x the time.)
 #: - ``"training"`` (:mod:`jaxmem.ensemble`'s programs): YNNPACK for the dots alone, one
 #:   call each, not for the bias-gradient and loss reductions XLA otherwise turns into
 #:   small YNNPACK dots: an epoch of the paper's VAE took 8% less time (median of 7
-#:   interleaved rounds), 14% and 0% less in two comparisons of 3 rounds.
+#:   interleaved rounds), 14% and 0% less in two comparisons of 3 rounds. (Training
+#:   without YNNPACK, with XLA's Eigen matmuls, took 1.39x the time.)
 #:
-#: Both were measured on that CPU only; other CPUs may favour other settings.
+#: The likelihood kernel (:func:`jaxmem.likelihood.loglik_matrix`) is compiled with XLA's
+#: defaults. It used to be compiled with XLA's Eigen matmuls (``{"xla_cpu_experimental_
+#: ynn_fusion_type": ""}``, measured 4-12% faster on one CPU device), until that program,
+#: run on two CPU devices of one process, returned wrong values (by up to 4.7 nats, not
+#: the same from run to run) for about 5% of the pairs of the paper's VAE (10 members x
+#: 256 examples, S = 256; jaxlib 0.10.2); XLA's default compilation of the same kernel
+#: agrees with one device to 0 nats there, and was as fast or faster in the same
+#: comparison (``tests/test_likelihood.py::test_two_cpu_devices_match_one``).
+#:
+#: Measured on that CPU only; other CPUs may favour other settings.
 CPU_COMPILER_OPTIONS = {
-    "likelihood": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "training": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
 

@@ -52,7 +52,7 @@ def test_compiler_options_on_cpu_meshes():
     from jaxmem import mesh as mesh_lib
 
     m = mesh_lib.make_mesh(1)
-    for program in ("likelihood", "training"):
+    for program in mesh_lib.CPU_COMPILER_OPTIONS:
         opts = mesh_lib.compiler_options(m, program)
         if not mesh_lib.cpu_options_supported(program):
             assert opts is None

@@ -176,8 +176,8 @@ def cpu_multiplies_bf16() -> bool | None:
 
     None where its feature flags cannot be read (not Linux). Without them XLA converts
     bf16 operands back to float32 to multiply, so ``matmul_dtype="bfloat16"`` only adds
-    rounding and conversions (measured 0.77x the float32 rate on an AMD EPYC, Zen 3, with
-    XLA's default YNNPACK matmuls, 0.99x with the Eigen ones ``jaxmem.likelihood`` uses there).
+    rounding and conversions (measured 0.70-0.77x the float32 rate on an AMD EPYC, Zen 3,
+    with XLA's default YNNPACK matmuls).
     """
     flags = _cpu_flags()
     return None if flags is None else bool(flags & BF16_CPU_FLAGS)
