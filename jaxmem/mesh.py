@@ -100,9 +100,11 @@ def on_cpu(mesh: Mesh) -> bool:
 #: ynn_fusion_type": ""}``, measured 4-12% faster on one CPU device), until that program,
 #: run on two CPU devices of one process, returned wrong values (by up to 4.7 nats, not
 #: the same from run to run) for about 5% of the pairs of the paper's VAE (10 members x
-#: 256 examples, S = 256; jaxlib 0.10.2); XLA's default compilation of the same kernel
-#: agrees with one device to 0 nats there, and was as fast or faster in the same
-#: comparison (``tests/test_likelihood.py::test_two_cpu_devices_match_one``).
+#: 256 examples, S = 256; jaxlib 0.10.2). XLA's default compilation of the same kernel
+#: agrees with one device to 0 nats there
+#: (``tests/test_likelihood.py::test_two_cpu_devices_match_one``) and ran 5-6% faster
+#: than the Eigen one on one and on two devices in one in-process comparison (RESULTS.md,
+#: twelfth session).
 #:
 #: Measured on that CPU only; other CPUs may favour other settings.
 CPU_COMPILER_OPTIONS = {
