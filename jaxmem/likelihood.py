@@ -269,8 +269,8 @@ def loglik_matrix(
         (:func:`jaxmem.models._latent.matmul_dtype`); everything else stays float32.
         Opt-in, for speed where the hardware multiplies bf16 natively: on a 2-core
         Sapphire Rapids CPU (AMX units) the paper's MNIST VAE scored 2.8-3.1x more pairs
-        per second; on a 2-core AMD EPYC (Zen 3, AVX2, no bf16 instructions) 0.77x,
-        no faster, and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
+        per second; on 2-core AMD EPYCs (Zen 3, AVX2, no bf16 instructions) 0.65-0.77x,
+        slower, and on such CPUs it warns (``jaxmem.models._latent.cpu_multiplies_bf16``).
         It changes the values, by the rounding alone (the importance samples are the
         same): for the paper's VAE trained on 32x32 digits, S = 256, log p moved by
         0.03 nats RMS (at most 0.27, at log p ~ -367) and M by 0.04 RMS, about 1/50 of

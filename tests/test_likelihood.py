@@ -280,7 +280,7 @@ print(jax.device_count(), int((np.abs(two - one) > 1e-3).sum()), float(np.abs(tw
 """
 
 
-def test_two_cpu_devices_match_one():
+def test_two_cpu_devices_match_one(fresh_python):
     """Two CPU devices of one process (each scoring its half of the examples at the same
     time) give the one-device matrix. Regression: compiled with XLA's Eigen matmuls
     (``{"xla_cpu_experimental_ynn_fusion_type": ""}``, jaxmem's CPU choice until the
@@ -288,17 +288,10 @@ def test_two_cpu_devices_match_one():
     several nats (the first example of some blocks; not the same from run to run;
     jaxlib 0.10.2). Tolerance 1e-3 nats: both layouts run the same block shapes, so only
     float32 rounding may differ (measured: 0)."""
-    import os
-    import subprocess
-    import sys
-
     from jaxmem import mesh as mesh_lib
 
     assert "likelihood" not in mesh_lib.CPU_COMPILER_OPTIONS  # the kernel keeps XLA's defaults
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES_SCRIPT], env=environ, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = fresh_python(_TWO_DEVICES_SCRIPT)
     devices, wrong, largest = proc.stdout.split()
     assert int(devices) == 2, proc.stdout
     assert int(wrong) == 0 and float(largest) <= 1e-3, proc.stdout

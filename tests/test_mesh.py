@@ -95,21 +95,15 @@ print(json.dumps(out))
 @pytest.mark.parametrize("arg,flags,env", [
     ("auto", "", None), ("at_most=1", "", None), ("3", "", None), ("auto", "", "3"),
     ("3", "--xla_force_host_platform_device_count=5", None)])
-def test_use_cpu_devices_before_jax_starts(arg, flags, env):
+def test_use_cpu_devices_before_jax_starts(arg, flags, env, fresh_python):
     """A fresh process: the count is set before JAX starts (one per core by default, capped
     by at_most; an explicit count ignores the cap), kept afterwards, and a different count
     once JAX has started is an error naming why; a count forced in XLA_FLAGS wins, and
     JAX_NUM_CPU_DEVICES is kept when no count is asked for."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    environ = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    environ.update({"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, **({"JAX_NUM_CPU_DEVICES": env} if env else {}))
-    proc = subprocess.run([sys.executable, "-c", _CPU_DEVICES_SCRIPT, arg], env=environ,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    environ = {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **({"JAX_NUM_CPU_DEVICES": env} if env else {})}
+    proc = fresh_python(_CPU_DEVICES_SCRIPT, arg, env=environ, timeout=120)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     want = (5 if flags else int(env) if env else out["cores"] if arg == "auto" else 1 if arg == "at_most=1"
             else int(arg))

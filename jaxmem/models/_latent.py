@@ -176,7 +176,7 @@ def cpu_multiplies_bf16() -> bool | None:
 
     None where its feature flags cannot be read (not Linux). Without them XLA converts
     bf16 operands back to float32 to multiply, so ``matmul_dtype="bfloat16"`` only adds
-    rounding and conversions (measured 0.70-0.77x the float32 rate on an AMD EPYC, Zen 3,
+    rounding and conversions (measured 0.65-0.77x the float32 rate on AMD EPYCs, Zen 3,
     with XLA's default YNNPACK matmuls).
     """
     flags = _cpu_flags()
@@ -189,7 +189,7 @@ def warn_if_bf16_is_slow(name: str, stacklevel: int = 3) -> None:
         warnings.warn(
             "matmul_dtype='bfloat16' on a CPU without bf16 multiply instructions (none of "
             f"{sorted(BF16_CPU_FLAGS)} in /proc/cpuinfo): XLA multiplies in float32 after "
-            "converting, so it runs no faster than float32 and only adds bf16 rounding",
+            "converting, so it runs slower than float32 and only adds bf16 rounding",
             UserWarning, stacklevel=stacklevel,
         )
 
