@@ -52,6 +52,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmem import models as _models
 from jaxmem.membership import _check_keep
 from jaxmem.mesh import compiler_options, make_mesh, nonfinite_rows, on_cpu, shard_examples
 from jaxmem.models._latent import reverse_mode_dense
@@ -228,8 +229,13 @@ def _check_finite(data: Any) -> None:
 
 def _graphdef_of(model: Any) -> Any:
     """The graphdef of ``model`` (an instance, or a factory traced without allocating)."""
+    return nnx.split(_module_of(model), nnx.Param, ...)[0]
+
+
+def _module_of(model: Any) -> nnx.Module:
+    """``model`` itself, or for a factory the abstract module it builds (shapes only)."""
     if isinstance(model, nnx.Module):
-        return nnx.split(model, nnx.Param, ...)[0]
+        return model
     if not callable(model):
         raise TypeError(
             "model must be an nnx.Module or a factory seed -> nnx.Module, "
@@ -241,8 +247,7 @@ def _graphdef_of(model: Any) -> Any:
             raise TypeError(f"model factory returned {type(module).__name__}, not an nnx.Module")
         return module
 
-    abstract = nnx.eval_shape(build)  # shapes only: nothing is allocated
-    return nnx.split(abstract, nnx.Param, ...)[0]
+    return nnx.eval_shape(build)  # shapes only: nothing is allocated
 
 
 def _build_members(model: Any, num_members: int, seed: int):
@@ -611,7 +616,8 @@ def fit(
       per example) of every epoch.
 
     Raises:
-      ValueError: data whose axis 0 is not the plan's examples, or with NaN or inf.
+      ValueError: data whose axis 0 is not the plan's examples, or with NaN or inf; for
+        jaxmem's models, data out of their range (:func:`jaxmem.models.check_model_data`).
       TrainingDivergedError: a member's training loss became non-finite (checked after
         every epoch, before its checkpoint is written).
       ConfigMismatchError: ``run_dir`` holds a run of another configuration.
@@ -628,6 +634,8 @@ def fit(
     keep = _as_keep(keep)
     num_members = keep.shape[0]
     _check_data(data, keep.shape[1])
+    # jaxmem's models: value ranges (pixels in [0, 1], labels), refused before any training
+    _models.check_model_data(_module_of(model), data)
     ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
     state = ens.init(seed)
     # Placed before the configuration is taken: its fingerprint is of the data as trained on

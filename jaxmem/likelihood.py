@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxmem import mesh as _mesh
+from jaxmem import mesh as _mesh, models as _models
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
 
@@ -129,15 +129,40 @@ _STATIC = ("graphdef", "mesh", "kind", "num_samples", "example_chunk", "sample_c
 _kernel = jax.jit(_kernel_impl, static_argnames=_STATIC)
 
 
+def _stack_models(models):
+    """(graphdef, stacked state) of a sequence of nnx.Modules of one structure."""
+    if not models:
+        raise ValueError("the list of models is empty")
+    not_modules = [i for i, m in enumerate(models) if not isinstance(m, nnx.Module)]
+    if not_modules:
+        i = not_modules[0]
+        raise ValueError(f"models[{i}] is a {type(models[i]).__name__}, not an nnx.Module")
+    splits = [nnx.split(m) for m in models]
+    graphdef, first = splits[0]
+    shapes = jax.tree.map(np.shape, first)
+    for i, (g, s) in enumerate(splits[1:], 1):
+        if g != graphdef or jax.tree.map(np.shape, s) != shapes:
+            raise ValueError(f"models[{i}] differs from models[0] in structure (layers, sizes, hyperparameters "
+                             "or parameter shapes): the members of one ensemble share one architecture")
+    return graphdef, jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *[s for _, s in splits])
+
+
 def _split_model(graphdef_or_model, state):
-    """(graphdef, stacked state, models); a lone nnx.Module becomes a 1-member ensemble."""
+    """(graphdef, stacked state, models); a lone nnx.Module becomes a 1-member ensemble,
+    a list or tuple of them an ensemble of their stacked states."""
     if isinstance(graphdef_or_model, nnx.Module):
         if state is not None:
             raise ValueError("pass either a model, or (graphdef, stacked_state), not a model and a state")
         graphdef, single = nnx.split(graphdef_or_model)
         return graphdef, jax.tree.map(lambda a: jnp.asarray(a)[None], single), 1
+    if isinstance(graphdef_or_model, (list, tuple)):
+        if state is not None:
+            raise ValueError("pass either a list of models, or (graphdef, stacked_state), not models and a state")
+        graphdef, stacked = _stack_models(graphdef_or_model)
+        return graphdef, stacked, len(graphdef_or_model)
     if state is None:
-        raise ValueError("a graphdef needs its stacked state (members on axis 0)")
+        raise ValueError(f"got a {type(graphdef_or_model).__name__} and no stacked state: pass an nnx.Module, "
+                         "a list of them, or a graphdef and its stacked state (members on axis 0)")
     leaves = jax.tree.leaves(state)
     if not leaves:
         raise ValueError("the state has no arrays")
@@ -159,7 +184,12 @@ def _loop_members(value):
     return bool(value)
 
 
-def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk):
+def _member_class_and_options(graphdef, stacked_state):
+    """Member 0 as an abstract module (shapes only, nothing computed): its class and options."""
+    return nnx.merge(graphdef, jax.eval_shape(lambda s: jax.tree.map(lambda a: a[0], s), stacked_state))
+
+
+def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     for name, v in [("num_samples", num_samples), ("example_chunk", example_chunk),
@@ -177,6 +207,9 @@ def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk):
         bad = _mesh.nonfinite_rows(a)  # None under jit: cannot look
         if bad is not None and bad.size:
             raise ValueError(f"data has non-finite values in example(s) {bad[:10].tolist()}")
+    # Value ranges (pixels in [0, 1], classifier labels): out of range, jaxmem's models give
+    # silently wrong log-likelihoods (e.g. 8-bit pixels all binarise to 1).
+    _models.check_model_data(_member_class_and_options(graphdef, stacked_state), data)
     return n
 
 
@@ -237,8 +270,10 @@ def loglik_matrix(
     a stochastic lower bound of log p_m(x_i) that tightens as S grows.
 
     Args:
-      graphdef: the ensemble's graphdef (``nnx.split``), or a single ``nnx.Module``
-        (then ``stacked_state`` is omitted and the result has one row).
+      graphdef: the ensemble's graphdef (``nnx.split``); or a single ``nnx.Module``
+        (then ``stacked_state`` is omitted and the result has one row); or a list of
+        ``nnx.Module`` of one architecture, e.g. separately trained models (then
+        ``stacked_state`` is omitted and row m is ``models[m]``).
       stacked_state: the members' states stacked on axis 0.
       data: the batch pytree of all n examples (docs/CONTRACTS.md): ``x [n, ...]``, or
         ``(x, y)`` for classifiers.
@@ -288,7 +323,7 @@ def loglik_matrix(
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
     _latent.warn_if_bf16_is_slow(matmul_dtype)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
-    n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk)
+    n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state)
     if jax.process_count() > 1:
         raise ValueError("with several processes, use loglik_matrix_multihost (each process feeds its rows)")
     if n == 0:
@@ -364,7 +399,7 @@ def loglik_matrix_multihost(
     _latent.warn_if_bf16_is_slow(matmul_dtype)
     example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
     local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
-    n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk)
+    n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state)
     if n_local != local_idx.size:
         raise ValueError(
             f"process {jax.process_index()} must feed rows {local_idx[:1].tolist()}..{local_idx[-1:].tolist()} "

@@ -226,6 +226,22 @@ def test_bad_inputs_are_refused():
         ensemble.make(tiny, optax.sgd(0.1), keep, batch_size=largest + 1)
 
 
+def test_fit_refuses_data_out_of_a_jaxmem_models_range(tmp_path):
+    """8-bit pixels for the binarising MLP VAE are refused by fit before anything is
+    trained or written (each would binarise to 1 and train a silently wrong model)."""
+    from jaxmem import models
+
+    factory = lambda s: models.create("mlp_vae", (3, 3), seed=s, hidden=[4], latent_dim=2)  # noqa: E731
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 3)).astype(np.float32)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*divide 8-bit images by 255"):
+        ensemble.fit(factory, 1e-3, x, folds(2, 6), epochs=1, batch_size=2, run_dir=str(run_dir), progress=False)
+    assert not run_dir.exists()
+    # the same data scaled to [0, 1] trains
+    fitted = ensemble.fit(factory, 1e-3, x / 255, folds(2, 6), epochs=1, batch_size=2, progress=False)
+    assert np.isfinite(fitted.history["train_loss"]).all()
+
+
 def test_vae_ensemble_learns_on_digits():
     """3 folds of mlp_vae on sklearn's 8x8 digits (the embedded real data set).
 

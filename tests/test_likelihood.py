@@ -145,6 +145,46 @@ def test_classifier_log_p_y_given_x_and_correctness():
         np.testing.assert_array_equal(correct[m], (logits.argmax(1) == y).astype(np.float32))
 
 
+def test_a_list_of_models_and_refused_inputs():
+    """A list of separately built models scores like their graphdef and stacked state;
+    lists of models of different structures, and data outside a jaxmem model's range
+    (which would give silently wrong log-likelihoods), are refused with errors that name
+    the problem."""
+    members = [models.create("mlp_vae", (4, 4), seed=s, hidden=[8], latent_dim=2) for s in range(3)]
+    x = np.random.default_rng(0).random((5, 4, 4)).astype(np.float32)
+    kw = dict(key=KEY, num_samples=4)
+    listed = np.asarray(loglik_matrix(members, data=x, **kw))
+    assert listed.shape == (3, 5) and np.isfinite(listed).all()
+    np.testing.assert_array_equal(listed, np.asarray(loglik_matrix(*_stack(members), x, **kw)))
+    # alone, a member's program differs (one member, not three): float32 rounding only
+    np.testing.assert_allclose(listed[1], np.asarray(loglik_matrix(members[1], data=x, **kw))[0], rtol=1e-6)
+    wider = models.create("mlp_vae", (4, 4), seed=0, hidden=[9], latent_dim=2)
+    with pytest.raises(ValueError, match=r"models\[3\] differs from models\[0\] in structure"):
+        loglik_matrix([*members, wider], data=x, **kw)
+    with pytest.raises(ValueError, match=r"models\[1\] is a str, not an nnx.Module"):
+        loglik_matrix([members[0], "vae"], data=x, **kw)
+    with pytest.raises(ValueError, match="list of models is empty"):
+        loglik_matrix([], data=x, **kw)
+    with pytest.raises(ValueError, match="not models and a state"):
+        loglik_matrix(members, _stack(members)[1], x, **kw)
+    with pytest.raises(ValueError, match="got a GraphDef and no stacked state"):
+        loglik_matrix(nnx.graphdef(members[0]), data=x, **kw)
+    # 8-bit pixels would all binarise to 1; the check reads the class and options of the
+    # members from (graphdef, stacked state) too
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], but example 0 has .*divide 8-bit images by 255"):
+        loglik_matrix(*_stack(members), x * 255, **kw)
+    binary = models.create("mlp_vae", (4, 4), seed=0, hidden=[8], latent_dim=2, binarize="none")
+    with pytest.raises(ValueError, match=r"binarize='none'.*x must be 0 or 1, but example 0 has"):
+        loglik_matrix(binary, data=x, **kw)
+    assert np.isfinite(np.asarray(loglik_matrix(binary, data=np.round(x), **kw))).all()
+    conv = models.create("conv_vae", (8, 8, 3), seed=0, channels=[4, 8], dense=16, latent_dim=4)
+    with pytest.raises(ValueError, match=r"'conv_vae' takes pixel values in \[0, 1\].*example 1 has -0.5"):
+        loglik_matrix(conv, data=np.concatenate([np.zeros((1, 8, 8, 3)), np.full((1, 8, 8, 3), -0.5)]), **kw)
+    clf = models.create("classifier", (4, 4), seed=0, hidden=[8], num_classes=3)
+    with pytest.raises(ValueError, match=r"label 3 of example 2 lies outside \[0, 3\)"):
+        loglik_matrix(clf, data=(x, np.array([0, 1, 3, 2, 1], np.int32)), **kw)
+
+
 def test_memory_does_not_grow_with_examples_or_samples():
     """XLA's buffer assignment for the paper's MNIST VAE x 10 members: the working memory
     (temp buffers, beyond inputs and outputs) is set by the chunk sizes alone."""

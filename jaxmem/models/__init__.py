@@ -36,6 +36,7 @@ __all__ = [
     "model_config",
     "from_config",
     "check_data",
+    "check_model_data",
     "MLPVAE",
     "ConvVAE",
     "LinearGaussianVAE",
@@ -207,3 +208,29 @@ def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | No
                              f"num_classes is {k}; set model_options={{'num_classes': ...}})")
         return y.astype(np.int32)
     return y
+
+
+def check_model_data(model: nnx.Module, data: Any) -> None:
+    """:func:`check_data` for a model instance, where it is one of jaxmem's models.
+
+    For :class:`MLPVAE`, :class:`ConvVAE` and :class:`Classifier` instances (subclasses
+    included; an abstract module from ``nnx.eval_shape`` will do, only its class and
+    options are read) the value ranges of :func:`check_data`; nothing for other models,
+    whose contracts jaxmem does not know. :func:`jaxmem.ensemble.fit` and
+    :func:`jaxmem.likelihood.loglik_matrix` call it, so data out of range is refused
+    there too, not only by :func:`jaxmem.memorization`.
+
+    Args:
+      model: an ``nnx.Module``.
+      data: the batch pytree of all examples: ``x [n, ...]``, or ``(x, y)`` for the
+        classifier (another layout is left to the model's own error).
+
+    Raises:
+      ValueError: as :func:`check_data`.
+    """
+    if isinstance(model, MLPVAE):
+        check_data({"name": "mlp_vae", "binarize": model.binarize}, data)
+    elif isinstance(model, ConvVAE):
+        check_data({"name": "conv_vae"}, data)
+    elif isinstance(model, Classifier) and isinstance(data, (tuple, list)) and len(data) == 2:
+        check_data({"name": "classifier", "num_classes": model.num_classes}, data[0], data[1])
