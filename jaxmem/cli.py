@@ -66,8 +66,11 @@ def _info(message: str) -> None:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    items = text.replace(" ", "").split(",")
+    if "" in items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} (an empty item)")
     try:
-        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+        values = tuple(int(v) for v in items)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
@@ -82,6 +85,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
     return v
 
 
@@ -146,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int, default=100, help="training epochs of every model")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step")
     g.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of everything random")
     g.add_argument("--full-model", action="store_true",
                    help="also train a model on all examples and report log p under it")
     g.add_argument("--checkpoint-every", type=_positive_int, default=5,
@@ -449,6 +462,7 @@ def _read_table(path: pathlib.Path, target: str | None):
 
     table, names, y = read_table(path)
     suffix = path.suffix.lower()
+    position = list(range(len(names)))  # of X's columns in the file
 
     target_name = None
     if target is not None:
@@ -460,16 +474,26 @@ def _read_table(path: pathlib.Path, target: str | None):
                 raise ValueError(f"{path}: y must have shape ({len(table)},), got {y.shape}")
             target_name = "y"
         else:
-            if target in names:
-                col = names.index(target)
-            elif target.lstrip("-").isdigit() and -len(names) <= int(target) < len(names):
-                col = int(target) % len(names)
+            named = [j for j, c in enumerate(names) if c == target]
+            index = None
+            if target.lstrip("-").isdigit() and -len(names) <= int(target) < len(names):
+                index = int(target) % len(names)
+            if len(named) > 1:
+                raise ValueError(f"--target {target!r} is ambiguous: {path} has {len(named)} columns named "
+                                 f"{target!r} (0-based columns {', '.join(map(str, named))}); rename them or "
+                                 f"give the target's 0-based index")
+            if named and index is not None and index != named[0]:
+                raise ValueError(f"--target {target!r} is ambiguous: it names column {named[0]} of {path} and is "
+                                 f"the 0-based index of column {names[index]!r}; rename that header or give "
+                                 f"the target's 0-based index")
+            if named or index is not None:
+                col = named[0] if named else index
             else:
                 raise ValueError(f"--target {target!r} is not a column of {path} "
                                  f"(columns: {', '.join(names[:20])})")
             y, target_name = table[:, col], names[col]
             table = np.delete(table, col, axis=1)
-            del names[col]
+            del names[col], position[col]
         if table.shape[1] == 0:
             raise ValueError(f"{path}: no columns left besides the target {target_name!r}")
     else:
@@ -480,8 +504,10 @@ def _read_table(path: pathlib.Path, target: str | None):
         bad = np.argwhere(~np.isfinite(arr))
         if bad.size:
             r, c = (int(v) for v in bad[0])
-            raise ValueError(f"{path}: {len(bad)} NaN or inf value(s); the first is in row {r}, "
-                             f"column {cols[c]!r}")
+            where = f"column {cols[c]!r}"
+            if what == "X" and cols.count(cols[c]) > 1:  # a duplicated header name
+                where += f" (0-based column {position[c]} of the file)"
+            raise ValueError(f"{path}: {len(bad)} NaN or inf value(s); the first is in row {r}, {where}")
     return table, y, names, target_name
 
 

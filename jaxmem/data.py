@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmem.membership import _check_int, _check_seed
+
 __all__ = [
     "Dataset",
     "DatasetNotPreparedError",
@@ -156,7 +158,7 @@ def load_dataset(
         paper pads 28x28 MNIST-like images to 32).
       resize_to: resize images to ``resize_to`` x ``resize_to`` pixels (after the
         CelebA crop; default 64 for ``celeb_a``, no resize otherwise).
-      seed: seed of static binarization.
+      seed: seed of static binarization, a non-negative integer.
       data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or
         ``~/tensorflow_datasets``).
 
@@ -173,17 +175,19 @@ def load_dataset(
         (a subclass) when a TFDS data set is not prepared locally. The message says
         how to prepare it. Nothing is ever downloaded.
       ValueError: an unknown name, a malformed file (wrong shape, empty, NaN or
-        inf, with the first offending example's index) or invalid options.
+        inf, with the first offending example's index) or invalid options (``limit``,
+        ``pad_to`` or ``resize_to`` not a positive integer or None, ``seed`` not a
+        non-negative integer).
     """
-    if limit is not None and (int(limit) != limit or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    limit, pad_to, resize_to = (
+        _positive_int_or_none(option, value)
+        for option, value in (("limit", limit), ("pad_to", pad_to), ("resize_to", resize_to))
+    )
     if binarize not in (None, "static", "dynamic"):
         raise ValueError(
             f"binarize must be None, 'static' or 'dynamic', got {binarize!r}"
         )
-    for option, value in (("pad_to", pad_to), ("resize_to", resize_to)):
-        if value is not None and (int(value) != value or value < 1):
-            raise ValueError(f"{option} must be a positive integer or None, got {value!r}")
+    seed = _check_seed(seed)
 
     key = os.fspath(name_or_path)
     if key == "digits":
@@ -212,6 +216,15 @@ def load_dataset(
         x = _pad(x, pad_to, meta)
     x = _binarize(x, binarize, seed, meta, already_binary=meta["binarization"] == "fixed")
     return Dataset(x=np.ascontiguousarray(x, dtype=np.float32), y=y, name=name, metadata=meta)
+
+
+def _positive_int_or_none(name: str, value: Any) -> int | None:
+    """``value`` as an int >= 1, or None; refuses floats (even whole ones) and bools."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
 
 
 def _only_train(split: str, what: str) -> None:
@@ -521,6 +534,11 @@ def _check_x(x: np.ndarray, what: str) -> None:
         )
     if x.shape[0] == 0 or x[0].size == 0:
         raise ValueError(f"{what} is empty: shape {x.shape}")
+    _check_finite(x, what)
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """Refuse NaN or inf in ``x`` ``[n, ...]``, naming the first bad example and position."""
     if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating):
         finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if not finite.all():
@@ -640,16 +658,26 @@ def nearest_neighbours(
     ``O(chunk_size * len(pool))``.
 
     Args:
-      queries: ``[q, *example_shape]``.
-      pool: ``[n, *example_shape]``, the candidates (e.g. the training set).
-      k: neighbours per query, ``1 <= k <= n`` (``n - 1`` with ``exclude``).
-      exclude: optional int ``[q]``: the pool index to skip for each query (its own
-        position when the queries are pool members; ``-1`` skips nothing).
-      chunk_size: queries per jitted call.
+      queries: ``[q, *example_shape]``, finite; ``q`` may be 0.
+      pool: ``[n, *example_shape]``, the candidates (e.g. the training set), finite,
+        ``n >= 1``.
+      k: neighbours per query, an integer ``1 <= k <= n`` (``n - 1`` with ``exclude``).
+      exclude: optional integer ``[q]``: the pool index in ``[0, n)`` to skip for each
+        query (its own position when the queries are pool members), or ``-1`` to skip
+        nothing for that query.
+      chunk_size: queries per jitted call, a positive integer.
 
     Returns:
       ``(indices, distances)``: int32 ``[q, k]`` pool indices, nearest first, and
-      float32 ``[q, k]`` Euclidean distances in the data's units.
+      float32 ``[q, k]`` Euclidean distances in the data's units (empty ``[0, k]``
+      arrays for no queries).
+
+    Raises:
+      ValueError: queries and pool that differ in example shape, an empty pool, NaN
+        or inf in either (naming the first such example), ``k`` or ``chunk_size``
+        not a positive integer or ``k`` larger than the candidates, an ``exclude``
+        that is not an integer ``[q]`` array (a bool mask is refused) or holds an
+        index outside ``[-1, n)`` (the first is named).
 
     Examples:
       >>> pool = np.eye(3, dtype=np.float32)
@@ -659,17 +687,39 @@ def nearest_neighbours(
     """
     queries = np.asarray(queries, dtype=np.float32)
     pool = np.asarray(pool, dtype=np.float32)
-    if queries.shape[1:] != pool.shape[1:]:
+    if queries.ndim < 1 or pool.ndim < 1 or queries.shape[1:] != pool.shape[1:]:
         raise ValueError(f"queries {queries.shape} and pool {pool.shape} differ in example shape")
     q, n = len(queries), len(pool)
+    if n == 0:
+        raise ValueError(f"pool is empty: shape {pool.shape}")
+    k = _check_int("k", k, 1)
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
     available = n - (exclude is not None)
-    if not 1 <= k <= available:
+    if k > available:
         raise ValueError(f"k must be in [1, {available}] for a pool of {n}, got {k}")
+    _check_finite(pool, "pool")
+    if q:
+        _check_finite(queries, "queries")
     if exclude is None:
         exclude = np.full(q, -1, dtype=np.int32)
-    exclude = np.asarray(exclude, dtype=np.int32)
+    exclude = np.asarray(exclude)
+    if not np.issubdtype(exclude.dtype, np.integer):
+        raise ValueError(
+            f"exclude must be integer pool indices [q] (-1 for none), got dtype {exclude.dtype}"
+            + (" (a bool mask is not accepted: give each query's own pool index)"
+               if exclude.dtype == np.bool_ else "")
+        )
     if exclude.shape != (q,):
         raise ValueError(f"exclude must have shape [{q}], got {exclude.shape}")
+    bad = np.flatnonzero((exclude < -1) | (exclude >= n))
+    if bad.size:
+        raise ValueError(
+            f"exclude must hold pool indices in [0, {n}) or -1 (none); query {int(bad[0])} "
+            f"has {exclude[bad[0]]} ({bad.size} out of range)"
+        )
+    exclude = exclude.astype(np.int32)
+    if q == 0:
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
     flat_q = queries.reshape(q, -1)
     flat_p = jnp.asarray(pool.reshape(n, -1))
     pool_sq = jnp.sum(flat_p**2, axis=1)

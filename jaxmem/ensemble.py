@@ -53,7 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem import models as _models
-from jaxmem.membership import _check_keep
+from jaxmem.membership import _check_int, _check_keep, _check_seed
 from jaxmem.mesh import compiler_options, make_mesh, nonfinite_rows, on_cpu, shard_examples
 from jaxmem.models._latent import reverse_mode_dense
 
@@ -227,6 +227,25 @@ def _check_finite(data: Any) -> None:
             )
 
 
+def check_learning_rate(learning_rate: Any) -> float:
+    """``learning_rate`` as a float, if it is a positive finite number; else a ValueError."""
+    number = isinstance(learning_rate, (int, float, np.integer, np.floating))
+    if not number or isinstance(learning_rate, (bool, np.bool_)):
+        raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+    value = float(learning_rate)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"learning_rate must be a positive finite number, got {value!r}")
+    return value
+
+
+@jax.jit
+def _nonfinite_members(params: Any) -> jax.Array:
+    """bool ``[members]``: whether any parameter of each member is NaN or inf."""
+    flags = [~jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+             for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.stack(flags).any(axis=0) if flags else jnp.zeros((jax.tree.leaves(params)[0].shape[0],), bool)
+
+
 def _graphdef_of(model: Any) -> Any:
     """The graphdef of ``model`` (an instance, or a factory traced without allocating)."""
     return nnx.split(_module_of(model), nnx.Param, ...)[0]
@@ -344,8 +363,10 @@ def make(
     """
     keep = _as_keep(keep)
     num_members, n = keep.shape
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if eval_batch_size is not None:
+        eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1)
+    unroll = _check_int("unroll", unroll, 1)
     if member_chunk is not None and (isinstance(member_chunk, bool) or int(member_chunk) != member_chunk
                                      or member_chunk < 1):
         raise ValueError(f"member_chunk must be None or a positive integer, got {member_chunk!r}")
@@ -505,6 +526,7 @@ def make(
         return pick_chunk((state.params, state.rest, state.opt_state), local)
 
     def init(seed: int) -> EnsembleState:
+        seed = _check_seed(seed)
         built, params, rest = _build_members(model, num_members, seed)
         if built != graphdef:
             raise ValueError("the model factory built a model with another structure at init")
@@ -618,19 +640,22 @@ def fit(
     Raises:
       ValueError: data whose axis 0 is not the plan's examples, or with NaN or inf; for
         jaxmem's models, data out of their range (:func:`jaxmem.models.check_model_data`).
-      TrainingDivergedError: a member's training loss became non-finite (checked after
-        every epoch, before its checkpoint is written).
+      TrainingDivergedError: a member's training loss or parameters became non-finite
+        (checked after every epoch, before its checkpoint is written).
       ConfigMismatchError: ``run_dir`` holds a run of another configuration.
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if isinstance(tx, (int, float)):
-        tx_config: Any = {"name": "adam", "learning_rate": float(tx)}
-        tx = optax.adam(float(tx))
-    else:
+    epochs = _check_int("epochs", epochs, 0)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    keep_checkpoints = _check_int("keep_checkpoints", keep_checkpoints, 1)
+    seed = _check_seed(seed)
+    if isinstance(tx, (int, float, np.integer, np.floating)) and not isinstance(tx, (bool, np.bool_)):
+        learning_rate = check_learning_rate(tx)
+        tx_config: Any = {"name": "adam", "learning_rate": learning_rate}
+        tx = optax.adam(learning_rate)
+    elif callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)):
         tx_config = None
+    else:
+        raise ValueError(f"tx must be an optax GradientTransformation or a learning rate for optax.adam, got {tx!r}")
     keep = _as_keep(keep)
     num_members = keep.shape[0]
     _check_data(data, keep.shape[1])
@@ -679,15 +704,24 @@ def fit(
         for e in range(start, epochs):
             state, metrics = ens.epoch(state, data)
             metrics = {k: np.asarray(v) for k, v in metrics.items()}
-            diverged = np.flatnonzero(~np.isfinite(metrics["train_loss"]))
-            if diverged.size:  # before the checkpoint: the run directory keeps finite states only
+            # Before the checkpoint: the run directory keeps finite states only. The loss
+            # is of the parameters before each step, so the parameters themselves are
+            # checked too (an update can make them non-finite with a finite loss).
+            bad_loss = ~np.isfinite(metrics["train_loss"])
+            bad_params = np.asarray(_nonfinite_members(state.params))[:num_members]
+            diverged = np.flatnonzero(bad_loss | bad_params)
+            if diverged.size:
                 kept = (f"; {run_dir} keeps the checkpoint of epoch {saved}" if saved is not None
                         else f"; {run_dir} holds no checkpoint yet" if ckpt is not None else "")
+                what = []
+                if bad_loss.any():
+                    losses = ", ".join(f"{v:g}" for v in metrics["train_loss"][bad_loss][:3])
+                    what.append(f"a non-finite training loss ({losses})")
+                if bad_params.any():
+                    what.append("non-finite parameters")
                 raise TrainingDivergedError(
                     f"training diverged in epoch {e + 1}: member(s) {diverged[:10].tolist()} of "
-                    f"{num_members} have a non-finite training loss "
-                    f"({', '.join(f'{v:g}' for v in metrics['train_loss'][diverged[:3]])}); lower the "
-                    f"learning rate{kept}"
+                    f"{num_members} have {' and '.join(what)}; lower the learning rate{kept}"
                 )
             for k in history:
                 history[k].append(metrics[k].astype(float).tolist())

@@ -26,7 +26,12 @@ Numerical conventions, shared by every function:
   an x64 context silently drops to float32 — convert them with ``np.asarray`` first.)
 * **Column equilibration.** Columns are scaled to unit norm before factoring. Leverage,
   fitted values and residuals do not depend on column scaling; the condition number
-  :math:`\kappa` that matters below is that of the equilibrated ``X``.
+  :math:`\kappa` that matters below is that of the equilibrated ``X``. Where ``X^T X``
+  would overflow, or a column's squares come near the dtype's underflow (mean square
+  below ``tiny / eps``, about ``1e-31`` in float32), the Gram paths form it again from
+  ``X`` with each column multiplied by a power of two that brings its largest ``|entry|``
+  into ``[0.5, 1)`` (exact; one more pass over ``X``, only for such data), so columns of
+  any scale (``1e-25`` or ``1e30`` in float32) give the same ``h`` as ``X``.
 * **Rank.** Singular values of the equilibrated ``X`` below ``rcond * sigma_max`` count as
   zero, with ``rcond = sqrt(p * eps)`` by default (``eps`` of the compute dtype; 1.1e-7 for
   float64 with p = 50, 2.4e-3 for float32). That default sits at the rounding level of the
@@ -57,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -193,19 +199,25 @@ def _as_target(y: Any, n: int, dt: np.dtype) -> jax.Array:
     return y
 
 
-def _raise_nonfinite(name: str, X: Any, row_offset: int = 0, dt: np.dtype | None = None) -> None:
+def _raise_nonfinite(name: str, X: Any, row_offset: int = 0) -> None:
     # Only reached when the Gram diagonal is not finite, so the scan costs nothing normally.
+    # (With the columns prescaled to max-abs < 1 a finite X cannot overflow X^T X.)
     Xh = np.asarray(X)
     bad = np.argwhere(~np.isfinite(Xh))
-    if bad.size == 0:  # every entry finite: the sums of squares overflowed
-        j = int(np.argmax(np.max(np.abs(Xh), axis=0)))
-        raise ValueError(
-            f"{name}^T {name} overflows in {dt or Xh.dtype} (column {j} has entries up to "
-            f"{np.max(np.abs(Xh[:, j])):.3g}); rescale {name}'s columns, or use method='qr' "
-            "or dtype=float64"
-        )
+    if bad.size == 0:  # pragma: no cover - defensive
+        raise ValueError(f"{name}^T {name} is not finite although {name} is")
     i, j = bad[0]
     raise ValueError(f"{name}[{int(i) + row_offset}, {int(j)}] is {Xh[i, j]}: {name} must be finite")
+
+
+def _check_rcond(rcond: Any) -> None:
+    """``rcond`` is None or a finite number in ``[0, 1)`` (1 or more would zero every direction)."""
+    if rcond is None:
+        return
+    if isinstance(rcond, bool) or not isinstance(rcond, numbers.Real) or not 0 <= float(rcond) < 1:
+        raise ValueError(
+            f"rcond must be None (default sqrt(p * eps)) or a number in [0, 1), got {rcond!r}"
+        )
 
 
 def _default_rcond(p: int, dt: np.dtype) -> float:
@@ -220,19 +232,55 @@ def _all_finite(a: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(a))
 
 
+@jax.jit
+def _col_maxabs(X: jax.Array) -> jax.Array:
+    """``[p]`` largest ``|entry|`` of each column."""
+    return jnp.max(jnp.abs(X), axis=0)
+
+
+def _prescale(maxabs: np.ndarray, dt: np.dtype) -> jax.Array:
+    """``[p]`` powers of two ``2^k`` with ``maxabs * 2^k`` in ``[0.5, 1)`` (1 for zero columns)."""
+    fi = np.finfo(dt)
+    _, e = np.frexp(np.asarray(maxabs, dtype=np.float64))
+    k = np.where(maxabs > 0, np.clip(-e, fi.minexp, fi.maxexp - 1), 0)
+    return jnp.asarray(np.ldexp(1.0, k), dtype=dt)
+
+
+def _suspect_columns(G: np.ndarray, n: int, dt: np.dtype) -> np.ndarray:
+    """bool ``[p]``: columns whose Gram diagonal overflowed, or whose mean square is so
+    small that products of their entries lose bits to underflow (below ``tiny / eps``;
+    a product flushed there errs by at most ``eps`` of ``sqrt(G_aa G_bb)``)."""
+    d = np.diagonal(G)
+    fi = np.finfo(dt)
+    return ~np.isfinite(d) | (d < n * (float(fi.tiny) / float(fi.eps)))
+
+
 def _xtx(X: jax.Array, y: jax.Array | None):
     """``(X^T X,)``, or ``(X^T X, X^T y)`` when ``y`` is given."""
     g = jnp.matmul(X.T, X, precision=_HI)
     return (g,) if y is None else (g, jnp.matmul(X.T, y, precision=_HI))
 
 
-_moments = jax.jit(_xtx)
+def _prescaled(X: jax.Array, pre: jax.Array | None) -> jax.Array:
+    return X if pre is None else X * pre
+
+
+@jax.jit
+def _moments(X: jax.Array, y: jax.Array | None, pre: jax.Array | None = None):
+    """:func:`_xtx` of ``X * pre`` (``pre``: columns prescaled so the products stay in range)."""
+    return _xtx(_prescaled(X, pre), y)
+
+
+@jax.jit
+def _moments_maxabs(X: jax.Array):
+    """``(X^T X, [p] column max-abs)`` of one block of :func:`leverage_streamed`."""
+    return _xtx(X, None)[0], jnp.max(jnp.abs(X), axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
-def _moments_sharded(X: jax.Array, y: jax.Array | None, mesh: Mesh):
-    """:func:`_xtx` with X's rows split over ``mesh``; partial sums psum-ed."""
-    return sum_over_examples(lambda rows: _xtx(*rows), mesh, (X, y))
+def _moments_sharded(X: jax.Array, y: jax.Array | None, pre: jax.Array | None, mesh: Mesh):
+    """:func:`_moments` with X's rows split over ``mesh``; partial sums psum-ed."""
+    return sum_over_examples(lambda rows: _xtx(*rows), mesh, (_prescaled(X, pre), y))
 
 
 @jax.jit
@@ -266,15 +314,15 @@ def _qr(X: jax.Array):
 
 
 def _rows_h(x, params):
-    scale, W = params
-    z = jnp.matmul(x * scale, W, precision=_HI)
+    pre, scale, W = params
+    z = jnp.matmul(_prescaled(x, pre) * scale, W, precision=_HI)
     return jnp.sum(z * z, axis=1)
 
 
 def _rows_fit(xy, params):
     x, y = xy
-    scale, W, beta_s = params
-    xs = x * scale
+    pre, scale, W, beta_s = params
+    xs = _prescaled(x, pre) * scale
     z = jnp.matmul(xs, W, precision=_HI)
     e = y - jnp.matmul(xs, beta_s, precision=_HI)
     return jnp.sum(z * z, axis=1), z, e
@@ -295,28 +343,35 @@ def _center(X):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
-def _rows_h_sharded(X, scale, W, mesh):
-    return shard_examples(_rows_h, mesh, X, (scale, W))
+def _rows_h_sharded(X, pre, scale, W, mesh):
+    return shard_examples(_rows_h, mesh, X, (pre, scale, W))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
-def _rows_fit_sharded(X, y, scale, W, beta_s, mesh):
-    return shard_examples(_rows_fit, mesh, (X, y), (scale, W, beta_s))
+def _rows_fit_sharded(X, y, pre, scale, W, beta_s, mesh):
+    return shard_examples(_rows_fit, mesh, (X, y), (pre, scale, W, beta_s))
 
 
 # --------------------------------------------------------------------------- factor
 
 
 class _Factor(NamedTuple):
-    scale: jax.Array  # [p] column equilibration
+    pre: jax.Array | None  # [p] powers of two applied before the Gram matrix, or None (none)
+    scale: jax.Array  # [p] column equilibration (of X * pre)
     W: jax.Array  # [p, r], (X_s^T X_s)^+ = W W^T
     Z: jax.Array | None  # [n, r] = X_s W (QR path only; orthonormal columns)
     rank: int
     logdet: float  # log det X^T X (meaningful only when rank == p)
 
 
-def _whitener(G: jax.Array, p: int, dt: np.dtype, rcond: float | None, warn: bool) -> _Factor:
+def _whitener(
+    G: jax.Array, pre: jax.Array | None, p: int, dt: np.dtype, rcond: float | None, warn: bool
+) -> _Factor:
+    """Factor of the Gram matrix ``G`` of ``X * pre`` (of ``X`` for ``pre=None``)."""
     scale, lam, V, W, logdet = _spectral(G)
+    logdet = float(logdet)
+    if pre is not None:  # log det X^T X = log det G - 2 sum log pre (powers of two: exact)
+        logdet -= 2 * float(np.sum(np.log(np.asarray(pre, dtype=np.float64))))
     lam_h = np.asarray(lam, dtype=np.float64)
     sv = np.sqrt(np.clip(lam_h, 0, None))
     tol = (rcond if rcond is not None else _default_rcond(p, dt)) * sv[-1]
@@ -334,11 +389,11 @@ def _whitener(G: jax.Array, p: int, dt: np.dtype, rcond: float | None, warn: boo
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return _Factor(scale, W, None, p, float(logdet))
+        return _Factor(pre, scale, W, None, p, logdet)
     # Pseudo-inverse: keep the eigen-directions above the tolerance.
     idx = np.nonzero(keep)[0]
     Wp = V[:, idx] * jax.lax.rsqrt(lam[idx])[None, :]
-    return _Factor(scale, Wp, None, rank, float("nan"))
+    return _Factor(pre, scale, Wp, None, rank, float("nan"))
 
 
 def _factor_qr(X: jax.Array, dt: np.dtype, rcond: float | None) -> _Factor:
@@ -351,11 +406,11 @@ def _factor_qr(X: jax.Array, dt: np.dtype, rcond: float | None) -> _Factor:
     if rank == 0:
         raise ValueError("X is zero: it has rank 0")
     if rank == p:
-        return _Factor(scale, W, Q, p, float(logdet))
+        return _Factor(None, scale, W, Q, p, float(logdet))
     idx = np.nonzero(keep)[0]
     Z = jnp.matmul(Q, U[:, idx], precision=_HI)
     Wp = Vt[idx].T / sv[idx][None, :]
-    return _Factor(scale, Wp, Z, rank, float("nan"))
+    return _Factor(None, scale, Wp, Z, rank, float("nan"))
 
 
 def _check_method(method: str, mesh: Mesh | None) -> None:
@@ -368,21 +423,27 @@ def _check_method(method: str, mesh: Mesh | None) -> None:
         )
 
 
-def _gram(X, y, mesh):
-    return _moments(X, y) if mesh is None else _moments_sharded(X, y, mesh)
+def _gram(X, y, pre, mesh):
+    return _moments(X, y, pre) if mesh is None else _moments_sharded(X, y, pre, mesh)
 
 
 def _factor(X, y, method, rcond, mesh, dt):
-    """Returns (factor, X^T y or None)."""
+    """Returns (factor, (X * factor.pre)^T y or None)."""
     if method == "qr":
         # QR needs no Gram matrix (nor X^T y: it projects y with Q directly).
         if not bool(_all_finite(X)):
             _raise_nonfinite("X", X)
         return _factor_qr(X, dt, rcond), None
-    moments = _gram(X, y, mesh)
-    if not np.all(np.isfinite(np.diagonal(np.asarray(moments[0])))):
-        _raise_nonfinite("X", X)
-    f = _whitener(moments[0], X.shape[1], dt, rcond, warn=True)
+    moments, pre = _gram(X, y, None, mesh), None
+    suspect = _suspect_columns(np.asarray(moments[0], dtype=np.float64), X.shape[0], dt)
+    if suspect.any():
+        maxabs = np.asarray(_col_maxabs(X))
+        if not np.all(np.isfinite(maxabs)):
+            _raise_nonfinite("X", X)
+        if np.any(maxabs[suspect] > 0):  # not only all-zero columns: form it again, prescaled
+            pre = _prescale(maxabs, dt)
+            moments = _gram(X, y, pre, mesh)
+    f = _whitener(moments[0], pre, X.shape[1], dt, rcond, warn=True)
     return f, (moments[1] if y is not None else None)
 
 
@@ -391,8 +452,8 @@ def _leverage_of(X, f: _Factor, mesh):
     if f.Z is not None:  # QR: the rows of Z = X_s W are orthonormal already
         return _row_sq_norms(f.Z)
     if mesh is None:
-        return _rows_h_jit(X, (f.scale, f.W))
-    return _rows_h_sharded(X, f.scale, f.W, mesh)
+        return _rows_h_jit(X, (f.pre, f.scale, f.W))
+    return _rows_h_sharded(X, f.pre, f.scale, f.W, mesh)
 
 
 # --------------------------------------------------------------------------- public API
@@ -421,7 +482,8 @@ def leverage(
       method: ``"cholesky"`` (Gram matrix; fastest, error ~ eps kappa^2) or ``"qr"`` (thin
         Householder QR; error ~ eps kappa).
       rcond: singular values of the column-equilibrated ``X`` at or below
-        ``rcond * sigma_max`` are treated as zero (pseudo-inverse). Default ``sqrt(p * eps)``.
+        ``rcond * sigma_max`` are treated as zero (pseudo-inverse); a number in ``[0, 1)``
+        (0 keeps every nonzero one). Default ``sqrt(p * eps)``.
       dtype: ``None`` (float32, ``precision="highest"``) or ``jnp.float64``.
       mesh: optional 1-D mesh from :func:`jaxmem.mesh.make_mesh` to shard the rows over.
 
@@ -429,9 +491,9 @@ def leverage(
       ``[n]`` leverages in ``[0, 1]``; they sum to the rank of ``X``.
 
     Raises:
-      ValueError: ``X`` not 2-D, ``n <= p``, a non-finite entry (its index is named), a Gram
-        matrix that overflows the dtype (Cholesky; its column is named), an unknown method,
-        or ``method="qr"`` with a mesh.
+      ValueError: ``X`` not 2-D, ``n <= p``, a non-finite entry (its index is named), an
+        all-zero ``X``, ``rcond`` not in ``[0, 1)``, an unknown method, or ``method="qr"`` with
+        a mesh.
 
     Examples:
       >>> import numpy as np, jaxmem.linear as jl
@@ -441,10 +503,24 @@ def leverage(
     """
     dt = _compute_dtype(dtype)
     _check_method(method, mesh)
+    _check_rcond(rcond)
     with _precision(dt):
         X = _as_design(X, dt)
         f, _ = _factor(X, None, method, rcond, mesh, dt)
         return _leverage_of(X, f, mesh)
+
+
+def _check_out(out: Any, n: int | None) -> None:
+    """``out`` for :func:`leverage_streamed`: a writeable floating ``[n]`` ndarray."""
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a numpy array (or memmap), got {type(out).__name__}")
+    if not np.issubdtype(out.dtype, np.floating):
+        raise ValueError(f"out must have a floating-point dtype (leverages are in [0, 1]), got {out.dtype}")
+    if out.ndim != 1 or (n is not None and out.shape != (n,)):
+        want = "[n]" if n is None else f"({n},)"
+        raise ValueError(f"out must have shape {want}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array (e.g. a memmap opened with mode='r+')")
 
 
 def leverage_streamed(
@@ -462,28 +538,36 @@ def leverage_streamed(
     default device in ``dtype``, the running sum in float64 on the host so that millions of
     rows do not accumulate rounding); the ``p x p`` factor is then formed as in
     :func:`leverage` (Cholesky path); pass 2 computes ``h`` block by block. Memory is one block
-    plus the ``[n]`` output (which may itself be a memmap via ``out``).
+    plus the ``[n]`` output (which may itself be a memmap via ``out``). Where a column's
+    squares leave the dtype's range (see the module's notes), pass 1 runs once more with
+    the columns prescaled by powers of two.
 
     Args:
       blocks: either an array-like ``[n, p]`` that supports row slicing without loading the
         rest (``np.memmap``, ``np.load(..., mmap_mode="r")``, h5py dataset), read in blocks of
         ``block_rows`` rows; or a callable ``blocks(b) -> [n_b, p]`` returning block
-        ``b = 0 .. num_blocks - 1`` (called twice per block, so it must be deterministic,
-        e.g. generated from a seed).
+        ``b = 0 .. num_blocks - 1`` (called twice per block, three times for columns out of
+        range, so it must be deterministic, e.g. generated from a seed).
       num_blocks: number of blocks; required with a callable.
       block_rows: rows per block when ``blocks`` is an array.
       rcond: rank tolerance, as in :func:`leverage`.
       dtype: ``None`` (float32) or ``jnp.float64``.
-      out: optional ``[n]`` float array to write ``h`` into.
+      out: optional writeable ``[n]`` floating-point numpy array (or memmap) to write ``h``
+        into.
 
     Returns:
       ``[n]`` numpy array of leverages (``out`` if given).
 
     Raises:
       ValueError: a block of the wrong shape, a non-finite entry (global row index named),
-        ``n <= p``, or a callable without ``num_blocks``.
+        ``n <= p``, a callable without ``num_blocks``, ``rcond`` not in ``[0, 1)``, or an
+        ``out`` that is not a writeable floating-point ``[n]`` array (checked before pass 1
+        where ``n`` is known from ``blocks``, else after it).
     """
     dt = _compute_dtype(dtype)
+    _check_rcond(rcond)
+    if out is not None:
+        _check_out(out, None)
     if callable(blocks):
         if num_blocks is None or num_blocks < 1:
             raise ValueError("a callable `blocks` needs num_blocks >= 1")
@@ -496,12 +580,14 @@ def leverage_streamed(
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         nb = -(-shape[0] // block_rows)
+        if out is not None:
+            _check_out(out, shape[0])
 
         def get(b):
             return blocks[b * block_rows : (b + 1) * block_rows]
 
     with _precision(dt):
-        G = None
+        G = maxabs = None
         sizes = []
         row = 0
         for b in range(nb):
@@ -509,26 +595,37 @@ def leverage_streamed(
             if xb.ndim != 2 or (G is not None and xb.shape[1] != G.shape[0]):
                 want = "[n_b, p]" if G is None else f"[n_b, {G.shape[0]}]"
                 raise ValueError(f"block {b} has shape {xb.shape}; expected {want}")
-            (g,) = _moments(jnp.asarray(xb, dtype=dt), None)
+            g, m = _moments_maxabs(jnp.asarray(xb, dtype=dt))
+            m = np.asarray(m, dtype=np.float64)
+            if not np.all(np.isfinite(m)):
+                _raise_nonfinite("X", xb, row_offset=row)
             g = np.asarray(g, dtype=np.float64)
-            if not np.all(np.isfinite(np.diagonal(g))):
-                _raise_nonfinite("X", xb, row_offset=row, dt=dt)
-            G = g if G is None else G + g
+            G, maxabs = (g, m) if G is None else (G + g, np.maximum(maxabs, m))
             sizes.append(xb.shape[0])
             row += xb.shape[0]
         n, p = row, G.shape[0]
         if n <= p:
             raise ValueError(f"X has n={n} rows and p={p} columns; this needs n > p")
-        f = _whitener(jnp.asarray(G, dtype=dt), p, dt, rcond, warn=True)
+        if out is not None:
+            _check_out(out, n)
+        pre = None
+        suspect = _suspect_columns(G, n, dt)
+        if np.any(maxabs[suspect] > 0):  # squares out of the dtype's range: once more, prescaled
+            pre = _prescale(maxabs, dt)
+            G = 0
+            for b in range(nb):
+                xb = np.asarray(get(b))
+                if xb.shape[0] != sizes[b]:
+                    raise ValueError(f"block {b} changed size between passes: {sizes[b]} -> {xb.shape[0]}")
+                G = G + np.asarray(_moments(jnp.asarray(xb, dtype=dt), None, pre)[0], dtype=np.float64)
+        f = _whitener(jnp.asarray(G, dtype=dt), pre, p, dt, rcond, warn=True)
         h = out if out is not None else np.empty(n, dtype=dt)
-        if h.shape != (n,):
-            raise ValueError(f"out must have shape ({n},), got {h.shape}")
         row = 0
         for b in range(nb):
             xb = np.asarray(get(b))
             if xb.shape[0] != sizes[b]:
                 raise ValueError(f"block {b} changed size between passes: {sizes[b]} -> {xb.shape[0]}")
-            h[row : row + sizes[b]] = np.asarray(_rows_h_jit(jnp.asarray(xb, dtype=dt), (f.scale, f.W)))
+            h[row : row + sizes[b]] = np.asarray(_rows_h_jit(jnp.asarray(xb, dtype=dt), (f.pre, f.scale, f.W)))
             row += sizes[b]
         return h
 
@@ -551,10 +648,11 @@ def _qr_fit(Z, y, W, scale):
 
 
 @jax.jit
-def _gram_coef(Xty, W, scale):
+def _gram_coef(Xty, W, pre, scale):
+    # Xty = (X * pre)^T y; X_s = X * pre * scale, beta = pre * scale * beta_s.
     t = jnp.matmul(W.T, Xty * scale, precision=_HI)
     beta_s = jnp.matmul(W, t, precision=_HI)
-    return beta_s, scale * beta_s
+    return beta_s, _prescaled(scale * beta_s, pre)
 
 
 def _loo_basics(h, e, eps):
@@ -641,11 +739,11 @@ def _fit(X, y, method, rcond, mesh, dt) -> _Fit:
         Z = f.Z
         h, e, beta = _qr_fit(Z, y, f.W, f.scale)
     else:
-        beta_s, beta = _gram_coef(Xty, f.W, f.scale)
+        beta_s, beta = _gram_coef(Xty, f.W, f.pre, f.scale)
         if mesh is None:
-            h, Z, e = _rows_fit_jit((X, y), (f.scale, f.W, beta_s))
+            h, Z, e = _rows_fit_jit((X, y), (f.pre, f.scale, f.W, beta_s))
         else:
-            h, Z, e = _rows_fit_sharded(X, y, f.scale, f.W, beta_s, mesh)
+            h, Z, e = _rows_fit_sharded(X, y, f.pre, f.scale, f.W, beta_s, mesh)
     return _Fit(n, f.rank, h, e, Z, f.W, beta)
 
 
@@ -690,7 +788,8 @@ def influence(
       An :class:`Influence`.
 
     Raises:
-      ValueError: bad shapes, non-finite entries (index named), ``n - rank < 2``.
+      ValueError: bad shapes, non-finite entries (index named), ``n - rank < 2``, ``rcond``
+        not in ``[0, 1)``.
 
     Examples:
       >>> import numpy as np, jaxmem.linear as jl
@@ -701,6 +800,7 @@ def influence(
     """
     dt = _compute_dtype(dtype)
     _check_method(method, mesh)
+    _check_rcond(rcond)
     with _precision(dt):
         f = _fit(X, y, method, rcond, mesh, dt)
         out = _influence_stats(f.h, f.e, f.Z, f.W, f.beta, f.n, f.rank, float(np.finfo(dt).eps))
@@ -779,6 +879,7 @@ def loo_log_density_ratio_regression(
         raise ValueError(f"variance must be 'ml' or 'unbiased', got {variance!r}")
     dt = _compute_dtype(dtype)
     _check_method(method, mesh)
+    _check_rcond(rcond)
     with _precision(dt):
         f = _fit(X, y, method, rcond, mesh, dt)
         eps = float(np.finfo(dt).eps)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ __all__ = [
 
 _KINDS = ("kfold", "random", "balanced", "custom")
 _FORMAT_VERSION = 1
+_METADATA_KEYS = ("format_version", "kind", "n", "num_models", "seed", "k", "repeats", "rate")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -73,6 +76,51 @@ def _check_keep(keep: Any) -> np.ndarray:
     return keep
 
 
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_seed(value: Any, name: str = "seed") -> int:
+    """A seed of :func:`numpy.random.default_rng`: a non-negative integer (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_fold(fold: Any, keep: np.ndarray, k: int, repeats: int) -> np.ndarray:
+    """int32 copy of a k-fold plan's ``fold``, checked against ``keep`` (O(models * examples))."""
+    fold = np.asarray(fold)
+    if not np.issubdtype(fold.dtype, np.integer):
+        raise ValueError(f"fold must be an integer array [repeats, examples], got dtype {fold.dtype}")
+    n = keep.shape[1]
+    if fold.shape != (repeats, n):
+        raise ValueError(f"fold must be [repeats={repeats}, examples={n}], got {fold.shape}")
+    bad = np.argwhere((fold < 0) | (fold >= k))
+    if bad.size:
+        r, i = (int(v) for v in bad[0])
+        raise ValueError(
+            f"fold values must be folds in [0, {k}); fold[{r}, {i}] = {fold[r, i]} "
+            f"({len(bad)} value(s) out of range)"
+        )
+    fold = np.array(fold, dtype=np.int32, copy=True)
+    folds = np.arange(k, dtype=np.int32)[:, None]
+    for r in range(repeats):  # one repeat at a time: O(k * n) temporary memory
+        wrong = (fold[r][None, :] != folds) != keep[r * k : (r + 1) * k]
+        if wrong.any():
+            i = int(np.flatnonzero(wrong.any(axis=0))[0])
+            out = (r * k + np.flatnonzero(~keep[r * k : (r + 1) * k, i])).tolist()
+            raise ValueError(
+                f"fold disagrees with keep at example {i}: fold[{r}, {i}] = {fold[r, i]} says "
+                f"model {r * k + fold[r, i]} alone holds it out in repeat {r}, but keep has it "
+                f"held out by models {out} of models {r * k}..{r * k + k - 1}"
+            )
+    return fold
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
     """A membership plan: ``keep[models, examples]`` plus how it was made.
@@ -90,6 +138,16 @@ class Plan:
         balanced: 0.5; kfold: ``(k-1)/k``; custom: ``None``).
       fold: int32 ``[repeats, examples]`` (kfold only): ``fold[r, i]`` is the fold
         that held example ``i`` out in repeat ``r``, i.e. model ``r * k + fold[r, i]``.
+
+    Raises:
+      ValueError: ``keep`` is not a 2-D boolean array with a model and an example, an
+        unknown ``kind``, a ``seed`` that is not None or a non-negative integer, ``k``,
+        ``repeats`` or ``fold`` given for a plan that is not ``"kfold"``, or a
+        ``"kfold"`` plan whose parts disagree: it needs ``k >= 2``, ``repeats >= 1``,
+        ``k * repeats`` models, ``rate`` None or ``(k-1)/k``, and an integer ``fold``
+        ``[repeats, examples]`` in ``[0, k)`` such that model ``r * k + j`` holds out
+        exactly the examples with ``fold[r, i] == j`` (the first disagreeing example is
+        named).
     """
 
     keep: np.ndarray
@@ -105,13 +163,32 @@ class Plan:
         object.__setattr__(self, "keep", keep)
         if self.kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
-        if self.fold is not None:
-            fold = _readonly(np.array(self.fold, dtype=np.int32, copy=True))
-            if fold.ndim != 2 or fold.shape[1] != keep.shape[1]:
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _check_seed(self.seed))
+        if self.kind != "kfold":
+            given = [name for name in ("k", "repeats", "fold") if getattr(self, name) is not None]
+            if given:
                 raise ValueError(
-                    f"fold must be [repeats, examples={keep.shape[1]}], got {fold.shape}"
+                    f"k, repeats and fold describe k-fold plans; a {self.kind!r} plan must leave "
+                    f"them None, got {', '.join(given)}"
                 )
-            object.__setattr__(self, "fold", fold)
+            return
+        if self.k is None or self.repeats is None or self.fold is None:
+            missing = [name for name in ("k", "repeats", "fold") if getattr(self, name) is None]
+            raise ValueError(f"a 'kfold' plan needs k, repeats and fold; missing {', '.join(missing)}")
+        k = _check_int("k", self.k, 2)
+        repeats = _check_int("repeats", self.repeats, 1)
+        if keep.shape[0] != k * repeats:
+            raise ValueError(
+                f"a 'kfold' plan with k={k} and repeats={repeats} has k * repeats = {k * repeats} "
+                f"models, but keep has {keep.shape[0]}"
+            )
+        rate_ok = isinstance(self.rate, (int, float, np.number)) and np.isclose(self.rate, (k - 1) / k, rtol=1e-12)
+        if self.rate is not None and not rate_ok:
+            raise ValueError(f"a 'kfold' plan with k={k} has rate (k-1)/k = {(k - 1) / k}, got {self.rate!r}")
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "repeats", repeats)
+        object.__setattr__(self, "fold", _readonly(_check_fold(self.fold, keep, k, repeats)))
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -253,40 +330,69 @@ def load_plan(path: str | os.PathLike) -> Plan:
     """Read a plan written by :meth:`Plan.save`.
 
     Raises:
-      ValueError: if the file is not a jaxmem plan or its contents disagree with
-        its metadata.
+      FileNotFoundError: no such file.
+      ValueError: naming the path, if it is a directory, not a readable ``.npz``
+        archive, not a jaxmem plan (no ``keep`` or ``metadata``, metadata that is not a
+        JSON object with every key :meth:`Plan.metadata` writes, an unknown format
+        version), or its contents disagree with its metadata or with each other (see
+        :class:`Plan`).
     """
-    with np.load(path, allow_pickle=False) as z:
-        if "keep" not in z or "metadata" not in z:
-            raise ValueError(f"{os.fspath(path)!r} is not a jaxmem plan (needs 'keep' and 'metadata')")
-        meta = json.loads(str(z["metadata"]))
-        keep = z["keep"]
-        fold = z["fold"] if "fold" in z else None
+    name = os.fspath(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise _NotAPlan("a single .npy array; a plan is an .npz archive with 'keep' and 'metadata'")
+        with z:
+            if "keep" not in z or "metadata" not in z:
+                raise _NotAPlan("needs an .npz archive with 'keep' and 'metadata'")
+            text = str(z["metadata"])
+            keep = z["keep"]
+            fold = z["fold"] if "fold" in z else None
+    except FileNotFoundError:
+        raise
+    except _NotAPlan as err:
+        raise ValueError(f"{name!r} is not a jaxmem plan ({err})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name!r} is a directory; give a plan file written by Plan.save") from None
+    except ValueError:  # numpy's text here suggests unpickling, which a plan never needs
+        raise ValueError(f"{name!r} is not a jaxmem plan file (not an .npz archive of plain arrays)") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{name!r} is not a readable .npz archive ({type(err).__name__}: {err})") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{name!r}: the plan metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name!r}: the plan metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(f"unsupported plan format version {meta.get('format_version')!r}")
+        raise ValueError(f"{name!r}: unsupported plan format version {meta.get('format_version')!r}")
+    missing = [key for key in _METADATA_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{name!r}: the plan metadata lacks {', '.join(missing)}")
     if keep.shape != (meta["num_models"], meta["n"]):
         raise ValueError(
-            f"plan file is inconsistent: keep has shape {keep.shape}, metadata says "
+            f"{name!r}: plan file is inconsistent: keep has shape {keep.shape}, metadata says "
             f"({meta['num_models']}, {meta['n']})"
         )
-    return Plan(
-        keep=keep,
-        kind=meta["kind"],
-        seed=meta["seed"],
-        k=meta["k"],
-        repeats=meta["repeats"],
-        rate=meta["rate"],
-        fold=fold,
-    )
+    try:
+        return Plan(
+            keep=keep,
+            kind=meta["kind"],
+            seed=meta["seed"],
+            k=meta["k"],
+            repeats=meta["repeats"],
+            rate=meta["rate"],
+            fold=fold,
+        )
+    except ValueError as err:
+        raise ValueError(f"{name!r}: {err}") from None
+
+
+class _NotAPlan(Exception):
+    """An archive without a plan's arrays (internal to :func:`load_plan`)."""
 
 
 # ---------------------------------------------------------------- constructors
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def kfold(n: int, k: int, repeats: int = 1, seed: int = 0) -> Plan:
@@ -302,13 +408,14 @@ def kfold(n: int, k: int, repeats: int = 1, seed: int = 0) -> Plan:
       n: number of examples.
       k: number of folds, ``2 <= k <= n``.
       repeats: number of independent fold assignments, ``>= 1``.
-      seed: seed of the :class:`numpy.random.Generator`.
+      seed: seed of the :class:`numpy.random.Generator`, a non-negative integer.
 
     Returns:
       A plan with ``repeats * k`` models and ``fold[repeats, n]``.
 
     Raises:
-      ValueError: for ``k < 2``, ``k > n`` or ``repeats < 1``.
+      ValueError: for ``k < 2``, ``k > n``, ``repeats < 1`` or a ``seed`` that is not
+        a non-negative integer.
 
     References:
       van den Burg & Williams, "On Memorization in Probabilistic Deep Generative
@@ -317,6 +424,7 @@ def kfold(n: int, k: int, repeats: int = 1, seed: int = 0) -> Plan:
     n = _check_int("n", n, 1)
     k = _check_int("k", k, 2)
     repeats = _check_int("repeats", repeats, 1)
+    seed = _check_seed(seed)
     if k > n:
         raise ValueError(f"k={k} folds need at least k examples, got n={n}")
     rng = np.random.default_rng(seed)
@@ -350,14 +458,16 @@ def random_subsets(n: int, num_models: int, rate: float, seed: int = 0) -> Plan:
       n: number of examples.
       num_models: number of models, ``>= 2``.
       rate: fraction of examples per model, strictly between 0 and 1.
-      seed: seed of the :class:`numpy.random.Generator`.
+      seed: seed of the :class:`numpy.random.Generator`, a non-negative integer.
 
     Raises:
-      ValueError: for ``rate`` outside (0, 1), ``num_models < 2``, or a rate that
-        rounds to an empty or full subset.
+      ValueError: for ``rate`` outside (0, 1), ``num_models < 2``, a rate that
+        rounds to an empty or full subset, or a ``seed`` that is not a non-negative
+        integer.
     """
     n = _check_int("n", n, 1)
     num_models = _check_int("num_models", num_models, 2)
+    seed = _check_seed(seed)
     rate = float(rate)
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be strictly between 0 and 1, got {rate}")
@@ -384,16 +494,18 @@ def balanced_subsets(n: int, num_models: int, seed: int = 0) -> Plan:
     Args:
       n: number of examples.
       num_models: an even number of models, ``>= 2``.
-      seed: seed of the :class:`numpy.random.Generator`.
+      seed: seed of the :class:`numpy.random.Generator`, a non-negative integer.
 
     Raises:
-      ValueError: for ``num_models < 2`` or odd ``num_models``.
+      ValueError: for ``num_models < 2``, odd ``num_models`` or a ``seed`` that is
+        not a non-negative integer.
 
     References:
       Carlini et al., "Membership Inference Attacks From First Principles", 2022.
     """
     n = _check_int("n", n, 1)
     num_models = _check_int("num_models", num_models, 2)
+    seed = _check_seed(seed)
     if num_models % 2:
         raise ValueError(f"balanced_subsets needs an even num_models, got {num_models}")
     rng = np.random.default_rng(seed)

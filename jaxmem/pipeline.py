@@ -32,9 +32,10 @@ from flax import nnx
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
 from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
 from jaxmem.likelihood import loglik_matrix
+from jaxmem.membership import _check_int, _check_seed
 from jaxmem.mesh import make_mesh
 from jaxmem.models import _latent
-from jaxmem.scores import feldman_zhang, memorization_scores
+from jaxmem.scores import _check_quantile, feldman_zhang, memorization_scores
 
 __all__ = ["MemorizationResult", "memorization", "load_result", "ConfigMismatchError"]
 
@@ -148,7 +149,13 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def load_result(directory: str | os.PathLike) -> MemorizationResult:
-    """Read a :class:`MemorizationResult` written by :meth:`MemorizationResult.save`."""
+    """Read a :class:`MemorizationResult` written by :meth:`MemorizationResult.save`.
+
+    Raises:
+      FileNotFoundError: ``directory`` holds no ``result.npz``.
+      ValueError: the result is incomplete or damaged (no ``config.json``, an array
+        missing or of another number of examples, a file that does not parse).
+    """
     path = os.path.join(directory, "result.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} holds no jaxmem result (no result.npz); run `jaxmem run` first")
@@ -157,16 +164,30 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
     with _np_load(pathlib.Path(path)) as z:
         arrays = {k: z[k] for k in z.files}
     config_path = os.path.join(directory, "config.json")
-    with open(config_path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not os.path.exists(config_path):
+        raise ValueError(f"{directory} holds result.npz but no config.json: the result is incomplete")
+    config = _read_config(config_path)
     history = {k[len("history_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("history_")}
+    missing = [k for k in _REQUIRED_ARRAYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a complete jaxmem result")
+    n = arrays["keep"].shape[-1] if arrays["keep"].ndim == 2 else -1
+    wrong = [f"{k} {arrays[k].shape}" for k in _PER_EXAMPLE if k in arrays and arrays[k].shape[-1:] != (n,)]
+    if n < 0 or wrong:
+        raise ValueError(f"{path} is damaged: keep {arrays['keep'].shape} should be [models, examples] and "
+                         f"every per-example array [..., {n}]; got {', '.join(wrong) or 'no examples axis'}")
     fields = {f.name for f in dataclasses.fields(MemorizationResult)}
     kwargs = {k: arrays.get(k) for k in fields if k not in ("config", "history")}
     kwargs["threshold"] = float(arrays["threshold"])
     return MemorizationResult(**kwargs, history=history, config=config)
+
+
+# What every saved result holds (the others are optional: labels, logp_full, leverage,
+# label_memorization), and the arrays whose last axis is the examples.
+_REQUIRED_ARRAYS = ("U", "V", "M", "stderr", "dof", "n_in", "n_out", "highly_memorized", "threshold",
+                    "ll", "keep", "fold", "tracked_epochs", "M_by_epoch")
+_PER_EXAMPLE = ("U", "V", "M", "stderr", "dof", "n_in", "n_out", "highly_memorized", "ll", "fold", "labels",
+                "logp_full", "leverage", "label_memorization", "M_by_epoch")
 
 
 # May differ on resume: more epochs continue training; the epochs scored along the way
@@ -183,8 +204,7 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        stored = json.load(f)
+    stored = _read_config(path)
     flat_a, flat_b = {**_ADDED_LATER, **_flatten(stored)}, _flatten(config)
     differ = sorted(
         k for k in set(flat_a) | set(flat_b)
@@ -196,6 +216,37 @@ def _check_config(directory: str, config: dict[str, Any]) -> None:
             f"{directory} holds a run with another configuration ({detail}). "
             "Use another output directory, or the same options to resume it."
         )
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A results directory's ``config.json``; a ValueError naming it if it is not one."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a jaxmem configuration (a JSON {type(config).__name__}, not an object)")
+    return config
+
+
+def _check_labels(y: Any, n: int) -> np.ndarray:
+    """``y`` as a numpy array of ``n`` whole-number labels (int32 range); else a ValueError."""
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) to match x, got {y.shape}")
+    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"y must hold whole-number labels, but example {i} has label {float(y[i]):g}")
+    info = np.iinfo(np.int32)
+    if n and (y.min() < info.min or y.max() > info.max):
+        i = int(np.argmax((y < info.min) | (y > info.max)))
+        raise ValueError(f"label {y[i]} of example {i} does not fit in int32, the labels' stored type")
+    return y
 
 
 def _latest_checkpoint(out_dir: str | os.PathLike) -> int | None:
@@ -320,9 +371,14 @@ def memorization(
         likelihood for (non-finite values; ``mlp_vae`` intensities outside [0, 1];
         ``conv_vae`` pixels outside [0, 1]; classifier labels missing, fractional or
         outside ``[0, num_classes)``: :func:`jaxmem.models.check_data`), shapes that do
-        not match, no examples, ``epochs < 1``, or a plan that leaves an example never
-        held out or never trained on.
-      ConfigMismatchError: ``out_dir`` holds a run of another configuration.
+        not match, no examples, labels that are not whole numbers, an option out of
+        its range or of the wrong type (counts that are not integers, ``epochs < 1``,
+        a learning rate that is not positive and finite, ``quantile`` outside [0, 1],
+        a negative seed, a ``plan`` that is not a :class:`~jaxmem.membership.Plan`), a
+        plan that leaves an example never held out or never trained on, or an
+        ``out_dir`` whose files are damaged.
+      ConfigMismatchError: ``out_dir`` holds a run of another configuration (its
+        ``config.json`` is left as it was).
     """
     x = np.asarray(x, np.float32)
     if x.ndim < 2:
@@ -334,23 +390,35 @@ def memorization(
     if bad.size:
         raise ValueError(f"x has {len(bad)} non-finite value(s); the first is in example {int(bad[0][0])}")
     if y is not None:
-        y = np.asarray(y)
-        if y.shape != (n,):
-            raise ValueError(f"y must have shape ({n},) to match x, got {y.shape}")
+        y = _check_labels(y, n)
+    # Every option is checked here, before anything is trained or written: an option
+    # found bad only when the scores are computed would cost the whole training.
+    seed = _check_seed(seed)
+    if isinstance(epochs, (bool, np.bool_)) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r} (untrained models memorize nothing)")
+    epochs = int(epochs)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    num_samples = _check_int("num_samples", num_samples, 1)
+    track_samples = num_samples if track_samples is None else _check_int("track_samples", track_samples, 1)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    learning_rate = _ensemble.check_learning_rate(learning_rate)
+    quantile = _check_quantile(quantile)
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be None or a jax.sharding.Mesh (jaxmem.make_mesh), got {type(mesh).__name__}")
     if plan is None:
         plan = _membership.kfold(n, folds, repeats=repeats, seed=seed)
+    if not isinstance(plan, _membership.Plan):
+        raise ValueError(f"plan must be a jaxmem Plan (kfold, random_subsets, balanced_subsets, load_plan; "
+                         f"Plan.from_keep(keep) for a bool [models, examples] array), got {type(plan).__name__}")
     if plan.n != n:
         raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
     plan.validate()
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs} (untrained models memorize nothing)")
     model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
     y = _models.check_data(model_cfg, x, y)  # value ranges: before anything is trained
-    outside = sorted({int(e) for e in track_epochs if not 0 < int(e) <= epochs})
+    tracked = sorted({_check_int("track_epochs entries", e, 1) for e in track_epochs})
+    outside = [e for e in tracked if e > epochs]
     if outside:
         raise ValueError(f"track_epochs {outside} lie outside the epochs 1..{epochs} that are trained")
-    tracked = sorted({int(e) for e in track_epochs})
-    track_samples = int(track_samples or num_samples)
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
     config = {
         "format": _FORMAT,
@@ -367,6 +435,7 @@ def memorization(
                     "matmul_dtype": matmul_dtype},
     }
     run_dir = None
+    config_written = True
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         _check_config(out_dir, config)
@@ -378,8 +447,20 @@ def memorization(
                 f"asked for; ask for at least {trained} epochs, or use another output directory"
             )
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, "config.json"), config)
         run_dir = _run_dir(out_dir)
+        # A new run states its configuration at once. A rerun on a directory with
+        # checkpoints (which may grow the epochs) rewrites it only once training has
+        # accepted the checkpoints, which also check the data: a refused rerun leaves
+        # the directory's configuration as it was.
+        config_written = trained is None and not os.path.exists(os.path.join(out_dir, "config.json"))
+        if config_written:
+            _write_json(os.path.join(out_dir, "config.json"), config)
+
+    def write_config_once():
+        nonlocal config_written
+        if not config_written:
+            _write_json(os.path.join(out_dir, "config.json"), config)
+            config_written = True
 
     keep = np.asarray(plan.keep)
     train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep
@@ -398,8 +479,14 @@ def memorization(
     last_is_final = track_samples == num_samples
     M_by_epoch: dict[int, np.ndarray] = {}
     if track_path and os.path.exists(track_path):
-        with np.load(track_path) as z:
-            M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
+        try:
+            with np.load(track_path) as z:
+                M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
+        except Exception as err:  # noqa: BLE001 - numpy raises several kinds for a damaged file
+            raise ValueError(f"{track_path} is damaged ({type(err).__name__}: {err}); delete it to "
+                             "recompute the tracked epochs' scores, or use another output directory") from None
+        if any(np.shape(v) != (n,) for v in M_by_epoch.values()):
+            raise ValueError(f"{track_path} holds scores of another number of examples than {n}")
 
     def record(epoch, M):
         M_by_epoch[epoch] = np.asarray(M)
@@ -408,6 +495,7 @@ def memorization(
             _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
 
     def callback(epoch, state, metrics):
+        write_config_once()
         if epoch in tracked and not (epoch == epochs and last_is_final):
             members = plan_members(nnx.merge_state(state.params, state.rest))
             ll_e = loglik_matrix(graphdef, members, data, key=score_key,
@@ -423,10 +511,11 @@ def memorization(
     fitted = _ensemble.fit(
         factory, optimizer or optax.adam(learning_rate), data, train_keep, epochs=epochs,
         batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every, mesh=mesh,
-        progress=progress, callback=callback if tracked or on_epoch else None,
+        progress=progress, callback=callback,
         config={"model": model_cfg, "learning_rate": float(learning_rate)},
     )
     state = fitted.state
+    write_config_once()
 
     if on_stage:
         on_stage("likelihood")

@@ -88,11 +88,47 @@ def _mask(a, name: str, n: int) -> np.ndarray:
     return a
 
 
+def _counts(a, name: str, n: int) -> np.ndarray:
+    """Model counts ``[n]``: whole numbers >= 0 (floats like 3.0 are accepted)."""
+    a = _vector(a, name, n)
+    bad = np.flatnonzero((a < 0) | (a != np.round(a)))
+    if bad.size:
+        raise ValueError(
+            f"{name} must be whole numbers >= 0 (models per example), but {bad.size} are not; "
+            f"the first is example {int(bad[0])} ({a[bad[0]]})"
+        )
+    return a
+
+
+def _check_quantile(quantile: float) -> float:
+    """``quantile`` in [0, 1], as :func:`jaxmem.scores.quantile_flags` accepts it.
+
+    0 flags every example above the minimum of ``M``, 1 flags none; every figure and
+    the summary show both (an empty highly-memorized set is reported as such).
+    """
+    quantile = float(quantile)
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    return quantile
+
+
 def _highly_memorized(M: np.ndarray, quantile: float) -> tuple[np.ndarray, float]:
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    threshold = float(np.quantile(M, quantile))
+    threshold = float(np.quantile(M, _check_quantile(quantile)))
     return M > threshold, threshold
+
+
+def _drawable(images: np.ndarray) -> bool:
+    """``[n, height, width]`` or ``[n, height, width, channels]`` with 1, 3 or 4 channels."""
+    return images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4))
+
+
+def _check_images(images: np.ndarray, name: str) -> np.ndarray:
+    if not _drawable(images):
+        raise ValueError(
+            f"{name} must be [n, height, width] or [n, height, width, channels] images with "
+            f"1, 3 or 4 channels, got shape {images.shape}"
+        )
+    return images
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
@@ -151,10 +187,11 @@ def summary(
         just outlierness).
       leverage: optional ``[n]`` leverage of the linear baseline; gives Spearman's
         rank correlation with ``M``.
-      in_counts, out_counts: optional int ``[n]``: models trained with / without
-        each example.
+      in_counts, out_counts: optional ``[n]`` whole numbers >= 0: models trained with /
+        without each example.
       highly_memorized: optional bool ``[n]``; default ``M > quantile(M, quantile)``.
-      quantile: the quantile of ``M`` above which an example is highly memorized.
+      quantile: the quantile of ``M`` above which an example is highly memorized, in
+        [0, 1] (1 flags none).
 
     Returns:
       A dict with ``n``; ``quantiles`` (``{"0.5": ..., ..., "0.999": ...}``, nats);
@@ -164,6 +201,11 @@ def summary(
       ``in_counts`` and ``out_counts`` (``{"min", "median", "max"}``). Entries whose
       inputs were not given are None.
 
+    Raises:
+      ValueError: an input is not ``[n]``, holds NaN or inf (the first named), a count
+        is negative or fractional, ``highly_memorized`` is not bool ``[n]``, or
+        ``quantile`` is outside [0, 1].
+
     Examples:
       >>> s = summary(np.arange(100.0), logp=-np.arange(100.0))
       >>> s["num_highly_memorized"], s["share_highly_memorized_in_central_90"]
@@ -171,6 +213,7 @@ def summary(
     """
     M = _vector(M, "M")
     n = len(M)
+    quantile = _check_quantile(quantile)
     if highly_memorized is None:
         high, threshold = _highly_memorized(M, quantile)
     else:
@@ -202,7 +245,7 @@ def summary(
         out["spearman_leverage"] = spearman_correlation(M, _vector(leverage, "leverage", n))
     for key, counts in (("in_counts", in_counts), ("out_counts", out_counts)):
         if counts is not None:
-            c = _vector(counts, key, n)
+            c = _counts(counts, key, n)
             out[key] = {"min": int(c.min()), "median": float(np.median(c)), "max": int(c.max())}
     return out
 
@@ -322,7 +365,7 @@ def plot_figure3(logp, highly_memorized, path: str | os.PathLike, *,
     mask = np.asarray(highly_memorized)
     lo, hi = _central_interval(logp)
     inside = (logp >= lo) & (logp <= hi)
-    share = inside[mask].mean() if mask.any() else float("nan")
+    share = inside[mask].mean() if mask.any() else None
     centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     total = high + regular
     with _figure(path, (12, 4.8)) as fig:
@@ -350,7 +393,8 @@ def plot_figure3(logp, highly_memorized, path: str | os.PathLike, *,
         ax_b.set_title("(b) proportion highly memorized per bin")
         ax_b.legend(loc="upper left")
         fig.suptitle(f"Highly memorized examples across log p: {100 * share:.1f}% of them "
-                     f"lie in the central 90% (n = {len(logp)})")
+                     f"lie in the central 90% (n = {len(logp)})" if share is not None else
+                     f"No highly memorized examples (n = {len(logp)})")
     return pathlib.Path(path)
 
 
@@ -384,8 +428,9 @@ def plot_examples_grid(
     pixel space (Euclidean distance ``d`` under each).
 
     Args:
-      images: ``[n, height, width(, channels)]`` the scored examples, intensities in
-        [0, 1] (other ranges are scaled to the data's min..max).
+      images: ``[n, height, width(, channels)]`` the scored examples (1, 3 or 4
+        channels), intensities in [0, 1] (other ranges are scaled to the data's
+        min..max).
       M: ``[n]`` memorization scores, nats.
       train_images: ``[N, height, width(, channels)]`` the neighbour pool.
       path: the PNG to write.
@@ -396,12 +441,15 @@ def plot_examples_grid(
 
     Returns:
       ``path`` as a ``pathlib.Path``.
+
+    Raises:
+      ValueError: ``images`` or ``train_images`` are not images of 1, 3 or 4 channels
+        (shapes named), ``M`` is not ``[n]`` finite scores, or ``exclude_self`` with
+        ``n != N``.
     """
-    images = np.asarray(images, dtype=np.float32)
-    train_images = np.asarray(train_images, dtype=np.float32)
+    images = _check_images(np.asarray(images, dtype=np.float32), "images")
+    train_images = _check_images(np.asarray(train_images, dtype=np.float32), "train_images")
     M = _vector(M, "M", len(images))
-    if images.ndim not in (3, 4):
-        raise ValueError(f"images must be [n, height, width(, channels)], got {images.shape}")
     if exclude_self and len(images) != len(train_images):
         raise ValueError(
             f"exclude_self needs images to be the training images ({len(images)} vs "
@@ -608,6 +656,33 @@ def _run_description(config: dict[str, Any]) -> list[str]:
     ]
 
 
+def _dataset_images(dataset, n: int, config: dict[str, Any]) -> np.ndarray | None:
+    """The images of ``dataset`` (a Dataset or an array) for the example grid, or None.
+
+    Refuses what cannot be drawn as the ``n`` scored examples instead of leaving the
+    grid out: not ``n`` of them, not images, or another number of values per example
+    than the run recorded in ``config["data"]["example_shape"]``.
+    """
+    if dataset is None:
+        return None
+    images = np.asarray(getattr(dataset, "x", dataset))
+    recorded = config.get("data", {}).get("example_shape")
+    expected = (f"[{n}, height, width] or [{n}, height, width, channels] images (1, 3 or 4 "
+                f"channels), the {n} scored examples in order")
+    if images.ndim < 1 or len(images) != n:
+        raise ValueError(f"dataset must be {expected}; got shape {images.shape}")
+    if recorded is not None and int(np.prod(images.shape[1:])) != int(np.prod(recorded)):
+        raise ValueError(
+            f"dataset holds examples of shape {tuple(images.shape[1:])} but the result scored "
+            f"examples of shape {tuple(recorded)}: pass the scored examples"
+        )
+    if not _drawable(images):
+        hint = (" (reshape flat examples to [n, height, width], or leave dataset out for "
+                "non-image data)") if images.ndim == 2 else ""
+        raise ValueError(f"dataset must be {expected}; got shape {images.shape}{hint}")
+    return images
+
+
 def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str, Any]:
     """Every figure and the summary of a memorization result, written into ``directory``.
 
@@ -622,29 +697,39 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         ``n_in``, ``n_out``, ``highly_memorized``, ``leverage``, ``tracked_epochs``,
         ``M_by_epoch``, ``config``; scores in nats).
       directory: where to write (created if missing).
-      dataset: optional :class:`jaxmem.data.Dataset` (or an array ``[n, H, W(, C)]``)
-        holding the scored examples in the same order; needed for the image grid.
+      dataset: optional :class:`jaxmem.data.Dataset` (or an array ``[n, H, W(, C)]``,
+        1, 3 or 4 channels) holding the scored examples in the same order; needed for
+        the image grid.
 
     Returns:
       ``{"files": {kind: path}, "summary": summary dict, "markdown": str}``.
+
+    Raises:
+      ValueError: before anything is written: ``dataset`` is not ``n`` images (its
+        shape and the one expected named; flat examples such as ``[n, 64]`` must be
+        reshaped to ``[n, 8, 8]`` first), its examples hold another number of values
+        than the scored ones (``config["data"]["example_shape"]``), the quantile in
+        ``config["scoring"]`` is outside [0, 1], or a field of ``result`` is refused
+        by :func:`summary`.
     """
+    config = getattr(result, "config", None) or {}
+    quantile = _check_quantile(config.get("scoring", {}).get("quantile", 0.95))
+    M = _vector(result.M, "M")
+    images = _dataset_images(dataset, len(M), config)
+    leverage = getattr(result, "leverage", None)
+    s = summary(M, logp=result.U, leverage=leverage, in_counts=result.n_in,
+                out_counts=result.n_out, highly_memorized=np.asarray(result.highly_memorized),
+                quantile=quantile)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = getattr(result, "config", None) or {}
-    quantile = float(config.get("scoring", {}).get("quantile", 0.95))
-    M = np.asarray(result.M, np.float64)
     files: dict[str, pathlib.Path] = {}
     files["distribution"] = plot_score_distribution(
         M, directory / REPORT_FILES["distribution"], quantile=quantile)
     files["figure3"] = plot_figure3(result.U, np.asarray(result.highly_memorized),
                                     directory / REPORT_FILES["figure3"])
-    images = getattr(dataset, "x", dataset)
     if images is not None:
-        images = np.asarray(images)
-        if images.ndim in (3, 4) and len(images) == len(M):
-            files["examples"] = plot_examples_grid(images, M, images,
-                                                   directory / REPORT_FILES["examples"])
-    leverage = getattr(result, "leverage", None)
+        files["examples"] = plot_examples_grid(images, M, images,
+                                               directory / REPORT_FILES["examples"])
     if leverage is not None:
         files["leverage"] = plot_memorization_vs_leverage(
             M, leverage, directory / REPORT_FILES["leverage"], quantile=quantile)
@@ -653,9 +738,6 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         files["epochs"] = plot_scores_over_epochs(
             tracked, result.M_by_epoch, directory / REPORT_FILES["epochs"])
 
-    s = summary(M, logp=result.U, leverage=leverage, in_counts=result.n_in,
-                out_counts=result.n_out, highly_memorized=np.asarray(result.highly_memorized),
-                quantile=quantile)
     label_mem = getattr(result, "label_memorization", None)
     if label_mem is not None:
         lm = np.asarray(label_mem, np.float64)

@@ -533,16 +533,32 @@ def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
     quantile of the scores, not the score value 0.95.
 
     Args:
-      scores: float ``[examples]``, e.g. ``Scores.M`` (nats).
-      quantile: in [0, 1].
+      scores: ``[examples]``, e.g. ``Scores.M`` (nats); integer scores are cast to
+        the default float dtype (float32 unless x64 is enabled).
+      quantile: in [0, 1]: 0 flags every score above the minimum, 1 flags none.
 
     Returns:
       ``(flags, threshold)``: bool ``[examples]`` (``scores > threshold``) and the
       scalar threshold (linear interpolation, as :func:`numpy.quantile`).
+
+    Raises:
+      ValueError: ``scores`` is not 1-D, is empty or holds NaN or inf (named), or
+        ``quantile`` is outside [0, 1].
+      TypeError: ``scores`` is not real numbers (bool, complex, strings, objects).
     """
+    if not hasattr(scores, "shape") or not hasattr(scores, "dtype"):
+        scores = np.asarray(scores)
+    if scores.dtype == np.bool_ or not (
+        jnp.issubdtype(scores.dtype, jnp.integer) or jnp.issubdtype(scores.dtype, jnp.floating)
+    ):
+        raise TypeError(f"scores must be real numbers (integer or floating), got dtype {scores.dtype}")
+    if jnp.issubdtype(scores.dtype, jnp.integer):
+        scores = jnp.asarray(scores, jax.dtypes.canonicalize_dtype(jnp.float64))
     scores = jnp.asarray(scores)
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D [examples], got shape {scores.shape}")
+    if scores.size == 0:
+        raise ValueError("no scores: scores is empty (shape (0,)); a quantile needs at least one")
     bad = np.flatnonzero(~np.isfinite(np.asarray(scores)))
     if bad.size:  # one NaN would make the threshold, hence every flag, meaningless
         raise ValueError(f"scores has {bad.size} non-finite value(s), e.g. at example(s) {bad[:10].tolist()}")

@@ -96,6 +96,25 @@ def test_divergence_stops_training_and_keeps_the_last_finite_checkpoint(tmp_path
     ck.close()
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
     assert np.isfinite(hist["train_loss"]).all() and len(hist["train_loss"]) == 2
+    # The last step of an epoch makes the parameters NaN while every loss of the epoch (of
+    # the parameters before each step) is finite: still refused before its checkpoint.
+    run2 = str(tmp_path / "run2")
+    with pytest.raises(ensemble.TrainingDivergedError,
+                       match=r"diverged in epoch 1: member\(s\) \[0, 1\] of 2 have non-finite parameters; "
+                             r".*holds no checkpoint yet"):
+        ensemble.fit(tiny, nan_after(steps - 1), X, KEEP, epochs=EPOCHS, batch_size=8, seed=0,
+                     run_dir=run2, progress=False, mesh=make_mesh(1))
+    assert latest_epoch(run2) is None
+    # a learning rate that is not a positive finite number is refused before anything trains
+    for lr in (-1e-3, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="learning_rate must be a positive finite number"):
+            ensemble.fit(tiny, lr, X, KEEP, epochs=1, batch_size=8, progress=False)
+    for tx in ("1e-3", None):
+        with pytest.raises(ValueError, match="tx must be an optax GradientTransformation or a learning rate"):
+            ensemble.fit(tiny, tx, X, KEEP, epochs=1, batch_size=8, progress=False)
+    for name, value in (("epochs", 1.5), ("seed", 1.5), ("seed", -1), ("batch_size", 2.5)):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            ensemble.fit(tiny, 1e-3, X, KEEP, **{"epochs": 1, "batch_size": 8, name: value}, progress=False)
     # data with NaN are refused before anything trains, naming the examples
     bad = X.copy()
     bad[[5, 17], 2] = np.nan

@@ -194,6 +194,8 @@ def test_option_errors_in_process(capsys, tmp_path):
         "quantile": (["run", "--quantile", "1.5"], ["--quantile"]),
         "track": (["run", "--epochs", "3", "--track-epochs", "5"], ["--track-epochs", "exceed"]),
         "hidden": (["run", "--hidden", "0,3"], ["positive"]),
+        "hidden_empty_item": (["run", "--hidden", "8,,4"], ["--hidden", "'8,,4'", "empty item"]),
+        "seed": (["run", "--seed", "-1"], ["--seed", "non-negative integer", "-1"]),
         "dtype": (["run", "--matmul-dtype", "float16"], ["--matmul-dtype", "float16"]),
         "not_prepared": (["run", "--data", "mnist", "--data-dir", tmp_path / "tfds"],
                          ["not prepared", "tfds build"]),
@@ -275,8 +277,15 @@ def test_leverage_without_target_and_bad_tables(tmp_path, capsys):
         "target": (["leverage", tmp_path / "t.csv", "--target", "weight"], ["--target", "weight"]),
         "missing": (["leverage", tmp_path / "none.csv"], ["not found"]),
         "few_rows": (["leverage", tmp_path / "short.csv", "--target", "3"], ["at least 6 rows"]),
+        # A header name given twice, or a name that is also another column's index.
+        "duplicate": (["leverage", tmp_path / "dup.csv", "--target", "a"],
+                      ["--target 'a' is ambiguous", "2 columns named 'a'", "columns 0, 2"]),
+        "name_or_index": (["leverage", tmp_path / "numeric.csv", "--target", "2"],
+                          ["--target '2' is ambiguous", "names column 0", "index of column 'c'"]),
     }
     (tmp_path / "short.csv").write_text("\n".join(lines[:5]) + "\n")
+    (tmp_path / "dup.csv").write_text("\n".join(["a,b,a,y", *lines]) + "\n")
+    (tmp_path / "numeric.csv").write_text("\n".join(["2,b,c,y", *lines]) + "\n")
     for name, (args, words) in bad.items():
         code, _, err = run_main(capsys, *args)
         assert_one_line_error(code, err, *words)

@@ -68,6 +68,14 @@ def test_bad_options():
         load_dataset("digits", limit=0)
     with pytest.raises(ValueError, match="single split, 'train'"):
         load_dataset("digits", split="test")
+    with pytest.raises(ValueError, match=r"limit must be a positive integer or None, got 5\.0"):
+        load_dataset("digits", limit=5.0)
+    with pytest.raises(ValueError, match=r"pad_to must be a positive integer or None, got 12\.0"):
+        load_dataset("digits", pad_to=12.0)
+    for seed in (-1, 1.5, None):
+        with pytest.raises(ValueError, match=rf"seed must be a non-negative integer, got {seed}"):
+            load_dataset("digits", limit=2, seed=seed)
+    assert len(load_dataset("digits", limit=np.int64(3))) == 3  # numpy integers are integers
 
 
 def test_unknown_name_lists_known_ones():
@@ -275,3 +283,41 @@ def test_truncated_npz_is_named_not_a_traceback(tmp_path):
     path.write_bytes(path.read_bytes()[:40])  # a zip archive cut short
     with pytest.raises(ValueError, match=r"x\.npz: not a valid \.npz file"):
         load_dataset(path)
+
+
+def test_nearest_neighbours_bad_inputs_are_named():
+    rng = np.random.default_rng(2)
+    pool = rng.random((20, 3)).astype(np.float32)
+    queries = pool[:10]
+    # exclude: indices outside [-1, n) and bool masks would exclude nothing silently
+    for exclude, match in [
+        (np.arange(10) + 100, r"exclude must hold pool indices in \[0, 20\) or -1 \(none\); query 0 has 100"),
+        (np.full(10, -5), r"query 0 has -5 \(10 out of range\)"),
+        (np.ones(10, bool), "got dtype bool"),
+        (np.arange(10.0), "got dtype float64"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            nearest_neighbours(queries, pool, 2, exclude=exclude)
+    idx, _ = nearest_neighbours(queries, pool, 1, exclude=np.full(10, -1))  # -1: skip nothing
+    np.testing.assert_array_equal(idx[:, 0], np.arange(10))
+    # NaN rows would silently drop out of every neighbour list
+    bad = pool.copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match=r"pool contains NaN or inf in 1 example\(s\); the first is example 7"):
+        nearest_neighbours(queries, bad, 2)
+    with pytest.raises(ValueError, match=r"queries contains NaN or inf .* example 7"):
+        nearest_neighbours(bad, pool, 2)
+    for kwargs, match in [
+        ({"k": 2.0}, "k must be an integer, got 2.0"),
+        ({"k": 2.5}, "k must be an integer, got 2.5"),
+        ({"k": 0}, "k must be >= 1, got 0"),
+        ({"k": 2, "chunk_size": 0}, "chunk_size must be >= 1, got 0"),
+        ({"k": 2, "chunk_size": -1}, "chunk_size must be >= 1, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            nearest_neighbours(queries, pool, **kwargs)
+    with pytest.raises(ValueError, match=r"pool is empty"):
+        nearest_neighbours(queries, pool[:0], 1)
+    # no queries: empty [0, k] results, not a reshape error
+    idx, dist = nearest_neighbours(pool[:0], pool, 3)
+    assert idx.shape == dist.shape == (0, 3) and idx.dtype == np.int32 and dist.dtype == np.float32

@@ -180,6 +180,11 @@ def test_a_list_of_models_and_refused_inputs():
     conv = models.create("conv_vae", (8, 8, 3), seed=0, channels=[4, 8], dense=16, latent_dim=4)
     with pytest.raises(ValueError, match=r"'conv_vae' takes pixel values in \[0, 1\].*example 1 has -0.5"):
         loglik_matrix(conv, data=np.concatenate([np.zeros((1, 8, 8, 3)), np.full((1, 8, 8, 3), -0.5)]), **kw)
+    # integer pixels (binary images stored as int) and a tuple for a VAE: named, not a JAX error
+    with pytest.raises(ValueError, match="MLPVAE takes floating-point x .*got dtype int64"):
+        loglik_matrix(members, data=np.round(x).astype(np.int64), **kw)
+    with pytest.raises(ValueError, match="MLPVAE takes its data as one array x"):
+        loglik_matrix(members, data=(x, x), **kw)
     clf = models.create("classifier", (4, 4), seed=0, hidden=[8], num_classes=3)
     with pytest.raises(ValueError, match=r"label 3 of example 2 lies outside \[0, 3\)"):
         loglik_matrix(clf, data=(x, np.array([0, 1, 3, 2, 1], np.int32)), **kw)

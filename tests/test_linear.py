@@ -181,6 +181,11 @@ def test_sharded_equals_unsharded():
         close(getattr(eight, field), getattr(one, field), 1e-11)
     # And both equal the in-memory QR path (independent factorization), as in float64.
     close(eight.leverage, jl.leverage(X, method="qr", dtype=F64), 1e-11)
+    # The per-column prescale (extreme scales) is applied before the psum too.
+    D = np.geomspace(1e-170, 1e170, X.shape[1])
+    tiny = jl.influence(X * D, y, dtype=F64, mesh=make_mesh(8))
+    close(tiny.leverage, one.leverage, 1e-10)
+    close(np.asarray(tiny.beta) * D, one.beta, 1e-10)
     assert eight.dfbetas.shape == X.shape
 
 
@@ -286,17 +291,79 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_float32_extreme_column_scales():
-    """Entries whose squares overflow (or underflow) float32: the Gram paths say so, and QR's
-    column equilibration stays exact instead of silently dropping the column."""
-    X, _ = load("stackloss")
+    """Entries whose squares overflow (or underflow) float32: the Gram paths prescale each
+    column by a power of two near its max |entry|, so h is that of the unscaled X (leverage is
+    invariant to column scaling) instead of an error, a wrong h or a silently dropped column."""
+    X, y = load("stackloss")  # kappa 50: float32 Cholesky error ~ eps32 * kappa^2 = 3e-4
+    ref = np.asarray(jl.leverage(X, method="qr", dtype=F64))
     big = X.copy()
-    big[4, 2] = 1e20  # finite in float32, its square is not
-    with pytest.raises(ValueError, match=r"overflows in float32 \(column 2"):
-        jl.leverage(big)
-    with pytest.raises(ValueError, match=r"overflows in float32 \(column 2"):
-        jl.leverage_streamed(big, block_rows=8)
-    # eps32 * kappa is ~1e-5 here: 1e-4 (it was the leverage of the other 3 columns before).
-    close(jl.leverage(big, method="qr"), jl.leverage(big, method="qr", dtype=F64), 1e-4)
-    small = X.copy()
-    small[:, 2] *= 1e-25  # squares underflow float32; leverage is scale-free
-    close(jl.leverage(small, method="qr"), jl.leverage(X, method="qr", dtype=F64), 1e-4)
+    big[4, 2] = 1e20  # finite in float32, its square is not (this used to raise "overflows")
+    ref_big = jl.leverage(big, method="qr", dtype=F64)
+    for h in (jl.leverage(big), jl.leverage_streamed(big, block_rows=8), jl.leverage(big, method="qr")):
+        close(h, ref_big, 1e-4)
+    col = X.copy()
+    col[:, 2] *= 1e-25  # squares underflow float32 (the column used to be dropped: sum h = 3)
+    cases = {"X*1e-19": X * 1e-19, "X*1e-20": X * 1e-20, "X*1e+19": X * 1e19, "col*1e-25": col}
+    for name, Xs in cases.items():
+        for h in (jl.leverage(Xs), jl.leverage_streamed(Xs, block_rows=8), jl.leverage(Xs, method="qr")):
+            close(h, ref, 1e-3)
+            np.testing.assert_allclose(float(np.sum(h)), 4.0, rtol=1e-4, err_msg=name)
+    # float64 has the same limits further out (squares of 1e-170 are subnormal).
+    close(jl.leverage(X * 1e-170, dtype=F64), ref, 1e-10)
+    close(jl.leverage_streamed(X * 1e170, block_rows=5, dtype=F64), ref, 1e-10)
+    # Scale-dependent outputs stay in original units: beta_j scales as 1 / column scale.
+    D = np.array([1e-19, 1.0, 1e19, 1.0])
+    inf64 = jl.influence(X, y, dtype=F64)
+    inf32 = jl.influence(X * D, y)
+    close(np.asarray(inf32.beta) * D, inf64.beta, 1e-3)
+    close(inf32.leverage, inf64.leverage, 1e-3)
+    # log det of the Gaussian's covariance too: log p shifts by -k log(scale), M_i does not.
+    Xg = X[:, 1:]
+    g64 = jl.loo_log_density_ratio_gaussian(Xg, dtype=F64)
+    g_small = jl.loo_log_density_ratio_gaussian(Xg * 1e-19)
+    close(np.asarray(g_small.log_p_in) - 3 * math.log(1e19), g64.log_p_in, 1e-4)
+    close(g_small.score, g64.score, 1e-3)
+    # A genuinely rank-deficient X is still one at any scale; an all-zero X still has rank 0.
+    dup = np.c_[X, 2 * X[:, 1] - X[:, 2]]
+    for s in (1.0, 1e-20):
+        close(jl.leverage(dup * s), ref, 1e-3)
+    with pytest.raises(ValueError, match="rank 0"):
+        jl.leverage(np.zeros_like(X))
+
+
+def test_rcond_and_out_are_validated():
+    X, y = load("stackloss")
+    for rcond in (float("nan"), 2, 1.0, -1, float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match=r"rcond must be None .* in \[0, 1\)"):
+            jl.leverage(X, rcond=rcond)
+    with pytest.raises(ValueError, match="rcond"):
+        jl.leverage_streamed(X, rcond=-1e-3)
+    with pytest.raises(ValueError, match="rcond"):
+        jl.influence(X, y, rcond=float("nan"))
+    with pytest.raises(ValueError, match="rcond"):
+        jl.loo_log_density_ratio_regression(X, y, rcond=1.5)
+    assert jl.leverage(X, rcond=0.0, dtype=F64).shape == (21,)  # 0 is allowed: keep all nonzero
+
+    def never(b):  # out is checked before the first pass reads any block
+        raise AssertionError("block read before `out` was validated")
+
+    n = X.shape[0]
+    with pytest.raises(ValueError, match="out must have a floating-point dtype.*int64"):
+        jl.leverage_streamed(X, out=np.zeros(n, np.int64))  # it used to return all zeros
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        jl.leverage_streamed(never, num_blocks=2, out=np.zeros(n, bool))
+    with pytest.raises(ValueError, match=r"out must have shape \(21,\), got \(20,\)"):
+        jl.leverage_streamed(X, out=np.zeros(n - 1))
+    with pytest.raises(ValueError, match=r"out must have shape \(21,\)"):
+        jl.leverage_streamed(lambda b: X, num_blocks=1, out=np.zeros(n + 1))  # n known after pass 1
+    with pytest.raises(ValueError, match=r"out must have shape \[n\]"):
+        jl.leverage_streamed(never, num_blocks=1, out=np.zeros((n, 1)))
+    with pytest.raises(ValueError, match="numpy array"):
+        jl.leverage_streamed(X, out=[0.0] * n)
+    ro = np.zeros(n)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        jl.leverage_streamed(X, out=ro)
+    out32 = np.zeros(n, np.float32)
+    assert jl.leverage_streamed(X, out=out32, dtype=F64) is out32
+    close(out32, jl.leverage(X, method="qr", dtype=F64), 1e-6)

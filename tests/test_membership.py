@@ -90,6 +90,11 @@ def test_balanced_subsets():
         (lambda: balanced_subsets(10, 5), "even num_models"),
         (lambda: Plan.from_keep(np.ones((3, 4), dtype=np.int32)), "boolean"),
         (lambda: Plan.from_keep(np.ones(4, dtype=bool)), "2-D"),
+        (lambda: kfold(10, 2, seed=-1), "seed must be a non-negative integer, got -1"),
+        (lambda: kfold(10, 2, seed=1.5), "seed must be a non-negative integer, got 1.5"),
+        (lambda: kfold(10, 2, seed=None), "seed must be a non-negative integer, got None"),
+        (lambda: random_subsets(10, 2, 0.5, seed=-3), "seed must be a non-negative integer, got -3"),
+        (lambda: balanced_subsets(10, 2, seed=True), "seed must be a non-negative integer, got True"),
     ],
 )
 def test_errors(call, match):
@@ -150,3 +155,60 @@ def test_load_rejects_foreign_file(tmp_path):
     np.savez(path, a=np.zeros(3))
     with pytest.raises(ValueError, match="not a jaxmem plan"):
         load_plan(path)
+
+
+def test_plan_parts_must_agree():
+    good = kfold(12, 3, 2, seed=4)
+    parts = {"keep": good.keep, "kind": "kfold", "seed": 4, "k": 3, "repeats": 2, "rate": 2 / 3, "fold": good.fold}
+    assert Plan(**parts) == good
+    assert kfold(12, 3, seed=np.int64(4)).seed == 4 and type(kfold(12, 3, seed=np.int64(4)).seed) is int
+    fold = good.fold.copy()
+    fold[1, 5] = (fold[1, 5] + 1) % 3  # keep says another model of repeat 1 holds example 5 out
+    for change, match in [
+        ({"fold": fold}, r"fold disagrees with keep at example 5: fold\[1, 5\] = "),
+        ({"fold": np.where(good.fold == 0, 3, good.fold)}, r"fold values must be folds in \[0, 3\)"),
+        ({"fold": good.fold.astype(float)}, "fold must be an integer array"),
+        ({"fold": good.fold[:1]}, r"fold must be \[repeats=2, examples=12\]"),
+        ({"fold": None}, "needs k, repeats and fold; missing fold"),
+        ({"k": 4, "rate": None}, r"k=4 and repeats=2 has k \* repeats = 8 models, but keep has 6"),
+        ({"repeats": 3}, "k \\* repeats = 9 models"),
+        ({"rate": 0.5}, r"rate \(k-1\)/k"),
+        ({"rate": "x"}, r"rate \(k-1\)/k = 0\.666.*, got 'x'"),
+        ({"seed": -2}, "seed must be a non-negative integer"),
+        ({"kind": "custom"}, "a 'custom' plan must leave them None, got k, repeats, fold"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Plan(**{**parts, **change})
+
+
+def test_load_plan_errors_name_the_file(tmp_path):
+    import json
+
+    with pytest.raises(FileNotFoundError):
+        load_plan(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_plan(tmp_path)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"junk\.npz' is not a jaxmem plan file"):
+        load_plan(junk)
+    plan = kfold(10, 2, seed=1)
+    np.save(tmp_path / "array.npy", plan.keep)
+    with pytest.raises(ValueError, match=r"array\.npy' is not a jaxmem plan \(a single \.npy array"):
+        load_plan(tmp_path / "array.npy")
+    meta = plan.metadata()
+    cases = {
+        "json": ({"keep": plan.keep, "metadata": np.array("{bad")}, "metadata is not valid JSON"),
+        "list": ({"keep": plan.keep, "metadata": np.array("[1]")}, "must be a JSON object"),
+        "keys": ({"keep": plan.keep, "metadata": np.array('{"format_version": 1}')},
+                 "metadata lacks kind, n, num_models"),
+        "k": ({"keep": plan.keep, "fold": plan.fold, "metadata": np.array(json.dumps({**meta, "k": 7}))},
+              "k=7 and repeats=1 has k \\* repeats = 7 models"),
+        "fold": ({"keep": plan.keep, "fold": 1 - plan.fold, "metadata": np.array(json.dumps(meta))},
+                 "fold disagrees with keep at example 0"),
+    }
+    for name, (arrays, match) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=rf"{name}\.npz'.*{match}"):
+            load_plan(path)

@@ -76,6 +76,27 @@ def test_config_errors():
     assert models.model_config("mlp_vae", (32, 32))["hidden"] == [1024, 512, 256]
 
 
+def test_config_integer_options_and_numpy_values():
+    # Sizes must be integers: a float is refused by name, not truncated (4.5 -> 4).
+    with pytest.raises(ValueError, match=r"example_shape .* integers, got \(4\.5, 4\)"):
+        models.create("mlp_vae", (4.5, 4), seed=0)
+    with pytest.raises(ValueError, match=r"'hidden' of model 'mlp_vae' must be a sequence of integers, got \[8\.5\]"):
+        models.model_config("mlp_vae", (4, 4), hidden=[8.5])
+    with pytest.raises(ValueError, match="'latent_dim' of model 'mlp_vae' must be an integer, got True"):
+        models.model_config("mlp_vae", (4, 4), latent_dim=True)
+    with pytest.raises(ValueError, match="'dense' of model 'conv_vae' must be an integer, got 16.0"):
+        models.model_config("conv_vae", (8, 8, 3), dense=16.0)
+    with pytest.raises(ValueError, match="'channels' .* got 4"):
+        models.model_config("conv_vae", (8, 8, 3), channels=4)
+    # numpy integers, floats, strings and arrays are stored as Python values (JSON-serialisable).
+    cfg = models.model_config("conv_vae", np.array([8, 8, 3]), channels=np.array([4, 8]), dense=np.int64(16),
+                              latent_dim=np.int32(4), lam=np.float32(0.25), dequantize=np.str_("uniform"))
+    assert json.loads(json.dumps(cfg)) == cfg
+    assert cfg["example_shape"] == [8, 8, 3] and cfg["channels"] == [4, 8] and cfg["lam"] == 0.25
+    assert type(cfg["dense"]) is int and type(cfg["latent_dim"]) is int and type(cfg["lam"]) is float
+    assert models.model_config("mlp_vae", (4, 4), latent_dim=np.int64(2))["latent_dim"] == 2
+
+
 def test_mlp_vae_log_weights_match_float64_numpy():
     """log p(x,z) - log q(z|x) against a float64 numpy forward pass with the same noise."""
     model = models.create("mlp_vae", (4, 4), seed=3, hidden=[8, 6], latent_dim=3, binarize="none")

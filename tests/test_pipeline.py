@@ -106,6 +106,12 @@ def test_result_directory_roundtrip_resume_and_refusal(digits, tmp_path):
     # Fewer epochs than the checkpoints hold would score the 3-epoch members as 2-epoch ones.
     with pytest.raises(jaxmem.ConfigMismatchError, match="trained for 3 epochs"):
         jaxmem.memorization(digits.x, digits.y, epochs=2, out_dir=out, **kw)
+    # Other data of the same shape, asking for more epochs: the checkpoints refuse it (they
+    # fingerprint the data), and the directory's configuration stays that of its run.
+    before = (out / "config.json").read_text()
+    with pytest.raises(jaxmem.ConfigMismatchError, match="data"):
+        jaxmem.memorization(1 - digits.x, digits.y, epochs=4, out_dir=out, **kw)
+    assert (out / "config.json").read_text() == before
 
     with pytest.raises(jaxmem.ConfigMismatchError, match="model.hidden"):
         jaxmem.memorization(
@@ -192,7 +198,7 @@ def test_out_of_range_data_is_refused_before_training(digits, tmp_path):
         jaxmem.memorization(digits.x, digits.y + 0.5, model="classifier", **kw)
     with pytest.raises(ValueError, match="x has no examples"):
         jaxmem.memorization(digits.x[:0], **kw)
-    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
         jaxmem.memorization(digits.x, **(kw | {"epochs": 0}))
     assert not out.exists()  # refused before anything was written or trained
     # whole-number float labels (a CSV column) are accepted as int32; linear-Gaussian data are unbounded
@@ -201,3 +207,72 @@ def test_out_of_range_data_is_refused_before_training(digits, tmp_path):
     assert labels.dtype == np.int32 and np.array_equal(labels, digits.y)
     lg = jaxmem.model_config("linear_gaussian_vae", (3,), latent_dim=1)
     assert jaxmem.models.check_data(lg, np.array([[-300.0, 2.0, 1e6]])) is None
+
+
+def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_path):
+    """Every option of memorization() is checked up front: one found bad only when the
+    scores are computed would cost the whole training (and, with out_dir, leave a
+    directory whose stored configuration no correct rerun could match)."""
+    out = tmp_path / "run"
+    x, y = digits.x[:60], digits.y[:60]
+    kw = dict(epochs=1, progress=False, out_dir=out)
+    cases = [
+        (dict(quantile=1.5), r"quantile must be in \[0, 1\], got 1.5"),
+        (dict(num_samples=8.0), "num_samples must be an integer.*got 8.0"),
+        (dict(track_epochs=[1], track_samples=-2), "track_samples must be >= 1, got -2"),
+        (dict(track_epochs=[1.5]), "track_epochs entries must be an integer.*got 1.5"),
+        (dict(learning_rate=-1.0), "learning_rate must be a positive finite number, got -1.0"),
+        (dict(learning_rate=float("nan")), "learning_rate must be a positive finite number, got nan"),
+        (dict(seed=-1), "seed must be .*got -1"),
+        (dict(seed=1.5), "seed must be .*integer.*got 1.5"),
+        (dict(batch_size=2.5), "batch_size must be an integer.*got 2.5"),
+        (dict(epochs=1.5), r"epochs must be an integer >= 1, got 1.5"),
+        (dict(checkpoint_every=0), "checkpoint_every must be >= 1, got 0"),
+        (dict(plan=jaxmem.kfold(60, 3).keep), "plan must be a jaxmem Plan .*got ndarray"),
+        (dict(mesh="x"), "mesh must be None or a jax.sharding.Mesh"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            jaxmem.memorization(x, y, **(kw | options))
+    for labels, message in [(np.array(["a"] * 60), "y must hold integer labels, got dtype <U1"),
+                            (np.linspace(0, 2, 60), "y must hold whole-number labels, but example 1 has label"),
+                            (np.full(60, 2.0**40), "label 1099511627776.0 of example 0 does not fit in int32")]:
+        with pytest.raises(ValueError, match=message):
+            jaxmem.memorization(x, labels, **kw)
+    assert not out.exists()
+    # a results directory whose config.json is damaged is named, not a JSON traceback
+    out.mkdir()
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        jaxmem.memorization(x, y, **kw)
+    (out / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: not a jaxmem configuration"):
+        jaxmem.memorization(x, y, **kw)
+
+
+def test_damaged_results_are_refused_by_name(digits, tmp_path):
+    out = tmp_path / "run"
+    jaxmem.memorization(digits.x[:60], epochs=1, folds=2, num_samples=2, model_options={"hidden": [8]}, batch_size=16,
+                        progress=False, out_dir=out, linear_baseline=False)
+    good = dict(np.load(out / "result.npz"))
+    assert jaxmem.load_result(out).M.shape == (60,)
+    for change, message in [(lambda a: a.pop("M"), r"lacks \['M'\]"),
+                            (lambda a: a.pop("threshold"), r"lacks \['threshold'\]"),
+                            (lambda a: a.update(M=a["M"][:5]), r"damaged: .*M \(5,\)")]:
+        arrays = dict(good)
+        change(arrays)
+        np.savez(out / "result.npz", **arrays)
+        with pytest.raises(ValueError, match=message):
+            jaxmem.load_result(out)
+    np.savez(out / "result.npz", **good)
+    (out / "config.json").unlink()
+    with pytest.raises(ValueError, match="holds result.npz but no config.json"):
+        jaxmem.load_result(out)
+    # a damaged tracked.npz is named on resume, not numpy's pickle message
+    out2 = tmp_path / "tracked"
+    kw = dict(epochs=1, folds=2, num_samples=2, model_options={"hidden": [8]}, batch_size=16, progress=False,
+              out_dir=out2, linear_baseline=False, track_epochs=[1], track_samples=1)
+    jaxmem.memorization(digits.x[:60], **kw)
+    (out2 / "tracked.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="tracked.npz is damaged"):
+        jaxmem.memorization(digits.x[:60], **kw)

@@ -1,5 +1,7 @@
 """Tests of jaxmem.report: summary numbers by hand, Spearman vs scipy, every figure."""
 
+import types
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -77,6 +79,19 @@ def test_summary_rejects_bad_inputs():
         summary(np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"highly_memorized must be a bool array of shape \[3\]"):
         summary(np.zeros(3), highly_memorized=np.zeros(3, int))
+    # Model counts are whole numbers >= 0 (3.0 is fine, 2.7 and -1 are not).
+    assert summary(np.zeros(3), in_counts=np.array([3.0, 4, 5]))["in_counts"] == {
+        "min": 3, "median": 4.0, "max": 5}
+    with pytest.raises(ValueError, match=r"in_counts must be whole numbers >= 0 .* 3 are not; "
+                                         r"the first is example 0 \(2.7\)"):
+        summary(np.zeros(3), in_counts=np.full(3, 2.7))
+    with pytest.raises(ValueError, match=r"out_counts must be whole numbers >= 0 .* example 1 \(-1.0\)"):
+        summary(np.zeros(3), out_counts=np.array([1, -1, 2]))
+    with pytest.raises(ValueError, match="in_counts has 2 values, expected 3"):
+        summary(np.zeros(3), in_counts=np.ones(2, int))
+    # The quantile is checked also when the flags are given.
+    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\], got 1.5"):
+        summary(np.zeros(3), quantile=1.5, highly_memorized=np.zeros(3, bool))
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -134,6 +149,9 @@ def test_examples_grid_and_its_errors(tmp_path):
     with pytest.raises(ValueError, match=r"images must be \[n, height, width"):
         report.plot_examples_grid(np.zeros((20, 4)), np.zeros(20), np.zeros((20, 4)),
                                   tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"1, 3 or 4 channels, got shape \(20, 4, 4, 2\)"):
+        report.plot_examples_grid(np.zeros((20, 4, 4, 2)), np.zeros(20), np.zeros((20, 4, 4, 2)),
+                                  tmp_path / "g.png")
     with pytest.raises(ValueError, match=r"M_by_epoch must be \[3 epochs, n\]"):
         report.plot_scores_over_epochs([1, 2, 3], np.zeros((2, 5)), tmp_path / "e.png")
 
@@ -146,3 +164,47 @@ def test_run_description_names_the_optimizer():
     lines = report._run_description(config)
     assert not any("Adam" in line for line in lines)
     assert any("custom optimizer" in line for line in lines)
+
+
+def _fake_result(n=30, quantile=0.95, example_shape=(8, 8, 1)):
+    """The fields write_report reads, with M = 0..n-1 and M above ``quantile`` flagged."""
+    M = np.arange(n, dtype=np.float32)
+    return types.SimpleNamespace(
+        M=M, U=-M, n_in=np.full(n, 2), n_out=np.ones(n, int),
+        highly_memorized=M > np.quantile(M, quantile), leverage=None, tracked_epochs=None,
+        config={"data": {"n": n, "example_shape": list(example_shape)},
+                "scoring": {"quantile": quantile}},
+    )
+
+
+def test_write_report_refuses_a_dataset_it_cannot_show(tmp_path):
+    x = load_dataset("digits", limit=6).x  # [6, 8, 8, 1]
+    result = _fake_result(n=6)
+    for bad, match in [
+        (x[:4], r"dataset must be \[6, height, width\] or \[6, height, width, channels\] .* "
+                r"got shape \(4, 8, 8, 1\)"),
+        (x.reshape(6, 64), r"got shape \(6, 64\) \(reshape flat examples"),
+        (x[..., None, None], r"got shape \(6, 8, 8, 1, 1, 1\)"),
+        (np.zeros((6, 5, 5)), r"dataset holds examples of shape \(5, 5\) but the result scored "
+                               r"examples of shape \(8, 8, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            report.write_report(result, tmp_path / "out", dataset=bad)
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+    # The same examples as [n, H, W] (or a Dataset) are drawn.
+    files = report.write_report(result, tmp_path / "ok", dataset=x[..., 0])["files"]
+    assert "examples" in files and files["examples"].exists()
+
+
+@pytest.mark.parametrize("quantile, num_high", [(0.0, 29), (1.0, 0)])
+def test_write_report_at_the_ends_of_the_quantile_range(tmp_path, quantile, num_high):
+    # memorization(quantile=0 or 1) is accepted by the scores: the report shows it too.
+    out = report.write_report(_fake_result(quantile=quantile), tmp_path)
+    assert out["summary"]["num_highly_memorized"] == num_high
+    assert f"{num_high} examples" in out["markdown"]
+    for kind in ("distribution", "figure3"):
+        _check_png(out["files"][kind])
+    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\], got 1.5"):
+        bad = _fake_result()
+        bad.config["scoring"]["quantile"] = 1.5
+        report.write_report(bad, tmp_path / "bad")

@@ -258,6 +258,13 @@ def test_quantile_flags():
         quantile_flags(x.reshape(1, -1), 0.9)
     with pytest.raises(ValueError, match="quantile"):
         quantile_flags(x, 1.5)
+    # Integer scores are cast to float: the 0.95 quantile of 0..99 is 94.05.
+    flags, thr = quantile_flags(np.arange(100), 0.95)
+    assert float(thr) == pytest.approx(94.05, rel=1e-6)
+    np.testing.assert_array_equal(np.asarray(flags), np.arange(100) >= 95)
+    # The ends of [0, 1]: everything above the minimum, and nothing.
+    assert int(np.asarray(quantile_flags(x, 0.0)[0]).sum()) == 100
+    assert int(np.asarray(quantile_flags(x, 1.0)[0]).sum()) == 0
 
 
 # ------------------------------------------------------------ Feldman & Zhang
@@ -303,6 +310,10 @@ def test_feldman_zhang_log_prob_variant_matches_numpy():
 def test_quantile_flags_and_bootstrap_count_refuse_bad_values():
     with pytest.raises(ValueError, match="non-finite"):
         quantile_flags(np.array([0.1, np.nan, 0.3]), 0.95)
+    with pytest.raises(TypeError, match="scores must be real numbers .* got dtype bool"):
+        quantile_flags(np.arange(10) > 5, 0.95)
+    with pytest.raises(ValueError, match="no scores"):
+        quantile_flags(np.zeros(0), 0.95)
     ll = np.zeros((4, 3))
     keep = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)
     with pytest.raises(ValueError, match="num_bootstrap must be an integer"):

@@ -62,8 +62,31 @@ def _defaults(cls) -> dict[str, Any]:
     }
 
 
-def _jsonable(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+def _plain(v: Any) -> Any:
+    """``v`` with numpy scalars and arrays as Python values and tuples as lists (for JSON)."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return [_plain(e) for e in v]
+    return v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_ints(what: str, value: Any, default: Any) -> None:
+    """Refuse ``value`` (already :func:`_plain`) where the option's ``default`` is an int or ints.
+
+    A float such as 4.5 would otherwise be truncated silently by the layer sizes.
+    """
+    if _is_int(default) and not _is_int(value):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if isinstance(default, tuple) and default and all(_is_int(d) for d in default):
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise ValueError(f"{what} must be a sequence of integers, got {value!r}")
 
 
 def model_config(name: str, example_shape: Sequence[int], **kwargs: Any) -> dict[str, Any]:
@@ -78,7 +101,14 @@ def model_config(name: str, example_shape: Sequence[int], **kwargs: Any) -> dict
       **kwargs: the model's keyword options (see each class).
 
     Returns:
-      ``{"name": ..., "example_shape": [...], **options}`` (tuples become lists).
+      ``{"name": ..., "example_shape": [...], **options}`` (tuples become lists, numpy
+      scalars and arrays Python numbers and lists).
+
+    Raises:
+      ValueError: an unknown model or option; an ``example_shape`` that is empty or not
+        positive integers; an integer option (``latent_dim``, ``dense``, ``num_classes``,
+        the sizes in ``hidden`` or ``channels``) given a float such as 4.5 or a bool.
+      TypeError: an option that is not JSON-serialisable.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -86,11 +116,13 @@ def model_config(name: str, example_shape: Sequence[int], **kwargs: Any) -> dict
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}; it takes {sorted(defaults)}")
-    shape = [int(s) for s in example_shape]
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"example_shape must be non-empty and positive, got {tuple(example_shape)}")
+    shape = _plain(list(example_shape) if isinstance(example_shape, Sequence) else example_shape)
+    if not isinstance(shape, list) or not shape or not all(_is_int(s) and s >= 1 for s in shape):
+        raise ValueError(f"example_shape must be a non-empty sequence of positive integers, got {example_shape!r}")
     cfg = {"name": name, "example_shape": shape}
-    cfg.update({k: _jsonable(kwargs.get(k, v)) for k, v in defaults.items()})
+    for k, v in defaults.items():
+        cfg[k] = _plain(kwargs.get(k, v))
+        _check_ints(f"option {k!r} of model {name!r}", cfg[k], v)
     json.dumps(cfg)  # fail here, not when a checkpoint is written
     return cfg
 
@@ -216,7 +248,9 @@ def check_model_data(model: nnx.Module, data: Any) -> None:
     For :class:`MLPVAE`, :class:`ConvVAE` and :class:`Classifier` instances (subclasses
     included; an abstract module from ``nnx.eval_shape`` will do, only its class and
     options are read) the value ranges of :func:`check_data`; nothing for other models,
-    whose contracts jaxmem does not know. :func:`jaxmem.ensemble.fit` and
+    whose contracts jaxmem does not know. For all four of jaxmem's models also the
+    data's layout and type: one floating-point array ``x`` for the VAEs, ``(x, y)``
+    with floating-point ``x`` for the classifier. :func:`jaxmem.ensemble.fit` and
     :func:`jaxmem.likelihood.loglik_matrix` call it, so data out of range is refused
     there too, not only by :func:`jaxmem.memorization`.
 
@@ -228,9 +262,23 @@ def check_model_data(model: nnx.Module, data: Any) -> None:
     Raises:
       ValueError: as :func:`check_data`.
     """
+    if not isinstance(model, (MLPVAE, ConvVAE, LinearGaussianVAE, Classifier)):
+        return
+    name = type(model).__name__
+    if isinstance(model, Classifier):
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            return  # the model's own check names the layout it needs
+        x = data[0]
+    elif isinstance(data, (tuple, list, dict)):
+        raise ValueError(f"{name} takes its data as one array x [n, *example_shape], got a {type(data).__name__}")
+    else:
+        x = data
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"{name} takes floating-point x (e.g. x.astype(np.float32)), got dtype {dtype}")
     if isinstance(model, MLPVAE):
-        check_data({"name": "mlp_vae", "binarize": model.binarize}, data)
+        check_data({"name": "mlp_vae", "binarize": model.binarize}, x)
     elif isinstance(model, ConvVAE):
-        check_data({"name": "conv_vae"}, data)
-    elif isinstance(model, Classifier) and isinstance(data, (tuple, list)) and len(data) == 2:
-        check_data({"name": "classifier", "num_classes": model.num_classes}, data[0], data[1])
+        check_data({"name": "conv_vae"}, x)
+    elif isinstance(model, Classifier):
+        check_data({"name": "classifier", "num_classes": model.num_classes}, x, data[1])
