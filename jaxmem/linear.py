@@ -199,15 +199,25 @@ def _as_target(y: Any, n: int, dt: np.dtype) -> jax.Array:
     return y
 
 
-def _raise_nonfinite(name: str, X: Any, row_offset: int = 0) -> None:
-    # Only reached when the Gram diagonal is not finite, so the scan costs nothing normally.
-    # (With the columns prescaled to max-abs < 1 a finite X cannot overflow X^T X.)
-    Xh = np.asarray(X)
+def _raise_nonfinite(name: str, X: Any, row_offset: int = 0, dt: np.dtype | None = None) -> None:
+    """Name the first entry of ``X`` (as computed in ``dt``, when given) that is not finite."""
+    # Only reached when a Gram diagonal or column maximum is not finite, so the scan costs
+    # nothing normally. (With the columns prescaled a finite X cannot overflow X^T X.)
+    given = np.asarray(X)
+    Xh = given if dt is None else given.astype(dt)
     bad = np.argwhere(~np.isfinite(Xh))
     if bad.size == 0:  # pragma: no cover - defensive
         raise ValueError(f"{name}^T {name} is not finite although {name} is")
     i, j = bad[0]
-    raise ValueError(f"{name}[{int(i) + row_offset}, {int(j)}] is {Xh[i, j]}: {name} must be finite")
+    where = f"{name}[{int(i) + row_offset}, {int(j)}]"
+    if np.isfinite(given[i, j]):
+        raise ValueError(f"{where} = {given[i, j]:g} does not fit in {Xh.dtype} (it becomes {Xh[i, j]}); "
+                         f"pass dtype=jnp.float64, or rescale {name}")
+    hint = ""
+    if np.isinf(Xh[i, j]) and Xh.dtype == np.float32:
+        hint = f" (an entry beyond float32's range, |x| > {float(np.finfo(np.float32).max):.3g}, becomes inf: " \
+               "if yours was finite, pass dtype=jnp.float64)"
+    raise ValueError(f"{where} is {Xh[i, j]}: {name} must be finite{hint}")
 
 
 def _check_rcond(rcond: Any) -> None:
@@ -598,7 +608,7 @@ def leverage_streamed(
             g, m = _moments_maxabs(jnp.asarray(xb, dtype=dt))
             m = np.asarray(m, dtype=np.float64)
             if not np.all(np.isfinite(m)):
-                _raise_nonfinite("X", xb, row_offset=row)
+                _raise_nonfinite("X", xb, row_offset=row, dt=dt)
             g = np.asarray(g, dtype=np.float64)
             G, maxabs = (g, m) if G is None else (G + g, np.maximum(maxabs, m))
             sizes.append(xb.shape[0])

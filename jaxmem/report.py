@@ -705,13 +705,18 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
       ``{"files": {kind: path}, "summary": summary dict, "markdown": str}``.
 
     Raises:
-      ValueError: before anything is written: ``dataset`` is not ``n`` images (its
+      ValueError: before anything is written: ``result`` lacks a field named above,
+        ``dataset`` is not ``n`` images (its
         shape and the one expected named; flat examples such as ``[n, 64]`` must be
         reshaped to ``[n, 8, 8]`` first), its examples hold another number of values
         than the scored ones (``config["data"]["example_shape"]``), the quantile in
         ``config["scoring"]`` is outside [0, 1], or a field of ``result`` is refused
         by :func:`summary`.
     """
+    lacking = [f for f in ("M", "U", "n_in", "n_out", "highly_memorized") if not hasattr(result, f)]
+    if lacking:
+        raise ValueError(f"result must be a MemorizationResult (jaxmem.memorization or jaxmem.load_result); "
+                         f"this {type(result).__name__} has no {', '.join(lacking)}")
     config = getattr(result, "config", None) or {}
     quantile = _check_quantile(config.get("scoring", {}).get("quantile", 0.95))
     M = _vector(result.M, "M")

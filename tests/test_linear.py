@@ -264,6 +264,14 @@ def test_bad_inputs_raise_clear_errors():
     bad[4, 2] = np.inf
     with pytest.raises(ValueError, match=r"X\[4, 2\] is inf"):
         jl.influence(bad, y)
+    # a finite float64 entry beyond float32's range: named as such, not as "inf"
+    bad[4, 2] = 1e39
+    with pytest.warns(RuntimeWarning, match="overflow"), \
+            pytest.raises(ValueError, match=r"X\[4, 2\] = 1e\+39 does not fit in float32.*dtype=jnp.float64"):
+        jl.leverage_streamed(bad, block_rows=8)
+    with pytest.warns(RuntimeWarning, match="overflow"), \
+            pytest.raises(ValueError, match=r"X\[4, 2\] is inf: .*beyond float32's range.*dtype=jnp.float64"):
+        jl.leverage(bad)
     yb = y.copy()
     yb[9] = np.nan
     with pytest.raises(ValueError, match=r"y\[9\] is nan"):

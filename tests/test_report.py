@@ -191,6 +191,9 @@ def test_write_report_refuses_a_dataset_it_cannot_show(tmp_path):
         with pytest.raises(ValueError, match=match):
             report.write_report(result, tmp_path / "out", dataset=bad)
         assert not (tmp_path / "out").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="result must be a MemorizationResult .*this dict has no M, U"):
+        report.write_report({"M": np.zeros(6)}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     # The same examples as [n, H, W] (or a Dataset) are drawn.
     files = report.write_report(result, tmp_path / "ok", dataset=x[..., 0])["files"]
     assert "examples" in files and files["examples"].exists()
