@@ -26,7 +26,10 @@ from jaxmem import (
     report as report,
     scores as scores,
 )
-from jaxmem.checkpoint import ConfigMismatchError as ConfigMismatchError
+from jaxmem.checkpoint import (
+    CheckpointDamagedError as CheckpointDamagedError,
+    ConfigMismatchError as ConfigMismatchError,
+)
 from jaxmem.data import (
     Dataset as Dataset,
     DatasetNotPreparedError as DatasetNotPreparedError,

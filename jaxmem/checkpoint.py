@@ -10,9 +10,13 @@ The one module that knows orbax. A run directory holds
 
 Opening a run directory with another configuration raises :class:`ConfigMismatchError`
 naming every field that differs, so states from different plans, models or shapes are
-never mixed. Saves are asynchronous (orbax writes in a background thread into a
-temporary directory and renames it when complete), so a process killed mid-save leaves
-the previous checkpoint as the latest one.
+never mixed; one whose ``config.json`` is missing (next to checkpoints) or unreadable is
+refused too. A checkpoint whose files were damaged raises :class:`CheckpointDamagedError`
+instead of falling back to an older one: nothing is skipped or overwritten silently.
+
+Saves are asynchronous (orbax writes in a background thread into a temporary directory
+and renames it when complete), so a process killed mid-save leaves the previous
+checkpoint as the latest one.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
-__all__ = ["RunCheckpoints", "ConfigMismatchError", "fingerprint_array", "describe_tree", "latest_epoch"]
+__all__ = [
+    "RunCheckpoints", "ConfigMismatchError", "CheckpointDamagedError", "fingerprint_array", "describe_tree",
+    "latest_epoch",
+]
 
 _FORMAT = 1
 
@@ -40,15 +48,24 @@ def latest_epoch(run_dir: str | os.PathLike) -> int | None:
     For a look before a run (to report that it will resume, or refuse it) without
     :class:`RunCheckpoints`, which checks and writes the configuration.
     """
+    return max(_epochs_on_disk(run_dir), default=None)
+
+
+def _epochs_on_disk(run_dir: str | os.PathLike) -> list[int]:
+    """Sorted epochs of the complete checkpoints in ``run_dir`` (directory listing only)."""
     root = os.path.join(run_dir, _STEPS_DIR)
     if not os.path.isdir(root):
-        return None
+        return []
     # orbax writes into a temporary name and renames to the bare step number when done
-    return max((int(e.name) for e in os.scandir(root) if e.is_dir() and e.name.isdigit()), default=None)
+    return sorted(int(e.name) for e in os.scandir(root) if e.is_dir() and e.name.isdigit())
 
 
 class ConfigMismatchError(ValueError):
     """A run directory was written by a run with another configuration."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint's files cannot be read back (truncated, overwritten, partly deleted)."""
 
 
 def fingerprint_array(a: Any) -> str:
@@ -98,6 +115,13 @@ class RunCheckpoints:
         keys listed in ``mutable`` (e.g. the number of epochs) may change on resume.
       max_to_keep: newest checkpoints kept.
       mutable: config keys allowed to differ from the stored ones.
+
+    Raises:
+      ConfigMismatchError: ``run_dir`` holds a run of another configuration.
+      ValueError: ``run_dir`` or its ``checkpoints`` entry is not a directory; its
+        ``config.json`` is not a JSON object; or it holds checkpoints but no
+        ``config.json`` (they cannot be checked against this run). Raised before
+        anything is written.
     """
 
     def __init__(
@@ -109,22 +133,36 @@ class RunCheckpoints:
         mutable: tuple[str, ...] = (),
     ):
         self.run_dir = os.path.abspath(os.fspath(run_dir))
-        os.makedirs(self.run_dir, exist_ok=True)
+        steps_dir = os.path.join(self.run_dir, _STEPS_DIR)
+        for d in (self.run_dir, steps_dir):  # before orbax, which fails on them with thread noise
+            if os.path.lexists(d) and not os.path.isdir(d):
+                raise ValueError(f"run_dir: {d} exists and is not a directory; use another run directory")
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:  # a parent is a file
+            raise ValueError(f"run_dir: cannot create directory {self.run_dir}: {e}") from e
         config = json.loads(json.dumps({"format": _FORMAT, **config}))  # normalise tuples etc.
         self.config = config
         path = os.path.join(self.run_dir, "config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                stored = json.load(f)
-            self._check(stored, config, mutable)
+        if os.path.lexists(path):
+            self._check(_read_config(path), config, mutable)
+        elif epochs := _epochs_on_disk(self.run_dir):
+            # A fresh config.json would adopt checkpoints of an unknown run as this one's.
+            raise ValueError(
+                f"{self.run_dir} holds checkpoints (epochs {_short(epochs)}) but no config.json, so it "
+                "cannot be checked against this run; restore config.json or use another directory"
+            )
         else:
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(config, f, indent=1, sort_keys=True)
             os.replace(tmp, path)  # atomic: a killed process never leaves half a config
+        self._steps_dir = steps_dir
+        # Handlers named up front so that a checkpoint's metadata can be read before restoring.
         self._manager = ocp.CheckpointManager(
-            os.path.join(self.run_dir, _STEPS_DIR),
+            steps_dir,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "history": ocp.JsonCheckpointHandler()},
         )
 
     def _check(self, stored: dict, config: dict, mutable: tuple[str, ...]) -> None:
@@ -170,12 +208,37 @@ class RunCheckpoints:
 
         Returns:
           ``(state, history)``.
+
+        Raises:
+          FileNotFoundError: there is no checkpoint.
+          ConfigMismatchError: the checkpoint holds other leaves or shapes than ``like``.
+          CheckpointDamagedError: the checkpoint's files cannot be read back; it is left
+            as it is (no older checkpoint is used in its place), and the message names
+            the earlier checkpoint that deleting it would resume from.
         """
         epoch = self.latest_epoch() if epoch is None else epoch
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {self.run_dir}")
         leaves, treedef = jax.tree.flatten(like)
         target = {_leaf_name(i): _abstract(x) for i, x in enumerate(leaves)}
+        # The stored leaves first: a checkpoint that reads but does not fit is a mismatch,
+        # one that cannot be read (here or in the restore below) is damaged.
+        try:
+            _read_array_store(os.path.join(self._steps_dir, str(epoch), "state"))
+            stored = self._manager.item_metadata(epoch)["state"]
+            stored = {k: tuple(v.shape) for k, v in stored.items()}
+        except Exception as e:
+            raise self._damaged(epoch, e) from e
+        diffs = [
+            f"{k}: stored {stored.get(k, '<missing>')} vs now {target[k].shape if k in target else '<missing>'}"
+            for k in sorted(set(stored) | set(target))
+            if k not in stored or k not in target or stored[k] != target[k].shape
+        ]
+        if diffs:  # structure changed under an unchanged config
+            raise ConfigMismatchError(
+                f"checkpoint {epoch} in {self.run_dir} does not fit the current state: " + "; ".join(diffs[:5])
+                + (f"; ... and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            )
         try:
             out = self._manager.restore(
                 epoch,
@@ -184,10 +247,8 @@ class RunCheckpoints:
                     history=ocp.args.JsonRestore(),
                 ),
             )
-        except (ValueError, KeyError) as e:  # structure changed under an unchanged config
-            raise ConfigMismatchError(
-                f"checkpoint {epoch} in {self.run_dir} does not fit the current state: {e}"
-            ) from e
+        except Exception as e:
+            raise self._damaged(epoch, e) from e
         restored = out["state"]
         new_leaves = []
         for i, like_leaf in enumerate(leaves):
@@ -202,6 +263,19 @@ class RunCheckpoints:
             new_leaves.append(x)
         return jax.tree.unflatten(treedef, new_leaves), out["history"]
 
+    def _damaged(self, epoch: int, err: Exception) -> CheckpointDamagedError:
+        earlier = [s for s in self._manager.all_steps() if s < epoch]
+        path = os.path.join(self._steps_dir, str(epoch))
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first if len(first) <= 300 else first[:297] + "..."
+        keep = (
+            f"the earlier checkpoint {max(earlier)} is kept: deleting {path} resumes from it"
+            if earlier else f"there is no earlier checkpoint: deleting {path} starts the run over"
+        )
+        return CheckpointDamagedError(
+            f"checkpoint {epoch} in {self.run_dir} is damaged or unreadable ({type(err).__name__}: {first}); {keep}"
+        )
+
     def wait(self) -> None:
         """Block until every started save is on disk."""
         self._manager.wait_until_finished()
@@ -210,6 +284,37 @@ class RunCheckpoints:
         """Finish pending saves and release orbax's threads."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _read_array_store(state_dir: str) -> None:
+    """Read every stored value of a checkpoint's OCDBT array store, one after another.
+
+    Raises tensorstore's error for a damaged store (truncated or overwritten data files,
+    manifest, b-tree). Before orbax reads it: orbax reads all arrays at once and, on the
+    first error, leaves the other reads to end in "Event loop is closed" tracebacks.
+    """
+    if not os.path.isfile(os.path.join(state_dir, "manifest.ocdbt")):
+        return  # not an OCDBT store (or its manifest is gone): orbax's restore reports it
+    store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + os.sep}}).result()
+    for key in store.list().result():
+        store.read(key).result()
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """The stored configuration; ValueError naming ``path`` if it is not a JSON object."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path} cannot be read as JSON ({type(e).__name__}: {e}); restore it, or use another run directory"
+        ) from e
+    if not isinstance(stored, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(stored).__name__}, not the run's configuration (an object); "
+            "restore it, or use another run directory"
+        )
+    return stored
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -526,14 +526,18 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
     if n < need:
         raise ValueError(f"{path}: {n} rows for {p} column(s) (+ intercept): the linear baseline "
                          f"needs at least {need} rows")
+    f64 = np.float64
+    if y is not None:  # before creating --out, which a refused target would leave empty
+        try:
+            inf = linear.influence(design, y, dtype=f64)
+        except ValueError as err:
+            raise ValueError(f"{path}: --target {target!r}: {err}") from None
+        ratio = linear.loo_log_density_ratio_regression(design, y, dtype=f64)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    f64 = np.float64
     cols: dict[str, np.ndarray] = {"index": np.arange(n)}
     notes = []
     if y is not None:
-        inf = linear.influence(design, y, dtype=f64)
-        ratio = linear.loo_log_density_ratio_regression(design, y, dtype=f64)
         cols.update(
             leverage=np.asarray(inf.leverage), residual=np.asarray(inf.residuals),
             studentized_residual=np.asarray(inf.studentized_external),
@@ -594,7 +598,9 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
         ok = np.isfinite(m)
         if ok.sum() >= 2:
             rho = spearman_correlation(m[ok], cols["leverage"][ok])
-            print(f"\nSpearman rank correlation of the LOO density ratio with leverage: {rho:.3f}")
+            text = (f"{rho:.3f}" if np.isfinite(rho) else
+                    "undefined (the LOO density ratio or the leverage is the same for every row)")
+            print(f"\nSpearman rank correlation of the LOO density ratio with leverage: {text}")
     written = [csv_path.name] + ([figure.name] if figure is not None else [])
     print(f"\nWrote {', '.join(written)} in {out.resolve()}")
     return 0

@@ -174,8 +174,9 @@ def load_dataset(
       FileNotFoundError: a file does not exist; :class:`DatasetNotPreparedError`
         (a subclass) when a TFDS data set is not prepared locally. The message says
         how to prepare it. Nothing is ever downloaded.
-      ValueError: an unknown name, a malformed file (wrong shape, empty, NaN or
-        inf, with the first offending example's index) or invalid options (``limit``,
+      ValueError: an unknown name, a malformed file (wrong shape, empty, not real
+        numbers (e.g. complex), NaN or inf, with the first offending example's index) or
+        invalid options (``limit``,
         ``pad_to`` or ``resize_to`` not a positive integer or None, ``seed`` not a
         non-negative integer).
     """
@@ -423,8 +424,7 @@ def _load_file(path: pathlib.Path):
     else:
         raise ValueError(f"unsupported file type {path.suffix!r}: use .npy, .npz or .csv")
 
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise ValueError(f"{path}: x must be numeric, got dtype {x.dtype}")
+    _check_real(x, f"{path}: x", bool_ok=True)
     _check_x(x, f"{path}: x")
     meta = _meta(f"file:{path.resolve()}", "train", levels=None, num_classes=None)
     if x.dtype == np.uint8:
@@ -471,8 +471,8 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
 
     Raises:
       FileNotFoundError: no such file. ValueError: a directory, another suffix, a table
-      that is not 2-D, not numeric or has no rows, a header whose length differs from the
-      rows'.
+      that is not 2-D, not real numbers (complex, strings...; also an ``.npz`` ``y``) or has
+      no rows, a header whose length differs from the rows'.
     """
     path = pathlib.Path(path)
     _existing_file(path, "table", ".csv, .npz or .npy")
@@ -502,8 +502,9 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
             table = loaded
         if table.ndim != 2:
             raise ValueError(f"{path}: the table must be 2-D [rows, columns], got shape {table.shape}")
-        if not np.issubdtype(table.dtype, np.number):
-            raise ValueError(f"{path}: the table must be numeric, got dtype {table.dtype}")
+        _check_real(table, f"{path}: the table")
+        if y is not None:
+            _check_real(y, f"{path}: y", bool_ok=True)
         table = table.astype(np.float64)
         names = [f"column {j}" for j in range(table.shape[1])]
     else:
@@ -513,6 +514,17 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
     if table.shape[1] != len(names):
         raise ValueError(f"{path}: the header has {len(names)} names but rows have {table.shape[1]} values")
     return table, names, y
+
+
+def _check_real(a: np.ndarray, what: str, *, bool_ok: bool = False) -> None:
+    """Refuse arrays that are not real numbers: complex (``astype`` would silently drop the
+    imaginary part), strings, datetimes, objects; booleans only with ``bool_ok``."""
+    if a.dtype.kind == "c":
+        raise ValueError(f"{what} is complex (dtype {a.dtype}); only real numbers are supported: "
+                         "save the real part (np.real), the magnitude (np.abs), or the real and "
+                         "imaginary parts as separate features")
+    if not (a.dtype.kind in "iuf" or (bool_ok and a.dtype.kind == "b")):
+        raise ValueError(f"{what} must be numeric (real numbers), got dtype {a.dtype}")
 
 
 def _is_number(text: str) -> bool:

@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem import models as _models
 from jaxmem.membership import _check_int, _check_keep, _check_seed
-from jaxmem.mesh import compiler_options, make_mesh, nonfinite_rows, on_cpu, shard_examples
+from jaxmem.mesh import as_mesh, compiler_options, make_mesh, nonfinite_rows, on_cpu, shard_examples
 from jaxmem.models._latent import reverse_mode_dense
 
 __all__ = [
@@ -191,6 +191,9 @@ def member(graphdef: Any, state: Any, m: int) -> nnx.Module:
     """Member ``m`` as an ``nnx.Module`` from a stacked state (``FitResult.state`` or
     ``(EnsembleState.params, EnsembleState.rest)``)."""
     states = state if isinstance(state, tuple) else (state,)
+    members = jax.tree.leaves(states)[0].shape[0]
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= m < members:
+        raise IndexError(f"member {m!r} does not exist: the state holds members 0..{members - 1}")
     return nnx.merge(graphdef, *(jax.tree.map(lambda a: a[m], s) for s in states))
 
 
@@ -363,6 +366,10 @@ def make(
     """
     keep = _as_keep(keep)
     num_members, n = keep.shape
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        hint = " (for Adam with that learning rate pass optax.adam(lr); fit() also takes a number)" \
+            if isinstance(tx, (int, float)) else ""
+        raise ValueError(f"tx must be an optax GradientTransformation, got {tx!r}{hint}")
     batch_size = _check_int("batch_size", batch_size, 1)
     if eval_batch_size is not None:
         eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1)
@@ -371,9 +378,7 @@ def make(
                                      or member_chunk < 1):
         raise ValueError(f"member_chunk must be None or a positive integer, got {member_chunk!r}")
     eval_batch_size = eval_batch_size or batch_size
-    mesh = default_mesh(num_members) if mesh is None else mesh
-    if len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must be 1-D (see jaxmem.mesh.make_mesh), got axes {mesh.axis_names}")
+    mesh = default_mesh(num_members) if mesh is None else as_mesh(mesh)
     axis = mesh.axis_names[0]
     train_sizes = keep.sum(axis=1)
     if batch_size > train_sizes.max():
@@ -391,6 +396,10 @@ def make(
         model_m = nnx.merge(graphdef, params, rest)
         losses = model_m.loss(batch, key)
         leading = jax.tree.leaves(batch)[0].shape[0]
+        if not hasattr(losses, "dtype") or not jnp.issubdtype(losses.dtype, jnp.floating):
+            got = getattr(losses, "dtype", type(losses).__name__)
+            raise ValueError(f"model.loss must return floating-point per-example losses [B] (an integer loss "
+                             f"has no gradient, so nothing would train), got {got}")
         if losses.shape != (leading,):
             raise ValueError(
                 f"model.loss must return per-example losses of shape ({leading},), got {losses.shape}"
@@ -464,9 +473,34 @@ def make(
 
     # on CPUs, XLA options measured faster for these programs (jaxmem.mesh.CPU_COMPILER_OPTIONS)
     jit = functools.partial(jax.jit, compiler_options=compiler_options(mesh, "training"))
+    expected: list[Any] = []  # the abstract (params, rest, opt_state) of this ensemble's state, once known
+
+    def check_state(state: EnsembleState) -> None:
+        """At trace time (free when compiled): ``state`` has this ensemble's members, model and
+        optimizer state, not another ensemble's (which would train another model silently)."""
+        if not expected:
+            _, params1, rest1 = nnx.split(_module_of(model), nnx.Param, ...)
+            stack = lambda t: jax.tree.map(  # noqa: E731
+                lambda a: jax.ShapeDtypeStruct((num_members, *np.shape(a)), a.dtype), t)
+            params = stack(params1)
+            expected.append((params, stack(rest1), jax.eval_shape(jax.vmap(tx.init), params)))
+        got = (state.params, state.rest, state.opt_state)
+        want_def, got_def = jax.tree.structure(expected[0]), jax.tree.structure(got)
+        if want_def != got_def:
+            raise ValueError("state does not belong to this ensemble: its parameters or optimizer state have "
+                             "another structure (another model or optimizer); use this ensemble's init() or a "
+                             "checkpoint of it")
+        for part, want_t, got_t in zip(("params", "rest", "opt_state"), expected[0], got):
+            for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want_t), jax.tree.leaves(got_t)):
+                if tuple(w.shape) != tuple(np.shape(g)) or w.dtype != g.dtype:
+                    raise ValueError(
+                        f"state does not belong to this ensemble: {part}{jax.tree_util.keystr(path)} is {g.dtype}"
+                        f"{list(np.shape(g))}, this ensemble's is {w.dtype}{list(w.shape)} ({num_members} members)")
 
     @jit
     def epoch_fn(state: EnsembleState, data, keep_arr):
+        check_state(state)
+
         def block(rows, rep):
             data, epoch, step0 = rep
             local = jax.tree.leaves(rows)[0].shape[0]
@@ -487,6 +521,8 @@ def make(
 
     @jit
     def step_fn(state: EnsembleState, batch):
+        check_state(state)
+
         def block(rows, t):
             params, rest, opt_state, keys, batch = rows
             return jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None))(
@@ -494,7 +530,7 @@ def make(
             )
 
         for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-            if leaf.ndim < 2 or leaf.shape[0] != num_members:
+            if leaf.ndim < 2 or leaf.shape[0] != num_members or leaf.shape[1] == 0:
                 raise ValueError(
                     f"batch leaf {jax.tree_util.keystr(path) or 'x'} has shape {leaf.shape}; "
                     f"expected [members={num_members}, batch, ...]"
@@ -509,6 +545,8 @@ def make(
 
     @jit
     def evaluate_fn(state: EnsembleState, data, keep_arr):
+        check_state(state)
+
         def block(rows, data):
             params, rest, keys, keep_rows = rows
             return jax.vmap(member_evaluate, in_axes=(0, 0, 0, 0, None))(
@@ -517,8 +555,19 @@ def make(
 
         return sharded(block, (state.params, state.rest, state.keys, keep_arr), data)
 
+    checked: list[Any] = []  # the data last checked (held, so that its ids stay its own)
+
     def check(data):
+        """Shapes every call; values (NaN, a jaxmem model's range and dtype) once per data
+        object: a user's loop passes the same array every epoch, and one scan suffices."""
         _check_data(data, n)
+        leaves = jax.tree.leaves(data)
+        if any(isinstance(a, jax.core.Tracer) for a in leaves):
+            return data  # under the caller's jit: values cannot be looked at
+        if not (checked and len(checked[0]) == len(leaves) and all(a is b for a, b in zip(checked[0], leaves))):
+            _check_finite(data)
+            _models.check_model_data(_module_of(model), data)
+            checked[:] = [leaves]
         return data
 
     def chunk_of(state: EnsembleState) -> int:
@@ -630,7 +679,10 @@ def fit(
         (``epoch`` = epochs completed; metrics as numpy ``[members]``), e.g. to score
         members at several epochs. Not replayed for epochs restored from a checkpoint.
       config: extra JSON-serialisable configuration (e.g. model and optimizer settings)
-        stored in the run directory and required to match on resume.
+        stored in the run directory and required to match on resume. With ``tx`` an optax
+        transformation, only its state's structure is recorded, not its hyperparameters
+        (an ``optax.adam(100.0)`` resumes a run of ``optax.adam(1e-3)``): record them
+        here. A learning rate given as ``tx`` is recorded.
       eval_batch_size: chunk size of the held-out evaluation.
 
     Returns:
@@ -643,6 +695,8 @@ def fit(
       TrainingDivergedError: a member's training loss or parameters became non-finite
         (checked after every epoch, before its checkpoint is written).
       ConfigMismatchError: ``run_dir`` holds a run of another configuration.
+      CheckpointDamagedError: the checkpoint to resume from cannot be read (it names the
+        earlier checkpoint kept, which deleting the damaged one resumes from).
     """
     epochs = _check_int("epochs", epochs, 0)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
@@ -685,7 +739,11 @@ def fit(
                 f"asked for; ask for at least {latest} epochs, or use another run directory"
             )
         if latest is not None:
-            state, restored = ckpt.restore(state, latest)
+            try:
+                state, restored = ckpt.restore(state, latest)
+            except BaseException:
+                ckpt.close()  # a damaged or mismatched checkpoint: release orbax's threads, keep the files
+                raise
             history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
             log.info("resumed %s from epoch %d", run_dir, latest)
 

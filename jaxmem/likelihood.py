@@ -328,7 +328,7 @@ def loglik_matrix(
         raise ValueError("with several processes, use loglik_matrix_multihost (each process feeds its rows)")
     if n == 0:
         return jnp.zeros((num_models, 0), jnp.float32)
-    mesh = _mesh.make_mesh() if mesh is None else mesh
+    mesh = _mesh.as_mesh(mesh)
     # Every device scores its examples under every member: place the states replicated on
     # this mesh, wherever training left them (e.g. members split over other devices).
     stacked_state = _mesh.replicate(stacked_state, mesh)
@@ -384,16 +384,23 @@ def loglik_matrix_multihost(
     Args:
       graphdef, stacked_state: as for :func:`loglik_matrix` (identical in every process).
       local_data: this process's rows of the data pytree.
-      num_examples: n, the total number of examples over all processes.
+      num_examples: n, the total number of examples over all processes, an integer
+        >= 0 (0 gives an empty ``[models, 0]`` matrix, as :func:`loglik_matrix` does).
       key, num_samples, kind, example_chunk, sample_chunk, loop_members, matmul_dtype: as
         for :func:`loglik_matrix`.
 
     Returns:
       numpy f32 ``[models, num_examples]`` (nats), the same in every process.
+
+    Raises:
+      ValueError: ``num_examples`` is not an integer >= 0, ``local_data`` does not hold
+        this process's rows (their range and count named), or an option is refused as
+        by :func:`loglik_matrix`.
     """
     from jax.experimental import multihost_utils
 
-    graphdef, stacked_state, _ = _split_model(graphdef, stacked_state)
+    num_examples = _mesh._check_int(num_examples, "num_examples")
+    graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
     loop_members = _loop_members(loop_members)
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
     _latent.warn_if_bf16_is_slow(matmul_dtype)
@@ -405,6 +412,8 @@ def loglik_matrix_multihost(
             f"process {jax.process_index()} must feed rows {local_idx[:1].tolist()}..{local_idx[-1:].tolist()} "
             f"({local_idx.size} rows of {num_examples}, jaxmem.mesh.host_local_rows), got {n_local}"
         )
+    if num_examples == 0:  # every process returns here: no collective is left waiting
+        return np.zeros((num_models, 0), np.float32)
     mesh = _mesh.make_mesh()  # devices of all processes, process by process
     nproc, ndev_local = jax.process_count(), jax.local_device_count()
     key_data, key_impl = _key_parts(key)

@@ -73,7 +73,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmem.mesh import shard_examples, sum_over_examples
+from jaxmem.mesh import as_mesh, shard_examples, sum_over_examples
 
 __all__ = [
     "Influence",
@@ -178,6 +178,8 @@ def _as_design(X: Any, dt: np.dtype, *, name: str = "X", dof: int = 1) -> jax.Ar
     n, p = shape
     if p == 0:
         raise ValueError(f"{name} has no columns (shape {tuple(shape)})")
+    if np.iscomplexobj(X):
+        raise ValueError(f"{name} is complex; leverage and the regression statistics need real numbers")
     need = p + dof
     if n < need:
         raise ValueError(
@@ -191,6 +193,8 @@ def _as_target(y: Any, n: int, dt: np.dtype) -> jax.Array:
     shape = np.shape(y)
     if shape != (n,):
         raise ValueError(f"y must have shape ({n},) to match X; got {tuple(shape)}")
+    if np.iscomplexobj(y):
+        raise ValueError("y is complex; the regression statistics need real numbers")
     y = jnp.asarray(y, dtype=dt)
     if not bool(_all_finite(y)):
         yh = np.asarray(y)
@@ -423,7 +427,8 @@ def _factor_qr(X: jax.Array, dt: np.dtype, rcond: float | None) -> _Factor:
     return _Factor(None, scale, Wp, Z, rank, float("nan"))
 
 
-def _check_method(method: str, mesh: Mesh | None) -> None:
+def _check_method(method: str, mesh: Mesh | None) -> Mesh | None:
+    """``mesh`` as the kernels need it (:func:`jaxmem.mesh.as_mesh`; None stays None)."""
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if method == "qr" and mesh is not None:
@@ -431,6 +436,7 @@ def _check_method(method: str, mesh: Mesh | None) -> None:
             "method='qr' has no sharded path; use method='cholesky' with mesh "
             "(the Gram matrix is psum-ed over the mesh)"
         )
+    return None if mesh is None else as_mesh(mesh)
 
 
 def _gram(X, y, pre, mesh):
@@ -512,7 +518,7 @@ def leverage(
       array([0.6, 0.3, 0.2, 0.3, 0.6])
     """
     dt = _compute_dtype(dtype)
-    _check_method(method, mesh)
+    mesh = _check_method(method, mesh)
     _check_rcond(rcond)
     with _precision(dt):
         X = _as_design(X, dt)
@@ -754,7 +760,44 @@ def _fit(X, y, method, rcond, mesh, dt) -> _Fit:
             h, Z, e = _rows_fit_jit((X, y), (f.pre, f.scale, f.W, beta_s))
         else:
             h, Z, e = _rows_fit_sharded(X, y, f.pre, f.scale, f.W, beta_s, mesh)
+    _check_not_exact(e, y, dt)
     return _Fit(n, f.rank, h, e, Z, f.W, beta)
+
+
+# An exact fit (y constant, or an exact linear function of X's columns) leaves residuals
+# that are pure rounding noise; every statistic scaled by s^2 is then 0/0 (each row gets
+# t_i = 1, the same Cook's distance, ...). The rounding in e = y - X beta is relative to |y|
+# (not to y - mean(y), which is 0 for a constant y): a backward-stable fit leaves
+# |e_i| ~ a few eps |y_i| (measured on exact fits with well-conditioned X, n up to 1e5:
+# ||e|| <= ~20 eps ||y||, float32 and float64). The test
+#     ||e|| <= 100 * eps * ||y||,  i.e.  RSS <= (100 eps)^2 * sum(y^2),
+# leaves headroom for mild ill-conditioning and accumulation. It has no factor n (float32
+# sums are pairwise: an n-dependent bound would refuse, at n = 1e5, y = 1000 + noise of
+# sd 0.1, whose float32 s^2 is accurate). Below it the residuals are within ~100 roundings
+# of y (relative 1.2e-5 in float32, 2.2e-14 in float64): s^2 keeps at most a digit or two,
+# so a genuine but that small residual (y = 1000 + noise of sd 0.01) is refused too, with
+# the hint to compute in float64. Not caught: exact fits with larger rounding noise
+# (strongly ill-conditioned X; float64 sums of n >= 1e4 equal values on CPU, ~0.03 n eps).
+_EXACT_FIT_C = 100.0
+
+
+def _check_not_exact(e: jax.Array, y: jax.Array, dt: np.dtype) -> None:
+    rss, yy = (float(v) for v in _sum_squares(e, y))
+    tol = _EXACT_FIT_C * float(np.finfo(dt).eps)
+    if rss <= tol * tol * yy:
+        hint = ("; if y is not exactly linear, its residuals are below float32's resolution: compute "
+                "in float64 (dtype=jnp.float64)") if dt != np.float64 else ""
+        raise ValueError(
+            f"y is fitted exactly by X (constant, or an exact linear function of X's columns): "
+            f"residual variance 0 up to rounding (sum of squared residuals {rss:.3g} <= "
+            f"({tol:.2g})^2 * sum(y^2) = {tol * tol * yy:.3g}), so studentized residuals, Cook's "
+            f"distance, DFFITS and the leave-one-out density ratio are undefined{hint}"
+        )
+
+
+@jax.jit
+def _sum_squares(e, y):
+    return jnp.sum(e * e), jnp.sum(y * y)
 
 
 def influence(
@@ -799,7 +842,10 @@ def influence(
 
     Raises:
       ValueError: bad shapes, non-finite entries (index named), ``n - rank < 2``, ``rcond``
-        not in ``[0, 1)``.
+        not in ``[0, 1)``, or ``y`` fitted exactly (constant, or an exact linear function of
+        ``X``'s columns: :math:`SSE \le (100 \epsilon)^2 \sum_i y_i^2`), where the
+        residual variance is 0 up to rounding and every statistic above is ``0/0``.
+        :func:`leverage`, which needs no ``y``, still works for such data.
 
     Examples:
       >>> import numpy as np, jaxmem.linear as jl
@@ -809,7 +855,7 @@ def influence(
       5
     """
     dt = _compute_dtype(dtype)
-    _check_method(method, mesh)
+    mesh = _check_method(method, mesh)
     _check_rcond(rcond)
     with _precision(dt):
         f = _fit(X, y, method, rcond, mesh, dt)
@@ -881,14 +927,15 @@ def loo_log_density_ratio_regression(
       A :class:`LooDensityRatio`; ``score`` is ``M`` in nats per example.
 
     Raises:
-      ValueError: bad arguments (as :func:`influence`), or an unknown predictive/variance.
+      ValueError: bad arguments or ``y`` fitted exactly (as :func:`influence`), or an unknown
+        predictive/variance.
     """
     if predictive not in ("plugin", "posterior"):
         raise ValueError(f"predictive must be 'plugin' or 'posterior', got {predictive!r}")
     if variance not in ("ml", "unbiased"):
         raise ValueError(f"variance must be 'ml' or 'unbiased', got {variance!r}")
     dt = _compute_dtype(dtype)
-    _check_method(method, mesh)
+    mesh = _check_method(method, mesh)
     _check_rcond(rcond)
     with _precision(dt):
         f = _fit(X, y, method, rcond, mesh, dt)
@@ -937,7 +984,7 @@ def loo_log_density_ratio_gaussian(
         below ``k`` at the default tolerance): a Gaussian fitted to it has no density.
     """
     dt = _compute_dtype(dtype)
-    _check_method(method, mesh)
+    mesh = _check_method(method, mesh)
     with _precision(dt):
         X = _as_design(X, dt, dof=2)
         n, k = X.shape

@@ -38,6 +38,7 @@ __all__ = [
     "initialize_distributed",
     "cpu_cores",
     "use_cpu_devices",
+    "as_mesh",
     "host_local_rows",
     "nonfinite_rows",
     "CPU_COMPILER_OPTIONS",
@@ -78,6 +79,30 @@ def make_mesh(
     return jax.make_mesh(
         (len(devices),), (axis_name,), axis_types=(AxisType.Auto,), devices=devices
     )
+
+
+def as_mesh(mesh: Any, default: Mesh | None = None) -> Mesh:
+    """The 1-D mesh jaxmem's kernels run on, from what a user passed as ``mesh``.
+
+    ``None`` gives ``default`` (else :func:`make_mesh`'s mesh over every device). A
+    :func:`make_mesh` mesh is returned as it is. Any other 1-D :class:`jax.sharding.Mesh`
+    (another axis name, or ``jax.make_mesh``'s ``Explicit`` axis type, with which the
+    kernels' ``shard_map`` specs and resharding would fail deep inside, after training)
+    becomes the :func:`make_mesh` mesh over the same devices, in the same order.
+
+    Raises:
+      ValueError: ``mesh`` is not a ``Mesh``, or has more than one axis.
+    """
+    if mesh is None:
+        return make_mesh() if default is None else default
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be None or a jax.sharding.Mesh (jaxmem.make_mesh), got {type(mesh).__name__}")
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be 1-D (jaxmem shards one axis: examples or models); it has axes "
+                         f"{dict(mesh.shape)}; use jaxmem.make_mesh")
+    if mesh.axis_names == (AXIS,) and tuple(getattr(mesh, "axis_types", (AxisType.Auto,))) == (AxisType.Auto,):
+        return mesh
+    return make_mesh(devices=list(mesh.devices.flat))
 
 
 def on_cpu(mesh: Mesh) -> bool:
@@ -267,7 +292,22 @@ def initialize_distributed(
     With no arguments JAX auto-detects the cluster (SLURM, TPU pods, ...). On CPU,
     pass ``cpu_collectives="gloo"`` to let processes exchange data over TCP (as the
     loopback tests do). Must be called before any other JAX operation.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0's coordinator service (an
+        IPv6 host in brackets, ``"[::1]:1234"``); None to auto-detect.
+      num_processes: how many processes take part, >= 1; None to auto-detect.
+      process_id: this process's index, ``0 <= process_id < num_processes``; None to
+        auto-detect.
+      cpu_collectives: ``"gloo"`` (or another ``jax_cpu_collectives_implementation``).
+
+    Raises:
+      ValueError: before JAX is touched, when an argument given is malformed:
+        ``coordinator_address`` not ``"host:port"`` (port 1..65535), ``num_processes``
+        not an integer >= 1, or ``process_id`` not an integer in
+        ``[0, num_processes)``.
     """
+    _check_distributed_args(coordinator_address, num_processes, process_id)
     if cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(
@@ -275,6 +315,21 @@ def initialize_distributed(
         num_processes=num_processes,
         process_id=process_id,
     )
+
+
+def _check_distributed_args(coordinator_address: Any, num_processes: Any, process_id: Any) -> None:
+    if coordinator_address is not None:
+        host, _, port = str(coordinator_address).rpartition(":")
+        if (not isinstance(coordinator_address, str) or not host or not port.isdigit()
+                or not 1 <= int(port) <= 65535):
+            raise ValueError(f"coordinator_address must be 'host:port' (e.g. '10.0.0.1:1234'; port 1..65535), "
+                             f"got {coordinator_address!r}")
+    if num_processes is not None:
+        _check_int(num_processes, "num_processes", 1)
+    if process_id is not None:
+        pid = _check_int(process_id, "process_id")
+        if num_processes is not None and pid >= num_processes:
+            raise ValueError(f"process_id must be in [0, num_processes) = [0, {num_processes}), got {process_id!r}")
 
 
 def cpu_cores() -> int:
@@ -374,11 +429,23 @@ def _started_cpu_devices(count: int | None) -> int:
     return have
 
 
+def _check_int(value: Any, name: str, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum`` (a Python or numpy integer; bools, floats, strings refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def host_local_rows(n: int) -> np.ndarray:
     """Indices of the rows of an ``n``-row array that this process feeds in a multi-host run.
 
-    Contiguous blocks, process ``p`` of ``P`` getting ``[p*ceil(n/P), (p+1)*ceil(n/P))``.
+    Contiguous blocks, process ``p`` of ``P`` getting ``[p*ceil(n/P), (p+1)*ceil(n/P))``
+    (empty for the processes past the end, e.g. all of them when ``n`` is 0).
+
+    Raises:
+      ValueError: ``n`` is not an integer >= 0.
     """
+    n = _check_int(n, "n")
     nproc, pid = jax.process_count(), jax.process_index()
     block = -(-n // nproc)
     return np.arange(pid * block, min(n, (pid + 1) * block))

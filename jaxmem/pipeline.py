@@ -33,7 +33,7 @@ from jaxmem import ensemble as _ensemble, membership as _membership, models as _
 from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int, _check_seed
-from jaxmem.mesh import make_mesh
+from jaxmem.mesh import as_mesh, make_mesh
 from jaxmem.models import _latent
 from jaxmem.scores import _check_quantile, feldman_zhang, memorization_scores
 
@@ -199,10 +199,33 @@ _MUTABLE = ("training.epochs", "scoring.track_epochs", "format")
 _ADDED_LATER = {"scoring.matmul_dtype": "float32"}
 
 
+def _check_out_dir(directory: str) -> None:
+    """Refuse an ``out_dir`` that is a file, or a folder of other files than a jaxmem run's
+    (its results would overwrite them: scores.csv, summary.md, the figures)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"out_dir {directory} is a file; give a folder (new or of a jaxmem run)")
+    if os.path.isdir(directory) and os.listdir(directory) and not any(
+            os.path.exists(os.path.join(directory, name)) for name in ("config.json", "checkpoints", "result.npz")):
+        entries = sorted(os.listdir(directory))
+        raise ValueError(f"out_dir {directory} holds files that are not a jaxmem run ({', '.join(entries[:5])}"
+                         f"{', ...' if len(entries) > 5 else ''}); results would overwrite them: give a new or "
+                         "empty folder")
+
+
 def _check_config(directory: str, config: dict[str, Any]) -> None:
-    """Refuse to reuse ``directory`` for another configuration (training epochs may grow)."""
+    """Refuse to reuse ``directory`` for another configuration (training epochs may grow).
+
+    A configuration with nothing behind it (no checkpoint, no result: a run that failed
+    or was stopped before its first checkpoint) is replaced, with its tracked scores.
+    """
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
+        return
+    if _latest_checkpoint(directory) is None and not os.path.exists(os.path.join(directory, "result.npz")):
+        _read_config(path)  # a damaged file is still named
+        for stale in ("config.json", "tracked.npz"):
+            if os.path.exists(os.path.join(directory, stale)):
+                os.remove(os.path.join(directory, stale))
         return
     stored = _read_config(path)
     flat_a, flat_b = {**_ADDED_LATER, **_flatten(stored)}, _flatten(config)
@@ -403,8 +426,8 @@ def memorization(
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     learning_rate = _ensemble.check_learning_rate(learning_rate)
     quantile = _check_quantile(quantile)
-    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-        raise ValueError(f"mesh must be None or a jax.sharding.Mesh (jaxmem.make_mesh), got {type(mesh).__name__}")
+    if mesh is not None:
+        mesh = as_mesh(mesh)  # before training: a mesh the kernels cannot use fails here, not after it
     if plan is None:
         plan = _membership.kfold(n, folds, repeats=repeats, seed=seed)
     if not isinstance(plan, _membership.Plan):
@@ -438,6 +461,7 @@ def memorization(
     config_written = True
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
+        _check_out_dir(out_dir)
         _check_config(out_dir, config)
         trained = _latest_checkpoint(out_dir)
         if trained is not None and trained > epochs:

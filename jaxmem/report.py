@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxmem.data import nearest_neighbours
+from jaxmem.scores import _check_quantile  # 0 flags all above the minimum, 1 none
 
 __all__ = [
     "SUMMARY_QUANTILES",
@@ -98,18 +99,6 @@ def _counts(a, name: str, n: int) -> np.ndarray:
             f"the first is example {int(bad[0])} ({a[bad[0]]})"
         )
     return a
-
-
-def _check_quantile(quantile: float) -> float:
-    """``quantile`` in [0, 1], as :func:`jaxmem.scores.quantile_flags` accepts it.
-
-    0 flags every example above the minimum of ``M``, 1 flags none; every figure and
-    the summary show both (an empty highly-memorized set is reported as such).
-    """
-    quantile = float(quantile)
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    return quantile
 
 
 def _highly_memorized(M: np.ndarray, quantile: float) -> tuple[np.ndarray, float]:
@@ -695,7 +684,7 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
     Args:
       result: a :class:`jaxmem.pipeline.MemorizationResult` (fields ``M``, ``U``,
         ``n_in``, ``n_out``, ``highly_memorized``, ``leverage``, ``tracked_epochs``,
-        ``M_by_epoch``, ``config``; scores in nats).
+        ``M_by_epoch``, ``label_memorization``, ``config``; scores in nats).
       directory: where to write (created if missing).
       dataset: optional :class:`jaxmem.data.Dataset` (or an array ``[n, H, W(, C)]``,
         1, 3 or 4 channels) holding the scored examples in the same order; needed for
@@ -703,6 +692,8 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
 
     Returns:
       ``{"files": {kind: path}, "summary": summary dict, "markdown": str}``.
+      ``summary.json`` is strict JSON: a value that is not a finite number (Spearman's
+      rho of a constant leverage, NaN in the dict) is written as null.
 
     Raises:
       ValueError: before anything is written: ``result`` lacks a field named above,
@@ -710,8 +701,8 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         shape and the one expected named; flat examples such as ``[n, 64]`` must be
         reshaped to ``[n, 8, 8]`` first), its examples hold another number of values
         than the scored ones (``config["data"]["example_shape"]``), the quantile in
-        ``config["scoring"]`` is outside [0, 1], or a field of ``result`` is refused
-        by :func:`summary`.
+        ``config["scoring"]`` is outside [0, 1], ``label_memorization`` is not ``[n]``
+        finite values, or a field of ``result`` is refused by :func:`summary`.
     """
     lacking = [f for f in ("M", "U", "n_in", "n_out", "highly_memorized") if not hasattr(result, f)]
     if lacking:
@@ -722,6 +713,9 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
     M = _vector(result.M, "M")
     images = _dataset_images(dataset, len(M), config)
     leverage = getattr(result, "leverage", None)
+    label_mem = getattr(result, "label_memorization", None)
+    if label_mem is not None:
+        label_mem = _vector(label_mem, "label_memorization", len(M))
     s = summary(M, logp=result.U, leverage=leverage, in_counts=result.n_in,
                 out_counts=result.n_out, highly_memorized=np.asarray(result.highly_memorized),
                 quantile=quantile)
@@ -743,9 +737,8 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         files["epochs"] = plot_scores_over_epochs(
             tracked, result.M_by_epoch, directory / REPORT_FILES["epochs"])
 
-    label_mem = getattr(result, "label_memorization", None)
     if label_mem is not None:
-        lm = np.asarray(label_mem, np.float64)
+        lm = label_mem
         s["label_memorization"] = {"mean": float(lm.mean()), "max": float(lm.max()),
                                    "num_above_0.5": int((lm > 0.5).sum())}
     lines = [summary_markdown(s).rstrip("\n"), ""]
@@ -768,4 +761,15 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
 
 
 def _json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    """Strict JSON (RFC 8259): a NaN or inf (e.g. Spearman's rho of a constant leverage) is written as null."""
+    return json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj

@@ -20,6 +20,7 @@ enabled and ``ll`` is float64).
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxmem.membership import Plan
-from jaxmem.mesh import make_mesh, shard_examples
+from jaxmem.mesh import as_mesh, shard_examples
 
 __all__ = [
     "Scores",
@@ -172,14 +173,45 @@ def _float_dtype(values) -> jnp.dtype:
 
 
 def _resolve_mesh(mesh: Mesh | None) -> Mesh:
-    return make_mesh() if mesh is None else mesh
+    return as_mesh(mesh)
 
 
 def _check_quantile(quantile: float) -> float:
-    quantile = float(quantile)
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    return quantile
+    """``quantile`` as a float in [0, 1]: a real number (a 0-d real array too), not a bool or a string."""
+    q = quantile
+    if hasattr(q, "ndim") and hasattr(q, "dtype") and q.ndim == 0 and q.dtype != np.bool_ and (
+        jnp.issubdtype(q.dtype, jnp.integer) or jnp.issubdtype(q.dtype, jnp.floating)
+    ):
+        q = q.item()
+    if isinstance(q, (bool, np.bool_)) or not isinstance(q, numbers.Real) or not 0.0 <= float(q) <= 1.0:
+        raise ValueError(f"quantile must be a real number in [0, 1], got {quantile!r}")
+    return float(q)
+
+
+def _check_num_bootstrap(num_bootstrap: Any, uncertainty: str) -> int:
+    """A whole number of replicates: >= 2 for the bootstrap, >= 1 (unused) otherwise."""
+    minimum, why = (2, " with uncertainty='bootstrap'") if uncertainty == "bootstrap" else (1, "")
+    value = num_bootstrap
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    ok = ok and bool(np.isfinite(value)) and int(value) == value and int(value) >= minimum
+    if not ok:
+        raise ValueError(f"num_bootstrap must be an integer, at least {minimum}{why} (bootstrap replicates), "
+                         f"got {num_bootstrap!r}")
+    return int(value)
+
+
+def _check_key(key: Any) -> jax.Array:
+    """A single PRNG key (``jax.random.key(seed)``, or a raw ``jax.random.PRNGKey(seed)``); None gives key(0)."""
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, jax.Array):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+            return key
+        raw = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        if key.dtype == raw.dtype and key.shape == raw.shape:
+            return key
+    what = f"{type(key).__name__} {key.dtype}{list(key.shape)}" if hasattr(key, "dtype") else repr(key)[:60]
+    raise ValueError(f"key must be one PRNG key, jax.random.key(seed), or None (jax.random.key(0)); got {what}")
 
 
 # ---------------------------------------------------------------------- kernels
@@ -393,8 +425,10 @@ def memorization_scores(
       quantile: ``highly_memorized`` is ``M`` above this quantile of ``M`` over all
         examples (0.95 in the paper; 0.995 / 0.999 for its figures).
       uncertainty: ``"jackknife"`` or ``"bootstrap"``.
-      num_bootstrap: number of bootstrap replicates (``"bootstrap"`` only), >= 2.
-      key: PRNG key for the bootstrap; ``None`` means ``jax.random.key(0)``.
+      num_bootstrap: number of bootstrap replicates (``"bootstrap"`` only), an
+        integer >= 2 (>= 1 when unused).
+      key: one PRNG key for the bootstrap (``jax.random.key(seed)``; a raw
+        ``jax.random.PRNGKey(seed)`` works too); ``None`` means ``jax.random.key(0)``.
 
     Returns:
       :class:`Scores`, arrays ``[examples]``.
@@ -402,7 +436,9 @@ def memorization_scores(
     Raises:
       ValueError: ``ll`` contains NaN or inf (the message names the (model, example)
         pairs; checked first), ``ll`` and ``keep`` differ in shape, some example has
-        no in- or no out-model (named), or an option is out of range.
+        no in- or no out-model (named), or an option is out of range or of the wrong
+        kind (each named: ``quantile`` not a real number in [0, 1], ``num_bootstrap``
+        not a positive integer, ``key`` not a single PRNG key or None).
       TypeError: ``ll`` is not floating or ``keep`` is not boolean.
 
     Examples:
@@ -424,16 +460,11 @@ def memorization_scores(
     quantile = _check_quantile(quantile)
     if uncertainty not in _UNCERTAINTY:
         raise ValueError(f"uncertainty must be one of {_UNCERTAINTY}, got {uncertainty!r}")
-    if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap:
-        raise ValueError(f"num_bootstrap must be an integer, got {num_bootstrap!r}")
-    num_bootstrap = int(num_bootstrap)
-    if uncertainty == "bootstrap" and num_bootstrap < 2:
-        raise ValueError(f"num_bootstrap must be >= 2, got {num_bootstrap}")
+    num_bootstrap = _check_num_bootstrap(num_bootstrap, uncertainty)
+    key = _check_key(key)
     if uncertainty == "bootstrap" and plan.num_models >= 2**16:
         # the resampling draws 16-bit random indices (see _bootstrap_var)
         raise ValueError(f"bootstrap supports up to 65535 models, got {plan.num_models}")
-    if key is None:
-        key = jax.random.key(0)
     dtype = _float_dtype(ll)
     return _scores_program(
         jnp.asarray(ll, dtype),
@@ -543,7 +574,7 @@ def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
 
     Raises:
       ValueError: ``scores`` is not 1-D, is empty or holds NaN or inf (named), or
-        ``quantile`` is outside [0, 1].
+        ``quantile`` is not a real number in [0, 1].
       TypeError: ``scores`` is not real numbers (bool, complex, strings, objects).
     """
     if not hasattr(scores, "shape") or not hasattr(scores, "dtype"):

@@ -1,8 +1,10 @@
 """Run directories: orbax round trips, refusal of other configurations, and resumption
 after a SIGKILL that ends with the same parameters as an uninterrupted run."""
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,13 @@ import pytest
 from flax import nnx
 
 from jaxmem import ensemble
-from jaxmem.checkpoint import ConfigMismatchError, RunCheckpoints, fingerprint_array, latest_epoch
+from jaxmem.checkpoint import (
+    CheckpointDamagedError,
+    ConfigMismatchError,
+    RunCheckpoints,
+    fingerprint_array,
+    latest_epoch,
+)
 from jaxmem.mesh import make_mesh
 
 
@@ -142,6 +150,86 @@ def test_other_configuration_is_refused(tmp_path):
     # fewer epochs than the run holds would silently return the later state: refused
     with pytest.raises(ConfigMismatchError, match="epoch 2, past the 1 epoch"):
         ensemble.fit(tiny, 1e-2, X, KEEP, **kw)
+
+
+def _damage(step_dir, how):
+    """Junk into a checkpoint's files: ``truncate`` the array data, or overwrite the ``manifest``."""
+    pattern = "**/d/*" if how == "truncate" else "**/manifest.ocdbt"
+    files = glob.glob(os.path.join(step_dir, "state", pattern), recursive=True)
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            if how == "truncate":
+                fh.truncate(os.path.getsize(f) // 2)
+            else:
+                fh.write(b"garbage")
+                fh.truncate()
+
+
+def test_damaged_checkpoint_is_refused_and_kept(tmp_path):
+    run = str(tmp_path / "run")
+    kw = dict(batch_size=8, seed=0, progress=False, mesh=make_mesh(1))
+    ref = ensemble.fit(tiny, 1e-2, X, KEEP, epochs=2, run_dir=run, **kw)
+    for how in ("truncate", "manifest"):
+        damaged = str(tmp_path / how)
+        shutil.copytree(run, damaged)
+        _damage(os.path.join(damaged, "checkpoints", "2"), how)
+        # refused, not resumed from epoch 1 or started over: both checkpoints stay as they are
+        with pytest.raises(CheckpointDamagedError,
+                           match=rf"checkpoint 2 in {damaged} is damaged or unreadable \(ValueError: .+\); the "
+                                 rf"earlier checkpoint 1 is kept: deleting {damaged}/checkpoints/2 resumes from it"):
+            ensemble.fit(tiny, 1e-2, X, KEEP, epochs=3, run_dir=damaged, **kw)
+        assert sorted(os.listdir(os.path.join(damaged, "checkpoints"))) == ["1", "2"]
+    # as the message says: without the damaged checkpoint the run resumes from the earlier one
+    shutil.rmtree(os.path.join(damaged, "checkpoints", "2"))
+    res = ensemble.fit(tiny, 1e-2, X, KEEP, epochs=2, run_dir=damaged, **kw)
+    for a, b in zip(jax.tree.leaves(res.train_state.params), jax.tree.leaves(ref.train_state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the only checkpoint damaged; a checkpoint that reads but has other leaves is a mismatch
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.int32(7)}
+    ck = RunCheckpoints(tmp_path / "one", {"a": 1})
+    ck.save(1, tree, {})
+    ck.close()
+    _damage(str(tmp_path / "one" / "checkpoints" / "1"), "truncate")
+    ck = RunCheckpoints(tmp_path / "one", {"a": 1})
+    with pytest.raises(CheckpointDamagedError, match="no earlier checkpoint: deleting .*/1 starts the run over"):
+        ck.restore(tree)
+    ck.save(2, tree, {"e": 2})
+    ck.wait()
+    with pytest.raises(ConfigMismatchError, match=r"checkpoint 2 .* does not fit .*: stored \(2, 3\) vs now \(2, 4\)"):
+        ck.restore({**tree, "w": jnp.zeros((2, 4))})
+    assert ck.restore(tree)[1] == {"e": 2}  # still usable after both errors
+    ck.close()
+
+
+def test_unusable_run_directory_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    kw = dict(epochs=1, batch_size=8, seed=0, progress=False, mesh=make_mesh(1))
+    ensemble.fit(tiny, 1e-2, X, KEEP, run_dir=run, **kw)
+    cfg = os.path.join(run, "config.json")
+    with open(cfg) as f:
+        config = json.load(f)
+    os.remove(cfg)  # checkpoints of an unknown run: not adopted, no config.json written
+    with pytest.raises(ValueError, match=rf"{run} holds checkpoints \(epochs \[1\]\) but no config.json, so it "
+                                         "cannot be checked against this run; restore config.json"):
+        ensemble.fit(tiny, 1e-2, X, KEEP[::-1].copy(), run_dir=run, **kw)
+    assert not os.path.exists(cfg)
+    for text, what in (("{bad", "cannot be read as JSON"), ("", "cannot be read as JSON"),
+                       ("[1, 2]", r"holds a JSON list, not the run's configuration")):
+        with open(cfg, "w") as f:
+            f.write(text)
+        with pytest.raises(ValueError, match=f"{cfg} {what}"):
+            RunCheckpoints(run, config)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=f"run_dir: {afile} exists and is not a directory"):
+        ensemble.fit(tiny, 1e-2, X, KEEP, run_dir=str(afile), **kw)
+    with pytest.raises(ValueError, match=f"run_dir: cannot create directory {afile}/sub"):
+        RunCheckpoints(afile / "sub", config)
+    (tmp_path / "ckfile").mkdir()
+    (tmp_path / "ckfile" / "checkpoints").write_text("")
+    with pytest.raises(ValueError, match=f"run_dir: {tmp_path}/ckfile/checkpoints exists and is not a directory"):
+        RunCheckpoints(tmp_path / "ckfile", config)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -282,10 +282,25 @@ def test_leverage_without_target_and_bad_tables(tmp_path, capsys):
                       ["--target 'a' is ambiguous", "2 columns named 'a'", "columns 0, 2"]),
         "name_or_index": (["leverage", tmp_path / "numeric.csv", "--target", "2"],
                           ["--target '2' is ambiguous", "names column 0", "index of column 'c'"]),
+        # a target fitted exactly (constant): its residuals would be rounding noise
+        "exact": (["leverage", tmp_path / "const.csv", "--target", "y", "--out", tmp_path / "exact"],
+                  ["const.csv: --target 'y'", "fitted exactly", "residual variance 0 up to rounding"]),
+        "complex": (["leverage", tmp_path / "complex.npy"], ["complex.npy: the table is complex", "complex128"]),
     }
+    (tmp_path / "const.csv").write_text("\n".join(["a,b,y", *(f"{i},{i % 3},5" for i in range(10))]) + "\n")
+    np.save(tmp_path / "complex.npy", np.ones((8, 2)) + 1j)
     (tmp_path / "short.csv").write_text("\n".join(lines[:5]) + "\n")
     (tmp_path / "dup.csv").write_text("\n".join(["a,b,a,y", *lines]) + "\n")
     (tmp_path / "numeric.csv").write_text("\n".join(["2,b,c,y", *lines]) + "\n")
     for name, (args, words) in bad.items():
         code, _, err = run_main(capsys, *args)
         assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "exact").exists()  # refused before --out was created
+    # without a target the same table still gets its leverage
+    code, _, err = run_main(capsys, "leverage", tmp_path / "const.csv", "--out", tmp_path / "exact")
+    assert code == 0, err
+    # constant columns besides a random target: every leverage is 1/n, no rank correlation
+    (tmp_path / "flat.csv").write_text("\n".join(["a,y", *(f"1,{np.sin(i)}" for i in range(10))]) + "\n")
+    code, stdout, err = run_main(capsys, "leverage", tmp_path / "flat.csv", "--target", "y", "--out", tmp_path / "flat")
+    assert code == 0, err
+    assert "with leverage: undefined (the LOO density ratio or the leverage is the same" in stdout

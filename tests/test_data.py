@@ -13,6 +13,7 @@ from jaxmem.data import (
     DatasetNotPreparedError,
     load_dataset,
     nearest_neighbours,
+    read_table,
 )
 
 # ------------------------------------------------------------------ embedded digits
@@ -206,6 +207,8 @@ def test_csv_with_header_label_column(tmp_path):
             r"2 example\(s\); the first is example 4 \(inf at position \(1,\)\)",
         ),
         (lambda p: np.save(p, np.array([["a", "b"]])), "x must be numeric"),
+        # complex: astype(float32) would silently drop the imaginary part
+        (lambda p: np.save(p, np.ones((3, 2), np.complex64)), r"bad.npy: x is complex \(dtype complex64\)"),
         (lambda p: p.write_text("not numpy"), "not a valid .npy file|cannot read"),
     ],
 )
@@ -226,6 +229,16 @@ def test_bad_npz_and_labels(tmp_path):
     np.savez(tmp_path / "yfrac.npz", x=np.zeros((3, 2)), y=np.array([0, 1.5, 2]))
     with pytest.raises(ValueError, match="integer class labels; example 1"):
         load_dataset(tmp_path / "yfrac.npz")
+    np.savez(tmp_path / "xcomplex.npz", x=np.ones((3, 2)) + 1j)
+    with pytest.raises(ValueError, match=r"xcomplex.npz: x is complex \(dtype complex128\)"):
+        load_dataset(tmp_path / "xcomplex.npz")
+    # read_table (the leverage command's loader): complex tables and .npz y are refused too
+    np.save(tmp_path / "tab.npy", np.ones((5, 2)) + 1j)
+    with pytest.raises(ValueError, match=r"tab.npy: the table is complex \(dtype complex128\)"):
+        read_table(tmp_path / "tab.npy")
+    np.savez(tmp_path / "tab.npz", x=np.ones((5, 2)), y=np.arange(5) * 1j)
+    with pytest.raises(ValueError, match=r"tab.npz: y is complex"):
+        read_table(tmp_path / "tab.npz")
     (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
     with pytest.raises(ValueError, match="not a numeric CSV"):
         load_dataset(tmp_path / "bad.csv")

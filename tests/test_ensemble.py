@@ -226,6 +226,41 @@ def test_bad_inputs_are_refused():
         ensemble.make(tiny, optax.sgd(0.1), keep, batch_size=largest + 1)
 
 
+def test_low_level_api_refuses_what_would_train_silently_wrong():
+    """The functions a user calls in their own loop check what costs nothing when compiled
+    (at trace time) and the data once per data object."""
+    ens = get_ensemble(3)
+    state = ens.init(0)
+    # a state of another ensemble: another model size, optimizer, or number of members
+    wider = ensemble.make(lambda s: Tiny(nnx.Rngs(s), h=16), optax.adam(1e-2), folds(3), batch_size=8)
+    with pytest.raises(ValueError, match=r"state does not belong to this ensemble: params\['dec'\]\['kernel'\].* is "
+                                         r"float32\[3, 16, 4\], this ensemble's is float32\[3, 8, 4\]"):
+        ens.epoch(wider.init(0), X)
+    sgd = ensemble.make(tiny, optax.sgd(1e-2), folds(3), batch_size=8)
+    with pytest.raises(ValueError, match="another structure"):
+        sgd.step(state, jnp.zeros((3, 8, D)))
+    with pytest.raises(ValueError, match=r"\(2 members\)"):
+        ensemble.make(tiny, optax.adam(1e-2), folds(2), batch_size=8).evaluate(state, X)
+    with pytest.raises(ValueError, match="expected \\[members=3, batch"):
+        ens.step(state, jnp.zeros((3, 0, D)))
+    # NaN data: checked on the first call with that data (bernoulli(NaN) would give 0s)
+    with pytest.raises(ValueError, match="NaN or inf in 1 example"):
+        ens.epoch(state, X.at[4, 1].set(jnp.nan) if isinstance(X, jax.Array) else np.where(
+            np.arange(N)[:, None] == 4, np.nan, X))
+    with pytest.raises(IndexError, match=r"member 5 does not exist: the state holds members 0..2"):
+        ensemble.member(ens.graphdef, (state.params, state.rest), 5)
+    with pytest.raises(ValueError, match=r"tx must be an optax GradientTransformation, got 0.001 \(for Adam"):
+        ensemble.make(tiny, 1e-3, folds(3), batch_size=8)
+
+    class IntLoss(Tiny):
+        def loss(self, x, key):
+            return super().loss(x, key).astype(jnp.int32)
+
+    bad = ensemble.make(lambda s: IntLoss(nnx.Rngs(s)), optax.adam(1e-2), folds(3), batch_size=8)
+    with pytest.raises(ValueError, match="floating-point per-example losses .*got int32"):
+        bad.epoch(bad.init(0), X)
+
+
 def test_fit_refuses_data_out_of_a_jaxmem_models_range(tmp_path):
     """8-bit pixels for the binarising MLP VAE are refused by fit before anything is
     trained or written (each would binarise to 1 and train a silently wrong model)."""

@@ -340,3 +340,21 @@ def test_two_cpu_devices_match_one(fresh_python):
     devices, wrong, largest = proc.stdout.split()
     assert int(devices) == 2, proc.stdout
     assert int(wrong) == 0 and float(largest) <= 1e-3, proc.stdout
+
+
+def test_multihost_refuses_a_bad_num_examples_and_scores_zero():
+    from jaxmem.likelihood import loglik_matrix_multihost
+    from jaxmem.mesh import host_local_rows
+
+    model = models.create("linear_gaussian_vae", (3,), seed=0, latent_dim=1)
+    x = np.zeros((4, 3), np.float32)
+    for bad in (24.0, "24", None, -1, True):
+        with pytest.raises(ValueError, match=r"num_examples must be an integer >= 0, got"):
+            loglik_matrix_multihost(model, local_data=x, num_examples=bad, key=KEY)
+        with pytest.raises(ValueError, match=r"^n must be an integer >= 0, got"):
+            host_local_rows(bad)
+    assert host_local_rows(np.int64(0)).size == 0
+    out = loglik_matrix_multihost(model, local_data=x[:0], num_examples=0, key=KEY)
+    assert isinstance(out, np.ndarray) and out.shape == (1, 0)
+    with pytest.raises(ValueError, match=r"\(0 rows of 0, jaxmem.mesh.host_local_rows\), got 4"):
+        loglik_matrix_multihost(model, local_data=x, num_examples=0, key=KEY)

@@ -253,6 +253,31 @@ def test_leverage_one_rows_are_flagged_not_huge():
     close(np.asarray(inf.sigma2_loo)[keep], bf["s2_loo"][keep], 1e-8)
 
 
+def test_exactly_fitted_y_is_refused():
+    # y constant, or an exact linear function of X's columns: the residuals are rounding
+    # noise and every s^2-scaled statistic 0/0 (t_i = 1 and equal Cook's distances before).
+    X, y = load("stackloss")
+    beta = np.array([3.0, 0.5, -1.0, 2.0])
+    for target in (np.full(len(X), 7.0), X @ beta, np.zeros(len(X))):
+        for method, dtype in (("cholesky", F64), ("qr", F64), ("cholesky", None), ("qr", None)):
+            with pytest.raises(ValueError, match=r"y is fitted exactly.*residual variance 0 up to rounding"):
+                jl.influence(X, target, method=method, dtype=dtype)
+            with pytest.raises(ValueError, match="y is fitted exactly"):
+                jl.loo_log_density_ratio_regression(X, target, method=method, dtype=dtype)
+    with pytest.raises(ValueError, match="y is fitted exactly"):
+        jl.influence(X, X @ beta, dtype=F64, mesh=make_mesh(8))
+    # a constant target with constant columns too (rank 1), as in a CSV of constant columns
+    with pytest.raises(ValueError, match="y is fitted exactly"):
+        jl.influence(np.c_[np.ones(len(X)), np.full(len(X), 3.0)], np.ones(len(X)), dtype=F64)
+    # leverage needs no y and still works; a tiny but genuine residual is kept (relative
+    # size 1e-8 of y, far above float64 rounding) and matches statsmodels
+    np.testing.assert_allclose(np.asarray(jl.leverage(X, dtype=F64)), OLSInfluence(sm.OLS(y, X).fit()).hat_matrix_diag,
+                               rtol=1e-10)
+    noise = np.random.default_rng(0).normal(size=len(X)) * 1e-6
+    ref = OLSInfluence(sm.OLS(X @ beta + noise, X).fit())
+    close(jl.influence(X, X @ beta + noise, dtype=F64).studentized_external, ref.resid_studentized_external, 1e-3)
+
+
 def test_bad_inputs_raise_clear_errors():
     X, y = load("stackloss")
     bad = X.copy()
@@ -264,6 +289,10 @@ def test_bad_inputs_raise_clear_errors():
     bad[4, 2] = np.inf
     with pytest.raises(ValueError, match=r"X\[4, 2\] is inf"):
         jl.influence(bad, y)
+    with pytest.raises(ValueError, match="X is complex"):
+        jl.leverage(X.astype(np.complex64))
+    with pytest.raises(ValueError, match="y is complex"):
+        jl.influence(X, y.astype(np.complex128))
     # a finite float64 entry beyond float32's range: named as such, not as "inf"
     bad[4, 2] = 1e39
     with pytest.warns(RuntimeWarning, match="overflow"), \

@@ -120,3 +120,19 @@ def test_use_cpu_devices_keeps_a_started_backend(devices8, monkeypatch):
     assert use_cpu_devices() == use_cpu_devices(8) == len(devices8) == 8  # conftest forced 8
     with pytest.raises(RuntimeError, match="already started with 8 CPU device"):
         use_cpu_devices(2)
+
+
+def test_initialize_distributed_refuses_bad_arguments_before_jax():
+    from jaxmem.mesh import initialize_distributed
+
+    for address in ("notahost", "localhost:", ":1234", "host:port", "host:0", "host:70000", 1234):
+        with pytest.raises(ValueError, match="coordinator_address must be 'host:port'"):
+            initialize_distributed(address, 1, 0)
+    for num in (0, -2, 1.0, "2", True):
+        with pytest.raises(ValueError, match=r"num_processes must be an integer >= 1, got"):
+            initialize_distributed("localhost:1234", num, 0)
+    for pid in (-1, 0.0, "0"):
+        with pytest.raises(ValueError, match=r"process_id must be an integer >= 0, got"):
+            initialize_distributed("localhost:1234", 2, pid)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes\) = \[0, 2\), got 2"):
+        initialize_distributed("[::1]:1234", 2, 2)

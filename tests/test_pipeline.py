@@ -217,7 +217,7 @@ def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_p
     x, y = digits.x[:60], digits.y[:60]
     kw = dict(epochs=1, progress=False, out_dir=out)
     cases = [
-        (dict(quantile=1.5), r"quantile must be in \[0, 1\], got 1.5"),
+        (dict(quantile=1.5), r"quantile must be .*\[0, 1\], got 1.5"),
         (dict(num_samples=8.0), "num_samples must be an integer.*got 8.0"),
         (dict(track_epochs=[1], track_samples=-2), "track_samples must be >= 1, got -2"),
         (dict(track_epochs=[1.5]), "track_epochs entries must be an integer.*got 1.5"),
@@ -248,6 +248,25 @@ def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_p
     (out / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json: not a jaxmem configuration"):
         jaxmem.memorization(x, y, **kw)
+    # a file, or a folder of someone else's files, is not taken as out_dir (results would
+    # overwrite scores.csv, summary.md...)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        jaxmem.memorization(x, y, **(kw | {"out_dir": tmp_path / "afile"}))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.md").write_text("my notes")
+    with pytest.raises(ValueError, match=r"holds files that are not a jaxmem run \(summary.md\)"):
+        jaxmem.memorization(x, y, **(kw | {"out_dir": mine}))
+    assert (mine / "summary.md").read_text() == "my notes"
+    # A configuration with nothing behind it (a run that failed before its first
+    # checkpoint, e.g. diverged) does not block the corrected rerun: it is replaced.
+    stale = json.loads(json.dumps({"format": 1, "training": {"learning_rate": 1e38}}))
+    (out / "config.json").write_text(json.dumps(stale))
+    small = dict(folds=2, num_samples=2, model_options={"hidden": [8]}, batch_size=16, linear_baseline=False)
+    r = jaxmem.memorization(x, y, **kw, **small)
+    assert json.loads((out / "config.json").read_text())["training"]["learning_rate"] == 1e-3
+    assert r.M.shape == (60,)
 
 
 def test_damaged_results_are_refused_by_name(digits, tmp_path):

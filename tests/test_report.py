@@ -90,7 +90,7 @@ def test_summary_rejects_bad_inputs():
     with pytest.raises(ValueError, match="in_counts has 2 values, expected 3"):
         summary(np.zeros(3), in_counts=np.ones(2, int))
     # The quantile is checked also when the flags are given.
-    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"quantile must be a real number in \[0, 1\], got 1.5"):
         summary(np.zeros(3), quantile=1.5, highly_memorized=np.zeros(3, bool))
 
 
@@ -207,7 +207,34 @@ def test_write_report_at_the_ends_of_the_quantile_range(tmp_path, quantile, num_
     assert f"{num_high} examples" in out["markdown"]
     for kind in ("distribution", "figure3"):
         _check_png(out["files"][kind])
-    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"quantile must be a real number in \[0, 1\], got 1.5"):
         bad = _fake_result()
         bad.config["scoring"]["quantile"] = 1.5
         report.write_report(bad, tmp_path / "bad")
+
+
+def test_write_report_checks_label_memorization_and_writes_strict_json(tmp_path):
+    import json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"not JSON: {c}")))
+
+    for bad, match in [(np.zeros(3), r"label_memorization has 3 values, expected 30"),
+                       (np.where(np.arange(30) == 4, np.nan, 0.0), r"label_memorization contains NaN or inf .* "
+                                                                    r"the first is example 4")]:
+        result = _fake_result()
+        result.label_memorization = bad
+        with pytest.raises(ValueError, match=match):
+            report.write_report(result, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()  # refused before anything was written
+    # A constant leverage has no rank correlation (NaN): summary.json says null, strictly.
+    result = _fake_result()
+    result.leverage = np.full(30, 0.1)
+    result.label_memorization = np.linspace(-1, 1, 30)
+    out = report.write_report(result, tmp_path / "ok")
+    assert np.isnan(out["summary"]["spearman_leverage"])
+    written = strict(out["files"]["summary_json"].read_text())
+    assert written["spearman_leverage"] is None
+    assert written["label_memorization"]["max"] == 1.0 and written["label_memorization"]["num_above_0.5"] == 8
+    with pytest.raises(ValueError, match="not JSON: NaN"):
+        strict('{"a": NaN}')

@@ -318,3 +318,30 @@ def test_quantile_flags_and_bootstrap_count_refuse_bad_values():
     keep = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)
     with pytest.raises(ValueError, match="num_bootstrap must be an integer"):
         memorization_scores(ll, keep, uncertainty="bootstrap", num_bootstrap=2.5)
+
+
+def test_option_kinds_are_refused_by_name():
+    import jax
+
+    ll = np.zeros((4, 3), np.float32)
+    keep = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)
+    for bad in (0, "junk", jax.random.split(jax.random.key(0), 3)):
+        for unc in ("jackknife", "bootstrap"):
+            with pytest.raises(ValueError, match=r"key must be one PRNG key, jax.random.key\(seed\), or None"):
+                memorization_scores(ll, keep, uncertainty=unc, key=bad)
+    for bad in (None, "10", 0, -5, float("inf")):
+        with pytest.raises(ValueError, match="num_bootstrap must be an integer, at least 2 with uncertainty='boot"):
+            memorization_scores(ll, keep, uncertainty="bootstrap", num_bootstrap=bad)
+    with pytest.raises(ValueError, match="num_bootstrap must be an integer, at least 1 "):
+        memorization_scores(ll, keep, num_bootstrap=-5)
+    for bad in (None, [0.9], "0.9", True, np.array([0.9, 0.95]), float("nan"), 1.5):
+        with pytest.raises(ValueError, match=r"quantile must be a real number in \[0, 1\]"):
+            memorization_scores(ll, keep, quantile=bad)
+        with pytest.raises(ValueError, match=r"quantile must be a real number in \[0, 1\]"):
+            quantile_flags(np.arange(3.0), bad)
+    # accepted: a raw key, 0-d and numpy quantiles, whole-number replicate counts, num_bootstrap unused
+    s = memorization_scores(ll, keep, uncertainty="bootstrap", num_bootstrap=np.int64(3), key=jax.random.PRNGKey(1),
+                            quantile=np.float32(0.5))
+    assert s.M.shape == (3,)
+    assert float(quantile_flags(np.arange(5.0), jnp.asarray(0.5))[1]) == 2.0
+    assert memorization_scores(ll, keep, num_bootstrap=1, quantile=1).M.shape == (3,)
