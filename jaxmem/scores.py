@@ -466,7 +466,16 @@ def memorization_scores(
         # the resampling draws 16-bit random indices (see _bootstrap_var)
         raise ValueError(f"bootstrap supports up to 65535 models, got {plan.num_models}")
     dtype = _float_dtype(ll)
-    return _scores_program(
+    shift = None
+    if jnp.dtype(ll.dtype).itemsize > dtype.itemsize:
+        # Float64 log-likelihoods computed in float32 (x64 off): shift each example by its
+        # largest value first, in float64, so that only the differences between models
+        # (what M, its error and the flags depend on) are rounded, not values of -1e6 whose
+        # float32 spacing is 0.06 nats. U and V get the shift back.
+        ll64 = np.asarray(ll, np.float64)
+        shift = ll64.max(axis=0)
+        ll = ll64 - shift
+    scores = _scores_program(
         jnp.asarray(ll, dtype),
         jnp.asarray(plan.keep),
         key,
@@ -475,6 +484,9 @@ def memorization_scores(
         method=uncertainty,
         num_bootstrap=num_bootstrap if uncertainty == "bootstrap" else 0,
     )
+    if shift is not None:
+        scores = scores._replace(U=scores.U + jnp.asarray(shift, dtype), V=scores.V + jnp.asarray(shift, dtype))
+    return scores
 
 
 def _label_block(sharded, replicated):
