@@ -258,13 +258,7 @@ def _check_labels(y: Any, n: int) -> np.ndarray:
     y = np.asarray(y)
     if y.shape != (n,):
         raise ValueError(f"y must have shape ({n},) to match x, got {y.shape}")
-    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
-    if np.issubdtype(y.dtype, np.floating):
-        bad = ~np.isfinite(y) | (y != np.round(y))
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"y must hold whole-number labels, but example {i} has label {float(y[i]):g}")
+    y = _models.whole_number_labels(y, "y must hold")
     info = np.iinfo(np.int32)
     if n and (y.min() < info.min or y.max() > info.max):
         i = int(np.argmax((y < info.min) | (y > info.max)))

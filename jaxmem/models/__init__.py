@@ -37,6 +37,7 @@ __all__ = [
     "from_config",
     "check_data",
     "check_model_data",
+    "whole_number_labels",
     "MLPVAE",
     "ConvVAE",
     "LinearGaussianVAE",
@@ -223,22 +224,28 @@ def check_data(config: dict[str, Any], x: Any, y: Any = None) -> np.ndarray | No
     elif name == "classifier":
         if y is None:
             raise ValueError("model 'classifier' needs labels y (int [n] in [0, num_classes)); none were given")
-        y = np.asarray(y)
+        y = whole_number_labels(y, "model 'classifier' needs")
         k = int(config.get("num_classes", 10))
-        if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-            raise ValueError(f"model 'classifier' needs integer labels, got dtype {y.dtype}")
-        if np.issubdtype(y.dtype, np.floating):
-            bad = ~np.isfinite(y) | (y != np.round(y))
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise ValueError(f"model 'classifier' needs whole-number labels, but example {i} has label "
-                                 f"{float(y[i]):g}")
         bad = (y < 0) | (y >= k)
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(f"label {y[i]:g} of example {i} lies outside [0, {k}) (the classifier's "
                              f"num_classes is {k}; set model_options={{'num_classes': ...}})")
         return y.astype(np.int32)
+    return y
+
+
+def whole_number_labels(y: Any, must: str = "labels must be") -> np.ndarray:
+    """``y`` as a numpy array if it holds whole numbers (integers, or floats such as a CSV
+    column's 3.0); else a ValueError beginning with ``must`` (e.g. ``"y must hold"``)."""
+    y = np.asarray(y)
+    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{must} integer labels, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{must} whole-number labels, but example {i} has label {float(y[i]):g}")
     return y
 
 
