@@ -119,6 +119,9 @@ class Ensemble(NamedTuple):
         ``epoch`` trains side by side (vmapped) at a time: the ``member_chunk`` given to
         :func:`make`, or the one it picks for this state's sizes (see there), at most
         the device's share of the members.
+      check_data: ``check_data(data) -> data``, what ``epoch`` and ``evaluate`` check:
+        shapes every call; NaN or inf, and a jaxmem model's value range and dtype, once
+        per data object (raises ValueError naming the problem).
     """
 
     graphdef: Any
@@ -132,6 +135,7 @@ class Ensemble(NamedTuple):
     batch_size: int
     mesh: Mesh
     member_chunk: Callable[[EnsembleState], int]
+    check_data: Callable[[Any], Any]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -390,7 +394,8 @@ def make(
     max_out = int((~keep).sum(axis=1).max())
     eval_chunks = int(math.ceil(max_out / eval_batch_size))
     keep_dev = jax.device_put(jnp.asarray(keep), NamedSharding(mesh, P()))
-    graphdef = _graphdef_of(model)
+    module = _module_of(model)  # for a factory, abstract: shapes only
+    graphdef, params1, rest1 = nnx.split(module, nnx.Param, ...)
 
     def member_loss(params, rest, batch, key):
         model_m = nnx.merge(graphdef, params, rest)
@@ -473,24 +478,22 @@ def make(
 
     # on CPUs, XLA options measured faster for these programs (jaxmem.mesh.CPU_COMPILER_OPTIONS)
     jit = functools.partial(jax.jit, compiler_options=compiler_options(mesh, "training"))
-    expected: list[Any] = []  # the abstract (params, rest, opt_state) of this ensemble's state, once known
+    stack = lambda t: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct((num_members, *np.shape(a)), a.dtype), t)
+    params_shapes = stack(params1)
+    # The abstract (params, rest, opt_state) of this ensemble's state.
+    expected = (params_shapes, stack(rest1), jax.eval_shape(jax.vmap(tx.init), params_shapes))
 
     def check_state(state: EnsembleState) -> None:
         """At trace time (free when compiled): ``state`` has this ensemble's members, model and
         optimizer state, not another ensemble's (which would train another model silently)."""
-        if not expected:
-            _, params1, rest1 = nnx.split(_module_of(model), nnx.Param, ...)
-            stack = lambda t: jax.tree.map(  # noqa: E731
-                lambda a: jax.ShapeDtypeStruct((num_members, *np.shape(a)), a.dtype), t)
-            params = stack(params1)
-            expected.append((params, stack(rest1), jax.eval_shape(jax.vmap(tx.init), params)))
         got = (state.params, state.rest, state.opt_state)
-        want_def, got_def = jax.tree.structure(expected[0]), jax.tree.structure(got)
+        want_def, got_def = jax.tree.structure(expected), jax.tree.structure(got)
         if want_def != got_def:
             raise ValueError("state does not belong to this ensemble: its parameters or optimizer state have "
                              "another structure (another model or optimizer); use this ensemble's init() or a "
                              "checkpoint of it")
-        for part, want_t, got_t in zip(("params", "rest", "opt_state"), expected[0], got):
+        for part, want_t, got_t in zip(("params", "rest", "opt_state"), expected, got):
             for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want_t), jax.tree.leaves(got_t)):
                 if tuple(w.shape) != tuple(np.shape(g)) or w.dtype != g.dtype:
                     raise ValueError(
@@ -566,7 +569,7 @@ def make(
             return data  # under the caller's jit: values cannot be looked at
         if not (checked and len(checked[0]) == len(leaves) and all(a is b for a, b in zip(checked[0], leaves))):
             _check_finite(data)
-            _models.check_model_data(_module_of(model), data)
+            _models.check_model_data(module, data)
             checked[:] = [leaves]
         return data
 
@@ -604,6 +607,7 @@ def make(
         batch_size=batch_size,
         mesh=mesh,
         member_chunk=chunk_of,
+        check_data=check,
     )
 
 
@@ -612,7 +616,7 @@ def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: Ens
     """What a run directory must agree on before a checkpoint of it may be resumed."""
     from jaxmem.checkpoint import describe_tree, fingerprint_array
 
-    abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(lambda: model(0))
+    abstract = _module_of(model)
     member0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.params)
     opt0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.opt_state)
     leaves = jax.tree.leaves(data)
@@ -713,14 +717,14 @@ def fit(
     keep = _as_keep(keep)
     num_members = keep.shape[0]
     _check_data(data, keep.shape[1])
-    # jaxmem's models: value ranges (pixels in [0, 1], labels), refused before any training
-    _models.check_model_data(_module_of(model), data)
     ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
     state = ens.init(seed)
     # Placed before the configuration is taken: its fingerprint is of the data as trained on
     # (e.g. float64 input becomes float32 without x64).
     data = jax.device_put(data, NamedSharding(ens.mesh, P()))
-    _check_finite(data)  # on the devices, where the data now lie
+    # NaN or inf (on the devices, where the data now lie) and, for jaxmem's models, value
+    # ranges: refused before anything is written; epochs on this data do not check again.
+    data = ens.check_data(data)
     history: dict[str, list] = {"train_loss": [], "heldout_loss": []}
 
     ckpt = None

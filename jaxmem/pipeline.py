@@ -212,16 +212,17 @@ def _check_out_dir(directory: str) -> None:
                          "empty folder")
 
 
-def _check_config(directory: str, config: dict[str, Any]) -> None:
+def _check_config(directory: str, config: dict[str, Any], trained: int | None) -> None:
     """Refuse to reuse ``directory`` for another configuration (training epochs may grow).
 
     A configuration with nothing behind it (no checkpoint, no result: a run that failed
     or was stopped before its first checkpoint) is replaced, with its tracked scores.
+    ``trained``: the epoch of the directory's newest checkpoint, or None.
     """
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         return
-    if _latest_checkpoint(directory) is None and not os.path.exists(os.path.join(directory, "result.npz")):
+    if trained is None and not os.path.exists(os.path.join(directory, "result.npz")):
         _read_config(path)  # a damaged file is still named
         for stale in ("config.json", "tracked.npz"):
             if os.path.exists(os.path.join(directory, stale)):
@@ -456,8 +457,8 @@ def memorization(
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         _check_out_dir(out_dir)
-        _check_config(out_dir, config)
         trained = _latest_checkpoint(out_dir)
+        _check_config(out_dir, config, trained)
         if trained is not None and trained > epochs:
             # Resuming would restore that checkpoint and score it as `epochs` epochs.
             raise ConfigMismatchError(
