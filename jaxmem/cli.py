@@ -29,6 +29,7 @@ import pathlib
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -43,6 +44,8 @@ _MODELS = ("mlp_vae", "conv_vae", "linear_gaussian_vae", "classifier")
 _SMALL_INPUT = 256
 _SMALL_HIDDEN = (256, 128)
 _SMALL_LATENT = 8
+# The paper's preprocessing: 28x28 MNIST-like images zero-padded to 32x32.
+_PAD_TO = {"mnist": 32, "fashion_mnist": 32, "binarized_mnist": 32}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +63,18 @@ def _fail(message: Any) -> NoReturn:
 
 def _info(message: str) -> None:
     print(f"{_PROG}: {message}", file=sys.stderr, flush=True)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """jaxmem's own warnings as one ``jaxmem: warning: ...`` line (not Python's
+    ``path:line: UserWarning:`` and a source line); other packages' as Python shows them."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        _info(f"warning: {message}")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -274,7 +289,11 @@ def _tracked(spec: str | tuple[int, ...], epochs: int) -> tuple[int, ...]:
 
 
 def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """How to load the data again (for `jaxmem report`), as recorded in config.json."""
+    """How to load the data again (for `jaxmem report`), as recorded in config.json.
+
+    A resumed run whose data are loaded otherwise (another limit, binarization or
+    padding) is refused by the results directory's configuration check.
+    """
     from jaxmem.data import KNOWN_DATASETS
 
     source = args.data
@@ -284,14 +303,15 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
     binarize = None
     if args.model == "mlp_vae":
         binarize = {"dynamic": "dynamic", "static": "static", "none": None}[args.binarize]
-    return {"source": source, "limit": args.limit, "binarize": binarize}
+    return {"source": source, "limit": args.limit, "binarize": binarize, "pad_to": _PAD_TO.get(source)}
 
 
 def _load(spec: dict[str, Any], *, seed: int, data_dir: str | None):
     from jaxmem.data import load_dataset
 
+    # Configurations written before "pad_to" was recorded loaded nothing padded.
     return load_dataset(spec["source"], limit=spec["limit"], binarize=spec["binarize"],
-                        seed=seed, data_dir=data_dir)
+                        pad_to=spec.get("pad_to"), seed=seed, data_dir=data_dir)
 
 
 def _fingerprint(x) -> str:
@@ -368,9 +388,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--folds {args.folds} needs at least {args.folds} examples; "
                          f"{ds.name} has {n}")
     options = _model_options(args, ds.example_shape, ds.metadata.get("num_classes"))
+    levels = ds.metadata.get("levels")
+    if args.model == "conv_vae" and levels != 256:
+        _info(f"warning: conv_vae dequantizes pixels as 8-bit values ((round(255 x) + u) / 256) and "
+              f"{ds.name} has " + (f"{levels} intensity levels" if levels else "real values")
+              + ": its log p is a density on that 256-level grid, not on the data's own values")
 
     from jaxmem.pipeline import _latest_checkpoint, memorization
-    from jaxmem.report import write_report
+    from jaxmem.report import _drawable, write_report
+
+    # What the report can draw is decided now, not after training.
+    grid = ds if _drawable(ds.x) else None
+    if grid is None and ds.x.ndim > 2:
+        _info(f"note: no example grid: examples of shape {ds.example_shape} are not images "
+              "[height, width] or [height, width, channels] with 1, 3 or 4 channels")
 
     mesh = None
     if args.devices is not None:
@@ -378,10 +409,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         mesh = make_mesh(args.devices)
     out = args.out
-    shown = ", ".join(f"{k}={v}" for k, v in options.items())
+    shown_options = dict(options)
+    if ds.metadata.get("binarization") == "static":  # drawn when loading; the model keeps the pixels
+        shown_options["binarize"] = "static"
+    shown = ", ".join(f"{k}={v}" for k, v in shown_options.items())
+    plan_models = args.folds * args.repeats
+    models = f"{plan_models} models" + (f" + 1 full model = {members} models" if args.full_model else "")
+    scored = (f"log p(y|x) of {n} examples under every model (exact)" if args.model == "classifier" else
+              f"log-likelihood of {n} examples under every model ({args.samples} importance samples)")
     stages = {
         "train": f"training {members} models (progress in model-epochs)",
-        "likelihood": f"log-likelihood of {n} examples under every model ({args.samples} importance samples)",
+        "likelihood": scored,
         "scores": "memorization scores",
     }
     started = time.perf_counter()
@@ -394,7 +432,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             devices = jax.devices()[: args.devices or None]
             _info(f"{ds.name}: {n} examples of shape {ds.example_shape}; {args.model} ({shown}); "
-                  f"{args.folds} folds x {args.repeats} repeat(s) = {members} models x "
+                  f"{args.folds} folds x {args.repeats} repeat(s) = {models} x "
                   f"{args.epochs} epochs; {len(devices)} {devices[0].platform.upper()} device(s)")
             latest = _latest_checkpoint(out)
             if latest is not None and latest >= args.epochs:
@@ -414,7 +452,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             progress=not args.no_progress, mesh=mesh, checkpoint_every=args.checkpoint_every,
             on_stage=on_stage, on_epoch=interrupts.on_epoch,
         )
-        report = write_report(result, out, dataset=ds if ds.is_image else None)
+        report = write_report(result, out, dataset=grid)
     elapsed = time.perf_counter() - started
     print(report["markdown"], end="")
     print(f"\nResults in {os.path.abspath(out)} ({elapsed:.0f} s): scores.csv, result.npz, "
@@ -427,7 +465,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from jaxmem.pipeline import load_result
-    from jaxmem.report import write_report
+    from jaxmem.report import _drawable_shape, write_report
 
     directory = args.directory
     if not os.path.isdir(directory):
@@ -435,7 +473,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     result = load_result(directory)
     data = result.config.get("data", {})
     ds = None
-    if len(data.get("example_shape", ())) == 3 and "source" in data:
+    if _drawable_shape(data.get("example_shape", ())) and "source" in data:
         seed = int(result.config.get("training", {}).get("seed", 0))
         try:
             ds = _load(data, seed=seed, data_dir=args.data_dir)
@@ -619,7 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # business (e.g. an empty data set folder before our own "not prepared" error).
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():  # restores showwarning for an in-process caller
+            warnings.showwarning = _show_warning
+            return int(args.func(args))
     except KeyboardInterrupt:
         where = getattr(args, "out", None)
         hint = (f"; training checkpoints are in {os.path.join(where, 'checkpoints')}: run the "

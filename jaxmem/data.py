@@ -13,15 +13,20 @@ Sources:
   array_record files (no TensorFlow needed to read, never a download):
   ``mnist``, ``fashion_mnist``, ``binarized_mnist``, ``cifar10``, ``celeb_a``.
 - The user's own ``.npy`` (``x`` only), ``.npz`` (keys ``x`` and optional ``y``) or
-  ``.csv`` (numeric columns; an optional header whose ``y`` or ``label`` column
-  holds labels) files.
+  ``.csv`` (numeric columns; an optional header, names quoted or not, whose ``y`` or
+  ``label`` column holds labels; a column without a name, such as the row index of
+  pandas' ``to_csv()``, is refused) files.
 
 Preprocessing follows van den Burg & Williams (2021):
 
-- 8-bit images are stored as ``k / 255`` for ``k`` in 0..255; ``metadata["levels"]``
-  (256) tells a continuous-likelihood model how to dequantize:
-  ``(round(x * (levels - 1)) + u) / levels`` with ``u ~ U[0, 1)``. Dequantization
-  noise is drawn by the model (it is per-key randomness, see CONTRACTS.md).
+- 8-bit images are stored as ``k / 255`` for ``k`` in 0..255. ``metadata["levels"]``
+  records how many intensity levels the stored values take (``x = k / (levels - 1)``:
+  256 for 8-bit images, 17 for the embedded digits, 2 after static binarization, None
+  for real-valued data); it describes the data and is not read by the models. The
+  convolutional VAE (:mod:`jaxmem.models`) always assumes 8-bit pixels: it dequantizes
+  ``(round(255 x) + u) / 256`` with ``u ~ U[0, 1)``, drawn by the model (per-key
+  randomness, see CONTRACTS.md), whatever ``levels`` says; ``jaxmem run`` warns when it
+  is run on data whose ``levels`` is not 256.
 - ``binarize="dynamic"`` keeps the intensities and records that the model must draw
   a fresh Bernoulli sample each time it sees an example; ``binarize="static"`` draws
   one Bernoulli sample per pixel here, from ``seed`` (the same pixels for example
@@ -37,6 +42,7 @@ Preprocessing follows van den Burg & Williams (2021):
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import functools
 import glob
@@ -464,15 +470,21 @@ def _read_csv(path: pathlib.Path):
 def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """A numeric table from a ``.csv`` (optional header), ``.npz`` (``x`` and optional ``y``) or ``.npy`` file.
 
+    A CSV's first line is a header when any of its cells is not a number. Cells may be
+    quoted (``"a","b","label"``, as R's ``write.csv`` writes names, or quoted numbers):
+    the quotes are removed.
+
     Returns:
       ``(table, columns, y)``: float64 ``[rows, columns]``; the column names (from the CSV
-      header, else ``"column j"``); the ``.npz`` file's ``y`` array or None. Values are
-      not checked for NaN here (callers name the offending cell in their own terms).
+      header, unquoted, else ``"column j"``); the ``.npz`` file's ``y`` array or None. Values
+      are not checked for NaN here (callers name the offending cell in their own terms).
 
     Raises:
       FileNotFoundError: no such file. ValueError: a directory, another suffix, a table
       that is not 2-D, not real numbers (complex, strings...; also an ``.npz`` ``y``) or has
-      no rows, a header whose length differs from the rows'.
+      no rows, a header whose length differs from the rows', a header with an empty name
+      (the row index that pandas' ``to_csv()`` and R's ``write.csv`` write by default:
+      refused rather than used as a feature).
     """
     path = pathlib.Path(path)
     _existing_file(path, "table", ".csv, .npz or .npy")
@@ -483,10 +495,21 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
             first = f.readline()
         if not first.strip():
             raise ValueError(f"{path} is empty (no rows)")
-        cells = [c.strip() for c in first.split(",")]
-        has_header = not all(_is_number(c) for c in cells)
+        # csv.reader unquotes cells as R's write.csv quotes them ("a","b","label").
+        cells = [c.strip() for c in next(csv.reader([first]))]
+        # A first row of numbers with empty cells is data with missing values (loadtxt names
+        # them), not a header of nameless columns.
+        has_header = not all(_is_number(c) for c in cells if c)
+        if has_header and "" in cells:
+            j = cells.index("")
+            raise ValueError(
+                f"{path}: column {j} of the header has no name; pandas' to_csv() writes its row "
+                "index this way (R's write.csv its row names): save with index=False (R: "
+                "row.names=FALSE), or name the column"
+            )
         try:
-            table = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2, dtype=np.float64)
+            table = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2, dtype=np.float64,
+                               quotechar='"')
         except ValueError as err:
             raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
         names = cells if has_header else [f"column {j}" for j in range(table.shape[1])]

@@ -12,18 +12,35 @@ Two levels, each usable alone (as in optax / blackjax):
 
 * :func:`make` returns an :class:`Ensemble`: pure ``init`` / ``step`` / ``epoch`` /
   ``schedule`` / ``evaluate`` functions over an :class:`EnsembleState`; the jitted ones
-  are safe to call in a user's own loop.
+  are safe to call in a user's own loop, also inside the user's own ``jax.jit`` or
+  ``lax.scan`` (on CPUs they are then compiled as part of the user's program, without
+  :data:`jaxmem.mesh.CPU_COMPILER_OPTIONS`).
 * :func:`fit` runs epochs with a progress bar, logs per-member losses, checkpoints to
   a run directory with :mod:`jaxmem.checkpoint` and resumes from it.
 
 Batch schedules. Every epoch has the same number of steps for every member,
-``steps_per_epoch = ceil(max_m |train_m| / batch_size)``, so that one scanned program
-serves all members. Member ``m``'s schedule for epoch ``e`` is a uniformly random
-permutation of ITS OWN training indices (an ``argsort`` of uniform keys with its held-out
-examples' keys set to 2, i.e. sorted to the end), read cyclically to fill
-``steps_per_epoch * batch_size`` slots: every training example is seen at least once per
-epoch, members with fewer examples see ``steps*batch - |train_m|`` of theirs twice, and no
-member ever gathers an example it does not keep.
+``steps_per_epoch = ceil(max_m |train_m| / batch_size)`` unless :func:`make` is given
+another, so that one scanned program serves all members. Member ``m``'s schedule for
+epoch ``e`` is a uniformly random permutation of ITS OWN training indices (an ``argsort``
+of uniform keys with its held-out examples' keys set to 2, i.e. sorted to the end), read
+cyclically to fill ``slots = steps_per_epoch * batch_size`` slots: with
+``|train_m| <= slots`` every training example of ``m`` is seen ``floor(slots / |train_m|)``
+or one more times per epoch (at least once; a member with far fewer examples than the
+largest one sees each several times), with ``|train_m| > slots`` (an explicit, smaller
+``steps_per_epoch``) a fresh random subset of ``slots`` distinct examples; no member ever
+gathers an example it does not keep. The epoch is ``EnsembleState.epoch``, which only
+``Ensemble.epoch`` advances: a loop of ``schedule`` and ``step`` must advance it itself
+(``state = state._replace(epoch=state.epoch + 1)`` after each epoch's steps), or every
+epoch repeats the first one's permutation.
+
+Modes. Training runs the module as :func:`make` gets it (a new ``nnx`` module is in
+train mode: ``BatchNorm`` normalises with the batch's statistics and updates its running
+averages, ``Dropout`` drops); its other variables (batch statistics, the RNG counts of
+the module's own ``nnx.Rngs``) are carried per member in ``EnsembleState.rest``. The
+held-out evaluation (``evaluate``, ``epoch``'s ``heldout_loss``) runs each member in
+eval mode (``Module.eval()``: ``deterministic=True``, ``use_running_average=True``), so
+that its losses do not depend on ``eval_batch_size`` or on the other examples of a
+chunk, and leaves ``rest`` unchanged.
 
 Randomness depends only on (seed, member, epoch, step), never on the device count or on
 interruptions, so a resumed run continues bit for bit. With
@@ -54,7 +71,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem import models as _models
 from jaxmem.membership import _check_int, _check_keep, _check_seed
-from jaxmem.mesh import as_mesh, compiler_options, make_mesh, nonfinite_rows, on_cpu, shard_examples
+from jaxmem.mesh import (
+    as_mesh,
+    compiler_options,
+    jit_with_options,
+    make_mesh,
+    nonfinite_rows,
+    on_cpu,
+    shard_examples,
+)
 from jaxmem.models._latent import reverse_mode_dense
 
 __all__ = [
@@ -81,7 +106,9 @@ class EnsembleState(NamedTuple):
         leaves ``[members, ...]``; carried through the loss so modules may update it.
       opt_state: the optax state of every member, leaves ``[members, ...]``.
       keys: ``[members]`` typed PRNG keys, ``fold_in(key(seed), m)``.
-      epoch: int32 ``[]``, epochs completed.
+      epoch: int32 ``[]``, epochs completed: advanced by ``Ensemble.epoch`` only (a loop
+        of ``step`` advances it itself, see :class:`Ensemble`); it picks the epoch's batch
+        schedule.
       step: int32 ``[]``, optimizer steps taken (global, over all epochs).
     """
 
@@ -102,17 +129,27 @@ class Ensemble(NamedTuple):
       init: ``init(seed) -> EnsembleState`` (Python: builds the members' modules).
       step: jitted ``step(state, batch) -> (state, loss)``, one optimizer step of every
         member; ``batch`` leaves ``[members, batch_size, ...]``, ``loss`` f32
-        ``[members]`` mean training loss of the batch (nats per example).
+        ``[members]`` mean training loss of the batch (nats per example), before the
+        step. Advances ``state.step``, never ``state.epoch``.
       epoch: jitted ``epoch(state, data) -> (state, metrics)``: one scanned epoch of
         every member over its own schedule, then the held-out evaluation.
         ``metrics = {"train_loss": f32[members], "heldout_loss": f32[members]}``, nats per
         example (``heldout_loss`` is NaN for a member with no held-out example).
       schedule: jitted ``schedule(state) -> int32[members, steps_per_epoch, batch_size]``,
-        the example indices of epoch ``state.epoch``.
+        the example indices of epoch ``state.epoch``. ``Ensemble.epoch`` is ``step`` over
+        them, then ``state.epoch + 1``; a loop of your own does the same::
+
+          idx = ens.schedule(state)
+          for s in range(ens.steps_per_epoch):
+              state, loss = ens.step(state, jax.tree.map(lambda a: a[idx[:, s]], data))
+          state = state._replace(epoch=state.epoch + 1)  # else the next epoch repeats this one
+
       evaluate: jitted ``evaluate(state, data) -> f32[members]``, each member's mean loss
-        over ITS held-out examples (nats per example).
+        over ITS held-out examples (nats per example), in eval mode (see the module
+        docstring).
       keep: bool ``[members, examples]`` numpy copy of the plan.
-      steps_per_epoch: optimizer steps per epoch (the same for every member).
+      steps_per_epoch: optimizer steps per epoch (the same for every member; see
+        :func:`make`).
       batch_size: examples per member per step.
       mesh: the 1-D mesh the member axis is split over.
       member_chunk: ``member_chunk(state) -> int``, how many of a device's members
@@ -292,9 +329,28 @@ def _build_members(model: Any, num_members: int, seed: int):
     graphdef = parts[0][0]
     for m, (g, _, _) in enumerate(parts[1:], 1):
         if g != graphdef:
-            raise ValueError(f"model factory built member {m} with another structure than member 0")
+            raise ValueError(f"model factory built member {m} with another structure than member 0"
+                             f"{_structure_difference(graphdef, g, 'member 0', f'member {m}')}")
     stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a), *(p[i] for p in parts))  # noqa: E731
     return graphdef, stack(1), stack(2)
+
+
+def _structure_difference(a: Any, b: Any, name_a: str, name_b: str) -> str:
+    """Why graphdefs ``a`` and ``b`` differ, for an error message (starting with ': ')."""
+    hint = ("; plain Python attributes of the modules (anything not an nnx.Variable or a "
+            "submodule) are part of the structure and must be equal in every member: keep "
+            "per-member values such as a seed out of the module, or in an nnx.Variable")
+    try:  # flax 0.12's GraphDef lists every attribute as (name, Static(value) | ...) in order
+        for (key_a, attr_a), (key_b, attr_b) in zip(a.attributes, b.attributes):
+            if key_a != key_b:  # other attributes or submodules: no single value to name
+                break
+            if (not str(key_a).startswith("_pytree__") and attr_a != attr_b
+                    and hasattr(attr_a, "value") and hasattr(attr_b, "value")):
+                return (f": attribute {key_a!r} is {attr_a.value!r} in {name_a} and {attr_b.value!r} "
+                        f"in {name_b}{hint}")
+    except (AttributeError, TypeError, ValueError):  # another GraphDef layout (or array values): no details
+        pass
+    return hint
 
 
 #: Budget for one chunk of members' training state (parameters and optimizer state) on a
@@ -327,6 +383,7 @@ def make(
     eval_batch_size: int | None = None,
     unroll: int = 1,
     member_chunk: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> Ensemble:
     """Pure training functions for every member of a membership plan.
 
@@ -358,6 +415,14 @@ def make(
         all vmapped, ``benchmarks/RESULTS.md``). Results agree across chunk sizes to
         float rounding (the matmuls are batched differently), not bitwise; a given chunk
         size is deterministic. ``step`` and ``evaluate`` always vmap all members.
+      steps_per_epoch: optimizer steps of every member per epoch. ``None`` (default):
+        ``ceil(max_m |train_m| / batch_size)``, enough for the largest member to see each
+        of its examples once. A positive int sets it: a member with more than
+        ``steps_per_epoch * batch_size`` training examples then trains each epoch on a
+        fresh uniformly random subset of that many distinct examples of its own (the
+        first slots of its permutation), and one with fewer reads its permutation
+        cyclically as usual. E.g. a model trained on every example beside a plan's
+        members, with the plan's own default, takes the members' number of steps.
 
     Returns:
       An :class:`Ensemble`.
@@ -381,6 +446,8 @@ def make(
     if member_chunk is not None and (isinstance(member_chunk, bool) or int(member_chunk) != member_chunk
                                      or member_chunk < 1):
         raise ValueError(f"member_chunk must be None or a positive integer, got {member_chunk!r}")
+    if steps_per_epoch is not None:
+        steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
     eval_batch_size = eval_batch_size or batch_size
     mesh = default_mesh(num_members) if mesh is None else as_mesh(mesh)
     axis = mesh.axis_names[0]
@@ -390,15 +457,19 @@ def make(
             f"batch_size={batch_size} exceeds the largest member's training set ({int(train_sizes.max())} "
             f"examples): each step's batch repeats examples, some more often than others; pass "
             f"batch_size <= {int(train_sizes.max())} for batches of distinct examples", UserWarning, stacklevel=2)
-    steps = int(math.ceil(train_sizes.max() / batch_size))
+    steps = int(math.ceil(train_sizes.max() / batch_size)) if steps_per_epoch is None else steps_per_epoch
     max_out = int((~keep).sum(axis=1).max())
     eval_chunks = int(math.ceil(max_out / eval_batch_size))
     keep_dev = jax.device_put(jnp.asarray(keep), NamedSharding(mesh, P()))
     module = _module_of(model)  # for a factory, abstract: shapes only
     graphdef, params1, rest1 = nnx.split(module, nnx.Param, ...)
 
-    def member_loss(params, rest, batch, key):
-        model_m = nnx.merge(graphdef, params, rest)
+    def member_loss(params, rest, batch, key, *, train=True):
+        # copy=True: the module gets Variables of the current trace (the gradient's), which
+        # BatchNorm and Dropout (their statistics, RNG counts) may then update.
+        model_m = nnx.merge(graphdef, params, rest, copy=True)
+        if not train:
+            model_m.eval()  # deterministic=True, use_running_average=True
         losses = model_m.loss(batch, key)
         leading = jax.tree.leaves(batch)[0].shape[0]
         if not hasattr(losses, "dtype") or not jnp.issubdtype(losses.dtype, jnp.floating):
@@ -423,7 +494,7 @@ def make(
         (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, rest, opt_state, loss
+        return params, rest, opt_state, loss.astype(jnp.float32)
 
     def member_schedule(keep_row, key, epoch):
         u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), (n,))
@@ -445,9 +516,10 @@ def make(
 
         def chunk(total, c):
             batch = jax.tree.map(lambda a: jnp.take(a, idx[c], axis=0), data)
-            losses, _ = member_loss(params, rest, batch, jax.random.fold_in(ekey, c))
+            losses, _ = member_loss(params, rest, batch, jax.random.fold_in(ekey, c), train=False)
             # where(), not a product: a padded slot may hold a training example of any value.
-            return total + jnp.sum(jnp.where(weight[c] > 0, losses, 0.0)), None
+            # Summed in float32 whatever the losses' dtype (float64 under x64).
+            return total + jnp.sum(jnp.where(weight[c] > 0, losses.astype(jnp.float32), 0.0)), None
 
         total, _ = jax.lax.scan(chunk, jnp.float32(0.0), jnp.arange(eval_chunks))
         return total / count  # NaN when the member holds nothing out
@@ -476,8 +548,9 @@ def make(
     def sharded(fn, rows, replicated):
         return shard_examples(fn, mesh, rows, replicated, axis_name=axis)
 
-    # on CPUs, XLA options measured faster for these programs (jaxmem.mesh.CPU_COMPILER_OPTIONS)
-    jit = functools.partial(jax.jit, compiler_options=compiler_options(mesh, "training"))
+    # On CPUs, XLA options measured faster for these programs (jaxmem.mesh.CPU_COMPILER_OPTIONS);
+    # under a caller's jit or scan, without them (jit_with_options).
+    jit = functools.partial(jit_with_options, options=compiler_options(mesh, "training"))
     stack = lambda t: jax.tree.map(  # noqa: E731
         lambda a: jax.ShapeDtypeStruct((num_members, *np.shape(a)), a.dtype), t)
     params_shapes = stack(params1)
@@ -581,7 +654,8 @@ def make(
         seed = _check_seed(seed)
         built, params, rest = _build_members(model, num_members, seed)
         if built != graphdef:
-            raise ValueError("the model factory built a model with another structure at init")
+            raise ValueError("the model factory built a model with another structure at init than "
+                             "model(0) at make" + _structure_difference(graphdef, built, "model(0)", "member 0"))
         opt_state = jax.vmap(tx.init)(params)
         keys = jax.vmap(lambda m: jax.random.fold_in(jax.random.key(seed), m))(
             jnp.arange(num_members)
@@ -659,6 +733,7 @@ def fit(
     callback: Callable[[int, EnsembleState, dict[str, np.ndarray]], None] | None = None,
     config: Any = None,
     eval_batch_size: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> FitResult:
     """Train every member of a plan, with progress, logging, checkpoints and resumption.
 
@@ -688,6 +763,9 @@ def fit(
         (an ``optax.adam(100.0)`` resumes a run of ``optax.adam(1e-3)``): record them
         here. A learning rate given as ``tx`` is recorded.
       eval_batch_size: chunk size of the held-out evaluation.
+      steps_per_epoch: optimizer steps per epoch (see :func:`make`; default
+        ``ceil(max_m |train_m| / batch_size)``). Recorded in ``run_dir``: a run is resumed
+        only with the same number.
 
     Returns:
       A :class:`FitResult`; ``history`` holds per-member train and held-out losses (nats
@@ -717,7 +795,8 @@ def fit(
     keep = _as_keep(keep)
     num_members = keep.shape[0]
     _check_data(data, keep.shape[1])
-    ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size)
+    ens = make(model, tx, keep, batch_size=batch_size, mesh=mesh, eval_batch_size=eval_batch_size,
+               steps_per_epoch=steps_per_epoch)
     state = ens.init(seed)
     # Placed before the configuration is taken: its fingerprint is of the data as trained on
     # (e.g. float64 input becomes float32 without x64).

@@ -23,7 +23,10 @@ sample s from ``fold_in(fold_in(fold_in(key, i), 1), s)`` (see
 :mod:`jaxmem.models._latent`). So ``ll`` does not depend on the number of devices or
 processes, on ``example_chunk`` or on ``sample_chunk``, except for float32 rounding
 (different block shapes sum in different orders, ~1e-6 relative); and ``ll[m, i]``
-equals ``model_m.log_prob(x_i, fold_in(key, i), S)`` called directly.
+equals ``model_m.log_prob(x_i, fold_in(key, i), S)`` called directly, with the model in
+evaluation mode (``model.eval()``: Dropout off, BatchNorm on its running statistics),
+which the kernel sets whatever mode the graphdef holds. Nor does it depend on
+``jax_enable_x64``: every random number is drawn in float32 either way.
 
 Multi-host: :func:`loglik_matrix_multihost` runs the same kernel after
 ``jax.distributed.initialize`` with each process feeding only its own rows.
@@ -42,6 +45,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmem import mesh as _mesh, models as _models
+from jaxmem.ensemble import EnsembleState
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
 
@@ -55,16 +59,26 @@ _METHOD_OF_KIND = {"correct": "correct", "exact": "exact_log_prob"}
 
 
 def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk):
-    """One member's values ``[c]`` on one block of ``c`` examples."""
+    """One member's values, f32 ``[c]``, on one block of ``c`` examples."""
     model = nnx.merge(graphdef, state)
+    # Evaluation mode (Dropout off, BatchNorm on its running statistics), whatever mode
+    # the graphdef holds (NNX modules start in training mode): in training mode an
+    # example's value would depend on the others of its block, so on example_chunk.
+    model.eval()
     if kind in _METHOD_OF_KIND:
         name = _METHOD_OF_KIND[kind]
         if not hasattr(model, name):
             raise ValueError(f"kind={kind!r} needs a model with .{name}(), and {type(model).__name__} has none")
         return getattr(model, name)(batch).astype(jnp.float32)
     if not isinstance(model, LatentVariableModel):
-        # no latent variable: the model's log_prob is exact (classifier: log p(y|x))
-        return model.log_prob(batch, keys, num_samples)
+        # Not a jaxmem VAE: the model's own method, all S samples in one call (a
+        # classifier's log_prob is the exact log p(y|x)).
+        if kind == "elbo":
+            if not hasattr(model, "elbo"):
+                raise ValueError(f"kind='elbo' needs a model with .elbo(batch, keys, num_samples) "
+                                 f"(docs/CONTRACTS.md), and {type(model).__name__} has none")
+            return model.elbo(batch, keys, num_samples).astype(jnp.float32)
+        return model.log_prob(batch, keys, num_samples).astype(jnp.float32)
 
     x, q = model.prepare(batch, keys)
     sc = min(sample_chunk, num_samples)
@@ -74,16 +88,17 @@ def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_ch
     def body(acc, j):
         ids = j * sc + jnp.arange(sc)
         lw = model.log_weights(x, q, keys, ids)  # [c, sc]
+        # each chunk's sum in the model's dtype, the running total in float32 (the output's)
         if kind == "iw":
             if ragged:  # samples past S in the last chunk do not count
                 lw = jnp.where(ids < num_samples, lw, -jnp.inf)
-            return jnp.logaddexp(acc, jax.nn.logsumexp(lw, axis=-1)), None
+            return jnp.logaddexp(acc, jax.nn.logsumexp(lw, axis=-1).astype(acc.dtype)), None
         if ragged:
             lw = jnp.where(ids < num_samples, lw, 0.0)
-        return acc + jnp.sum(lw, axis=-1), None
+        return acc + jnp.sum(lw, axis=-1).astype(acc.dtype), None
 
     c = keys.shape[0]
-    init = jnp.full((c,), -jnp.inf) if kind == "iw" else jnp.zeros((c,))
+    init = jnp.full((c,), -jnp.inf, jnp.float32) if kind == "iw" else jnp.zeros((c,), jnp.float32)
     acc, _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
     return acc - math.log(num_samples) if kind == "iw" else acc / num_samples
 
@@ -147,9 +162,21 @@ def _stack_models(models):
     return graphdef, jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *[s for _, s in splits])
 
 
+def _one_state(state):
+    """A stacked state as one ``nnx.State``: ``FitResult.state`` as it is; an
+    :class:`~jaxmem.ensemble.EnsembleState`'s, or the pair ``(params, rest)`` (as for
+    :func:`jaxmem.ensemble.member`), merged."""
+    if isinstance(state, EnsembleState):
+        return nnx.merge_state(state.params, state.rest)
+    if isinstance(state, (tuple, list)) and state and all(isinstance(s, nnx.State) for s in state):
+        return nnx.merge_state(*state)
+    return state
+
+
 def _split_model(graphdef_or_model, state):
     """(graphdef, stacked state, models); a lone nnx.Module becomes a 1-member ensemble,
     a list or tuple of them an ensemble of their stacked states."""
+    state = _one_state(state)
     if isinstance(graphdef_or_model, nnx.Module):
         if state is not None:
             raise ValueError("pass either a model, or (graphdef, stacked_state), not a model and a state")
@@ -269,12 +296,22 @@ def loglik_matrix(
 
     a stochastic lower bound of log p_m(x_i) that tightens as S grows.
 
+    Every member is scored in evaluation mode: the kernel calls ``model.eval()`` on it
+    (``deterministic=True``, ``use_running_average=True``: Dropout off, BatchNorm on its
+    running statistics) whatever mode the graphdef or module holds. NNX modules start
+    in training mode, where a BatchNorm would normalise each example with the
+    statistics of the others of its block, so that ``ll`` would change with
+    ``example_chunk``. The modules passed in are left as they are.
+
     Args:
       graphdef: the ensemble's graphdef (``nnx.split``); or a single ``nnx.Module``
         (then ``stacked_state`` is omitted and the result has one row); or a list of
         ``nnx.Module`` of one architecture, e.g. separately trained models (then
         ``stacked_state`` is omitted and row m is ``models[m]``).
-      stacked_state: the members' states stacked on axis 0.
+      stacked_state: the members' states stacked on axis 0: one ``nnx.State``
+        (``FitResult.state``), the pair ``(EnsembleState.params, EnsembleState.rest)``
+        (as :func:`jaxmem.ensemble.member` takes), or an
+        :class:`~jaxmem.ensemble.EnsembleState` itself; the three give the same numbers.
       data: the batch pytree of all n examples (docs/CONTRACTS.md): ``x [n, ...]``, or
         ``(x, y)`` for classifiers.
       key: base PRNG key; example i uses ``fold_in(key, i)``.
@@ -283,6 +320,10 @@ def loglik_matrix(
         ``"elbo"`` (the mean of the same S log-weights, so ``iw >= elbo`` example by
         example), ``"correct"`` (classifiers: 1.0 where the prediction is right) or
         ``"exact"`` (models with ``exact_log_prob``, e.g. the linear-Gaussian VAE).
+        A model that is not a :class:`~jaxmem.models.LatentVariableModel` (the
+        classifier, a user's own module) is scored by its own ``log_prob(batch, keys,
+        S)`` (``"iw"``) or ``elbo(batch, keys, S)`` (``"elbo"``; a ValueError if it has
+        none), all S samples in one call: ``sample_chunk`` does not apply to it.
       mesh: 1-D device mesh to shard examples over (default: all devices).
       example_chunk: examples per block (per device); with sample_chunk it bounds the
         memory, ``O(models * example_chunk * min(S, sample_chunk) * width)``. Default:
@@ -313,7 +354,11 @@ def loglik_matrix(
         ``matmul_dtype.py``; ``tests/test_likelihood.py`` bounds both).
 
     Returns:
-      f32 ``[models, examples]``, nats per example (0/1 for ``kind="correct"``).
+      f32 ``[models, examples]``, nats per example (0/1 for ``kind="correct"``), whatever
+      ``jax_enable_x64`` says. With x64 on and float64 data (or float64 parameters) the
+      models compute in float64, and each block of ``sample_chunk`` samples is rounded
+      to float32 when it is added to the running total; float32 models and data give
+      the same program, and the same numbers, with x64 on or off.
 
     Examples:
       >>> ll = loglik_matrix(graphdef, state, x, key=jax.random.key(0), num_samples=256)

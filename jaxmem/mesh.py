@@ -44,6 +44,7 @@ __all__ = [
     "CPU_COMPILER_OPTIONS",
     "compiler_options",
     "cpu_options_supported",
+    "jit_with_options",
 ]
 
 
@@ -157,6 +158,46 @@ def compiler_options(mesh: Mesh, program: str) -> dict[str, str] | None:
     if on_cpu(mesh) and cpu_options_supported(program):
         return CPU_COMPILER_OPTIONS[program]
     return None
+
+
+def jit_with_options(fn: Callable[..., Any], options: dict[str, str] | None) -> Callable[..., Any]:
+    """``jax.jit(fn, compiler_options=options)`` that may also be called under a caller's trace.
+
+    JAX accepts ``compiler_options`` on top-level jits only: a call inside the caller's
+    own ``jax.jit`` (or a ``lax.scan`` under it) raises ValueError. The wrapper calls
+    the jit with ``options`` at top level and a plain ``jax.jit(fn)`` under a trace
+    (when an argument leaf is a ``jax.core.Tracer``, or, for arguments all closed over
+    by the caller, when JAX refuses the options): the caller's program, compiled with
+    the caller's options, then holds ``fn``, whose values may differ from the top-level
+    call's by float rounding. ``.lower`` and ``.trace`` are the top-level jit's. With
+    ``options`` None it is ``jax.jit(fn)`` itself.
+
+    Args:
+      fn: the function to jit.
+      options: XLA compile options (:func:`compiler_options`), or None.
+
+    Returns:
+      The jitted ``fn``.
+    """
+    top = jax.jit(fn, compiler_options=options)
+    if not options:
+        return top
+    nested = jax.jit(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+            return nested(*args, **kwargs)
+        try:
+            return top(*args, **kwargs)
+        except ValueError as e:  # concrete arguments, but under the caller's jit
+            if "compiler_options" not in str(e) or "top-level" not in str(e):
+                raise
+            return nested(*args, **kwargs)
+
+    call.lower = top.lower  # type: ignore[attr-defined]
+    call.trace = top.trace  # type: ignore[attr-defined]
+    return call
 
 
 def nonfinite_rows(a: Any) -> np.ndarray | None:

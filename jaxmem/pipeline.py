@@ -8,7 +8,10 @@ results directory::
 
     DIR/config.json      the full configuration (data, model, plan, training, scoring)
     DIR/scores.csv       one row per example: index, label, fold, U, V, M, stderr, n_in,
-                         n_out, highly_memorized, logp_full, leverage
+                         n_out, highly_memorized, logp_full, leverage, label_memorization
+                         (an empty cell where a run has no such value; floats written
+                         so that they read back exactly: 9 significant digits for
+                         float32, the shortest exact form for float64)
     DIR/result.npz       every array (ll, keep, scores, history, scores over epochs)
     DIR/checkpoints/     orbax checkpoints of the ensemble (resumable)
 """
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,9 +44,11 @@ from jaxmem.scores import _check_quantile, feldman_zhang, memorization_scores
 __all__ = ["MemorizationResult", "memorization", "load_result", "ConfigMismatchError"]
 
 _FORMAT = 1
+# New columns are appended, so that readers of older files (one column fewer) keep
+# their column positions.
 _CSV_COLUMNS = (
     "index", "label", "fold", "U", "V", "M", "stderr", "n_in", "n_out",
-    "highly_memorized", "logp_full", "leverage",
+    "highly_memorized", "logp_full", "leverage", "label_memorization",
 )
 
 
@@ -119,6 +125,7 @@ class MemorizationResult:
             "n_in": self.n_in, "n_out": self.n_out,
             "highly_memorized": self.highly_memorized.astype(int),
             "logp_full": self.logp_full, "leverage": self.leverage,
+            "label_memorization": self.label_memorization,
         }
         tmp = path + ".tmp"
         with open(tmp, "w", newline="") as f:
@@ -130,8 +137,12 @@ class MemorizationResult:
 
 
 def _fmt(v: Any) -> str:
+    """A CSV cell that reads back as the same value: log p of -3e4 nats (image
+    densities) needs all of float32's digits for U - V to equal M."""
+    if isinstance(v, np.floating) and np.finfo(v.dtype).bits <= 32:
+        return f"{float(v):.9g}"  # 9 significant digits round-trip any float32
     if isinstance(v, (float, np.floating)):
-        return f"{float(v):.6g}"
+        return repr(float(v))  # the shortest string that round-trips the float64
     return str(int(v)) if isinstance(v, (bool, np.bool_, np.integer)) else str(v)
 
 
@@ -361,9 +372,19 @@ def memorization(
       seed: everything random (plan, initialisation, batches, samples) derives from it.
       quantile: "highly memorized" means ``M`` above this quantile.
       full_model: also train a model on all examples (as one more member of the same
-        program) and report ``logp_full``.
+        program) and report ``logp_full``. It takes the same number of steps per epoch
+        as the plan's models, ``steps = ceil(max_m |train_m| / batch_size)`` over the
+        plan's members ``m``, so that these train (and score) exactly as without it; each
+        epoch it therefore trains on a fresh random subset of ``min(n, steps *
+        batch_size)`` distinct examples of its ``n``, a fraction of about
+        ``max_m |train_m| / n`` ((K-1)/K for K-fold plans).
       track_epochs: epochs after which ``M`` is also computed (stored in
-        ``M_by_epoch``), without retraining.
+        ``M_by_epoch``), without retraining. A rerun in ``out_dir`` keeps the epochs
+        scored before; an epoch that an earlier run trained without scoring it cannot be
+        scored (only its newest checkpoint is restored, and epochs before it are not
+        trained again): it is left out with a ``UserWarning`` naming it.
+        ``tracked_epochs`` and the configuration's ``scoring.track_epochs`` list the
+        epochs scored.
       track_samples: importance samples for the tracked scores (default ``num_samples``).
       out_dir: results directory; training checkpoints go to ``out_dir/checkpoints``
         and a rerun on the same directory resumes. Another configuration there raises
@@ -454,6 +475,7 @@ def memorization(
     }
     run_dir = None
     config_written = True
+    trained = None
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         _check_out_dir(out_dir)
@@ -484,6 +506,9 @@ def memorization(
     keep = np.asarray(plan.keep)
     train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep
     num_plan = keep.shape[0]
+    # The plan's default number of steps: the full model (n examples) must not add steps
+    # to the plan's members, whose scores would then depend on whether it is trained.
+    plan_steps = -(-int(keep.sum(axis=1).max()) // batch_size)
     data = _model_data(model_cfg, x, y)
     score_mesh = mesh if mesh is not None else make_mesh()
     score_key = jax.random.fold_in(jax.random.key(seed), 0x5C0)
@@ -506,6 +531,14 @@ def memorization(
                              "recompute the tracked epochs' scores, or use another output directory") from None
         if any(np.shape(v) != (n,) for v in M_by_epoch.values()):
             raise ValueError(f"{track_path} holds scores of another number of examples than {n}")
+    # Epochs restored from the checkpoints are not trained again, so a tracked epoch up to
+    # the newest checkpoint can be scored only if an earlier run did (its states are not
+    # kept; the last epoch is: the final state). Said, and left out of the configuration,
+    # which lists the epochs scored.
+    unscored = [e for e in tracked if trained is not None and e <= trained and e not in M_by_epoch
+                and e != epochs]
+    tracked = [e for e in tracked if e not in unscored]
+    config["scoring"]["track_epochs"] = sorted(set(tracked) | set(M_by_epoch))
 
     def record(epoch, M):
         M_by_epoch[epoch] = np.asarray(M)
@@ -527,10 +560,16 @@ def memorization(
     graphdef = _ensemble._graphdef_of(factory)
     if on_stage:
         on_stage("train")
+    if unscored:
+        warnings.warn(
+            f"track_epochs {unscored} are not scored: {out_dir} holds a run already trained for {trained} "
+            "epochs without scoring them, and the states of epochs trained before this run are not kept "
+            f"(a new out_dir trains from scratch and scores them); tracked epochs: {config['scoring']['track_epochs']}",
+            UserWarning, stacklevel=2)
     fitted = _ensemble.fit(
         factory, optimizer or optax.adam(learning_rate), data, train_keep, epochs=epochs,
         batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every, mesh=mesh,
-        progress=progress, callback=callback,
+        progress=progress, callback=callback, steps_per_epoch=plan_steps if full_model else None,
         config={"model": model_cfg, "learning_rate": float(learning_rate)},
     )
     state = fitted.state
@@ -549,6 +588,10 @@ def memorization(
     s = memorization_scores(ll, keep, quantile=quantile, mesh=score_mesh)
     if epochs in tracked and last_is_final:
         record(epochs, s.M)
+    elif epochs in tracked and epochs not in M_by_epoch:  # all epochs restored: not scored in the callback
+        ll_e = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
+                             num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
+        record(epochs, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
     label_mem = None
     if model_cfg["name"] == "classifier":
         correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
@@ -559,6 +602,7 @@ def memorization(
     if plan.fold is not None:
         fold = np.asarray(plan.fold)[0].astype(np.int32)
     es = sorted(M_by_epoch)
+    config["scoring"]["track_epochs"] = es  # what the result holds, and nothing else
     result = MemorizationResult(
         U=np.asarray(s.U), V=np.asarray(s.V), M=np.asarray(s.M), stderr=np.asarray(s.stderr),
         dof=np.asarray(s.dof), n_in=np.asarray(s.n_in), n_out=np.asarray(s.n_out),

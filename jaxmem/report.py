@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxmem.data import nearest_neighbours
+from jaxmem.membership import _check_int
 from jaxmem.scores import _check_quantile  # 0 flags all above the minimum, 1 none
 
 __all__ = [
@@ -106,9 +107,15 @@ def _highly_memorized(M: np.ndarray, quantile: float) -> tuple[np.ndarray, float
     return M > threshold, threshold
 
 
+def _drawable_shape(example_shape: Sequence[int]) -> bool:
+    """An example shape the grid can draw: ``[height, width]`` or ``[height, width, channels]``
+    with 1, 3 or 4 channels."""
+    return len(example_shape) == 2 or (len(example_shape) == 3 and example_shape[-1] in (1, 3, 4))
+
+
 def _drawable(images: np.ndarray) -> bool:
     """``[n, height, width]`` or ``[n, height, width, channels]`` with 1, 3 or 4 channels."""
-    return images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4))
+    return _drawable_shape(images.shape[1:])
 
 
 def _check_images(images: np.ndarray, name: str) -> np.ndarray:
@@ -424,7 +431,8 @@ def plot_examples_grid(
       train_images: ``[N, height, width(, channels)]`` the neighbour pool.
       path: the PNG to write.
       per_group: rows per group.
-      neighbours: neighbours per row.
+      neighbours: neighbours per row, at most what the pool holds (``N``, or ``N - 1``
+        with ``exclude_self``): fewer are drawn for a smaller pool.
       exclude_self: ``images[i]`` is ``train_images[i]`` (the scores are of training
         examples): leave each example out of its own neighbours. Needs ``n == N``.
 
@@ -433,8 +441,8 @@ def plot_examples_grid(
 
     Raises:
       ValueError: ``images`` or ``train_images`` are not images of 1, 3 or 4 channels
-        (shapes named), ``M`` is not ``[n]`` finite scores, or ``exclude_self`` with
-        ``n != N``.
+        (shapes named), ``M`` is not ``[n]`` finite scores, ``exclude_self`` with
+        ``n != N``, or a pool with no neighbour to show (one image with ``exclude_self``).
     """
     images = _check_images(np.asarray(images, dtype=np.float32), "images")
     train_images = _check_images(np.asarray(train_images, dtype=np.float32), "train_images")
@@ -444,6 +452,11 @@ def plot_examples_grid(
             f"exclude_self needs images to be the training images ({len(images)} vs "
             f"{len(train_images)}); pass exclude_self=False for other queries"
         )
+    available = len(train_images) - int(exclude_self)
+    if available < 1:
+        raise ValueError(f"a pool of {len(train_images)} image(s) leaves no neighbour to show "
+                         f"(exclude_self={exclude_self})")
+    neighbours = min(_check_int("neighbours", neighbours, 1), available)
     per_group = min(per_group, len(images) // 3 or 1)
     order = np.argsort(M, kind="stable")
     mid = len(M) // 2 - per_group // 2
@@ -628,20 +641,29 @@ def _run_description(config: dict[str, Any]) -> list[str]:
     data, model = config.get("data", {}), config.get("model", {})
     plan, train = config.get("plan", {}), config.get("training", {})
     scoring = config.get("scoring", {})
-    options = ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k not in ("name", "example_shape"))
+    options = {k: v for k, v in sorted(model.items()) if k not in ("name", "example_shape")}
+    if options.get("binarize") == "none" and data.get("binarize") == "static":
+        # The loader drew the binary pixels once (`jaxmem run --binarize static`); the model
+        # then takes them as they are.
+        options["binarize"] = "static"
+    shown = ", ".join(f"{k}={v}" for k, v in options.items())
     design = (f"{plan.get('k')} folds x {plan.get('repeats')} repeat(s)"
               if plan.get("kind") == "kfold" else f"{plan.get('kind')} subsets")
+    full = " + 1 full model trained on every example" if train.get("full_model") else ""
     optimizer = (f"Adam lr {train.get('learning_rate', '?')}"
                  if train.get("optimizer", "adam") == "adam" else "a custom optimizer")
+    if model.get("name") == "classifier":
+        scored = "- log p(y|x): exact (classifier)"
+    else:
+        scored = f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples"
     return [
         f"- data: {data.get('name', '?')} ({data.get('n', '?')} examples of shape "
         f"{tuple(data.get('example_shape', ()))})",
-        f"- model: {model.get('name', '?')} ({options})",
-        f"- plan: {design}, {plan.get('num_models', '?')} models",
+        f"- model: {model.get('name', '?')} ({shown})",
+        f"- plan: {design}, {plan.get('num_models', '?')} models{full}",
         f"- training: {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
         f"{optimizer}, seed {train.get('seed', '?')}",
-        f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples"
-        + (", bf16 matmuls (float32 accumulation)" if scoring.get("matmul_dtype") == "bfloat16" else ""),
+        scored + (", bf16 matmuls (float32 accumulation)" if scoring.get("matmul_dtype") == "bfloat16" else ""),
     ]
 
 
@@ -678,8 +700,12 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
     Writes (names in :data:`REPORT_FILES`): the distribution of ``M`` with its
     quantile; the paper's Figure 3a/3b over ``U``; the most, median and least memorized
     examples beside their nearest training neighbours (image data, when ``dataset`` is
-    given); ``M`` against the linear baseline's leverage (when the result has it); ``M``
-    over epochs (when it was tracked); ``summary.md`` and ``summary.json``.
+    given, with up to 5 neighbours, fewer when there are fewer other examples); ``M``
+    against the linear baseline's leverage (when the result has it); ``M`` over epochs
+    (when it was tracked); ``summary.md`` and ``summary.json``. A file of that list that
+    this report does not write (left by an earlier report of the same directory) is
+    deleted, so that every figure in ``directory`` belongs to this summary; other files
+    are left alone.
 
     Args:
       result: a :class:`jaxmem.pipeline.MemorizationResult` (fields ``M``, ``U``,
@@ -726,7 +752,7 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         M, directory / REPORT_FILES["distribution"], quantile=quantile)
     files["figure3"] = plot_figure3(result.U, np.asarray(result.highly_memorized),
                                     directory / REPORT_FILES["figure3"])
-    if images is not None:
+    if images is not None and len(images) >= 2:  # one image has no neighbour to show
         files["examples"] = plot_examples_grid(images, M, images,
                                                directory / REPORT_FILES["examples"])
     if leverage is not None:
@@ -757,6 +783,12 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         tmp.write_text(text)
         os.replace(tmp, path)
         files[kind] = path
+    # A figure of an earlier report that this one did not draw (images not given, no
+    # leverage...) would look current beside this summary, which does not list it.
+    for kind, name in REPORT_FILES.items():
+        stale = directory / name
+        if kind not in files and stale.is_file():
+            stale.unlink()
     return {"files": files, "summary": s, "markdown": markdown}
 
 

@@ -6,7 +6,9 @@ run wrote (M = U - V row by row) and, for `jaxmem leverage`, against a float64 n
 hat matrix.
 """
 
+import contextlib
 import csv
+import io
 import os
 import shutil
 import signal
@@ -107,8 +109,8 @@ def test_run_writes_every_result_file(finished):
     assert {"index", "label", "U", "V", "M", "stderr", "n_in", "n_out", "fold", "leverage"} <= set(rows[0])
     with np.load(out / "result.npz") as z:
         np.testing.assert_allclose(z["M"], z["U"] - z["V"], rtol=1e-6, atol=1e-4)
-        # The CSV keeps 6 significant digits of the same numbers.
-        np.testing.assert_allclose([float(r["M"]) for r in rows], z["M"], rtol=1e-5, atol=1e-5)
+        # The CSV reads back the float32 numbers exactly.
+        np.testing.assert_array_equal(np.float32([float(r["M"]) for r in rows]), z["M"])
         assert z["M_by_epoch"].shape == (2, 150) and list(z["tracked_epochs"]) == [10, 30]
         assert z["ll"].shape == (2, 150) and np.isfinite(z["ll"]).all()
     assert all((int(r["n_in"]), int(r["n_out"])) == (1, 1) for r in rows)  # 2 folds
@@ -149,9 +151,13 @@ def test_mismatched_configuration_is_refused(finished):
 def test_more_epochs_continue_a_finished_run(finished, tmp_path):
     out = tmp_path / "more"
     shutil.copytree(finished[0], out)  # leave the shared results alone
-    proc = jaxmem(*RUN[:-4], "--epochs", EPOCHS + 2, "--track-epochs", "10,30,32", "--out", out)
+    # Epoch 20 was trained, not scored, by the first run: said in one jaxmem line, left out.
+    proc = jaxmem(*RUN[:-4], "--epochs", EPOCHS + 2, "--track-epochs", "10,20,30,32", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert f"resuming from the checkpoint of epoch {EPOCHS} in" in proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "track_epochs [20] are not scored" in ln]
+    assert len(said) == 1 and said[0].startswith("jaxmem: warning: "), proc.stderr
+    assert "UserWarning" not in proc.stderr, proc.stderr
     with np.load(out / "result.npz") as z:
         assert z["history_train_loss"].shape == (EPOCHS + 2, 2)
         assert list(z["tracked_epochs"]) == [10, 30, 32]
@@ -304,3 +310,99 @@ def test_leverage_without_target_and_bad_tables(tmp_path, capsys):
     code, stdout, err = run_main(capsys, "leverage", tmp_path / "flat.csv", "--target", "y", "--out", tmp_path / "flat")
     assert code == 0, err
     assert "with leverage: undefined (the LOO density ratio or the leverage is the same" in stdout
+
+
+
+def test_mnist_like_data_are_padded_to_32_as_in_the_paper(tmp_path):
+    import tensorflow_datasets as tfds
+
+    parser = cli.build_parser()
+    with tfds.testing.mock_data(num_examples=4):
+        for name in ("mnist", "fashion_mnist", "digits"):
+            spec = cli._data_spec(parser.parse_args(["run", "--data", name]))
+            # The spec is the run's data configuration (config.json) and what `jaxmem report`
+            # reloads the images with: a resume loaded otherwise is refused.
+            assert spec["pad_to"] == (None if name == "digits" else 32)
+            ds = cli._load(spec, seed=0, data_dir=None)
+            assert ds.example_shape == ((8, 8, 1) if name == "digits" else (32, 32, 1))
+        raw = np.stack([tfds.data_source("mnist", split="train")[i]["image"] for i in range(4)])
+        np.testing.assert_array_equal(cli._load(cli._data_spec(parser.parse_args(["run", "--data", "mnist"])),
+                                      seed=0, data_dir=None).x[:, 2:30, 2:30] * 255, raw)
+        # A configuration written before pad_to was recorded reloads its unpadded images.
+        old = {"source": "mnist", "limit": None, "binarize": None}
+        assert cli._load(old, seed=0, data_dir=None).example_shape == (28, 28, 1)
+
+
+def _run_quietly(*args):
+    """``jaxmem ARGS`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """Two runs in this process (1 epoch of 8-unit models, 1 sample per likelihood) of data
+    whose example grid used to fail after training: 5 images [5, 8, 8] (fewer than 1 + the
+    grid's 5 neighbours), with --full-model --binarize static, and 20 two-channel examples
+    [20, 8, 8, 2] with labels, scored by a classifier. Returns {name: (dir, stderr)}."""
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    np.save(root / "five.npy", rng.uniform(size=(5, 8, 8)).astype(np.float32))
+    np.savez(root / "two_channels.npz", x=rng.uniform(size=(20, 8, 8, 2)).astype(np.float32),
+             y=np.arange(20) % 2)
+    quick = ["--folds", "2", "--repeats", "1", "--epochs", "1", "--samples", "1", "--hidden", "8",
+             "--batch-size", "4", "--track-epochs", "none", "--devices", "1", "--no-progress"]
+    runs = {}
+    for name, data, extra in (("five", "five.npy", ["--full-model", "--binarize", "static"]),
+                              ("two_channels", "two_channels.npz", ["--model", "classifier"])):
+        code, _, err = _run_quietly("run", "--data", root / data, *quick, *extra, "--out", root / name)
+        assert code == 0, err
+        runs[name] = (root / name, err)
+    return runs
+
+
+def test_runs_finish_whatever_the_example_grid_can_show(small_runs):
+    for name, grid in (("five", True), ("two_channels", False)):
+        out, err = small_runs[name]
+        assert (out / "summary.md").is_file() and (out / "summary.json").is_file()
+        # 5 images: 4 neighbours each (the example itself left out); [n, H, W] is drawn as grey.
+        assert (out / "examples_nearest_neighbours.png").is_file() == grid
+        if not grid:  # said before anything is trained
+            assert err.index("note: no example grid: examples of shape (8, 8, 2)") < err.index("training")
+        code, _, err = _run_quietly("report", out)
+        assert code == 0, err
+        assert (out / "examples_nearest_neighbours.png").is_file() == grid
+
+
+def test_run_texts_say_what_was_run(small_runs):
+    out, err = small_runs["five"]
+    header = err.splitlines()[0]
+    assert "binarize=static);" in header, header  # drawn when loading, not "none"
+    assert "2 folds x 1 repeat(s) = 2 models + 1 full model = 3 models x 1 epochs" in header
+    summary = (out / "summary.md").read_text()
+    assert "binarize=static," in summary and "2 models + 1 full model trained on every example" in summary
+    out, err = small_runs["two_channels"]
+    assert "log p(y|x) of 20 examples under every model (exact)" in err and "importance" not in err
+    summary = (out / "summary.md").read_text()
+    assert "- log p(y|x): exact (classifier)" in summary and "importance" not in summary
+
+
+def test_conv_vae_warns_about_data_that_are_not_8_bit(tmp_path, capsys):
+    # The conv VAE dequantizes as 8-bit pixels; the digits have 17 levels. An --out that is a
+    # file stops each run (one error line) after the data are loaded and before any training.
+    (tmp_path / "a_file").write_text("")
+    np.save(tmp_path / "bytes.npy", np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), np.uint8))
+    for data, levels in (("digits", "17 intensity levels"), (tmp_path / "bytes.npy", None)):
+        code, _, err = run_main(capsys, "run", "--model", "conv_vae", "--data", data, "--limit", "30",
+                                "--out", tmp_path / "a_file")
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].startswith("jaxmem: error: out_dir") and "is a file" in lines[-1], err
+        warnings = [line for line in lines if "warning: conv_vae dequantizes pixels as 8-bit values" in line]
+        assert len(warnings) == (1 if levels else 0), err
+        if levels:
+            assert f"digits has {levels}" in warnings[0]

@@ -191,6 +191,28 @@ def test_csv_with_header_label_column(tmp_path):
     assert d.y is None and d.x.shape == (2, 2)
 
 
+def test_csv_headers_as_r_and_pandas_write_them(tmp_path):
+    # R's write.csv(df, row.names=FALSE) quotes the names (and character cells, not numbers).
+    r_style = tmp_path / "r.csv"
+    r_style.write_text('"a","label","b"\n1.5,0,2\n-1,1,"3.25"\n4,1,0\n')
+    d = load_dataset(r_style)
+    np.testing.assert_array_equal(d.x, [[1.5, 2], [-1, 3.25], [4, 0]])
+    np.testing.assert_array_equal(d.y, [0, 1, 1])
+    assert read_table(r_style)[1] == ["a", "label", "b"]
+    # pandas' to_csv() (index=True) and R's write.csv (row.names=TRUE) write the row index as a
+    # first column with an empty name: refused, never used as a feature.
+    for name, text in [("pandas.csv", ",a,label\n0,1.5,0\n1,-1,1\n2,4,1\n"),
+                       ("r_rownames.csv", '"","a","label"\n"1",1.5,0\n"2",-1,1\n"3",4,1\n')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=r"column 0 of the header has no name; pandas' to_csv\(\) "
+                                             r"writes its row index this way .* index=False"):
+            load_dataset(tmp_path / name)
+    # A first row of numbers with a missing cell is data, not a header of nameless columns.
+    (tmp_path / "gap.csv").write_text("1,,2\n3,4,5\n")
+    with pytest.raises(ValueError, match="not a numeric CSV table"):
+        read_table(tmp_path / "gap.csv")
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

@@ -80,9 +80,10 @@ def test_schedule_uses_only_own_examples_and_covers_them():
             seen = idx[m].ravel()
             assert keep[m, seen].all(), f"member {m} scheduled a held-out example"
             assert set(seen) == set(np.flatnonzero(keep[m])), f"member {m} missed an example"
-            # cyclic padding: no example more than once beyond the first full pass
+            # read cyclically: each example floor(slots / |train_m|) or one more times
             counts = np.bincount(seen, minlength=N)[keep[m]]
-            assert counts.max() - counts.min() <= 1
+            slots = ens.steps_per_epoch * 4
+            assert counts.min() == slots // keep[m].sum() and counts.max() <= slots // keep[m].sum() + 1
 
 
 def test_heldout_values_never_reach_their_member():
@@ -171,16 +172,24 @@ def test_one_and_eight_devices_agree(devices8):
 
 
 def test_user_loop_of_steps_equals_epoch():
+    """The loop documented in Ensemble.schedule: step over the schedule, then advance
+    state.epoch by hand (step never does), for two epochs."""
     ens = get_ensemble(4)
-    state = ens.init(0)
-    by_epoch, _ = ens.epoch(state, X)
-    idx = np.asarray(ens.schedule(state))
-    for s in range(ens.steps_per_epoch):
-        state, loss = ens.step(state, X[idx[:, s]])
-        assert loss.shape == (4,)
-    assert int(state.step) == int(by_epoch.step)
-    for a, b in zip(leaves(state.params), leaves(by_epoch.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    state = by_epoch = ens.init(0)
+    schedules = []
+    for _ in range(2):
+        by_epoch, _ = ens.epoch(by_epoch, X)
+        idx = np.asarray(ens.schedule(state))
+        schedules.append(idx)
+        for s in range(ens.steps_per_epoch):
+            state, loss = ens.step(state, X[idx[:, s]])
+            assert loss.shape == (4,)
+        assert int(state.epoch) == int(by_epoch.epoch) - 1  # step leaves the epoch alone
+        state = state._replace(epoch=state.epoch + 1)
+        assert int(state.step) == int(by_epoch.step)
+        for a, b in zip(leaves(state.params), leaves(by_epoch.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(schedules[0], schedules[1])
 
 
 def test_heldout_loss_is_mean_over_own_heldout_examples():
@@ -418,3 +427,217 @@ def test_two_cpu_devices_train_like_one(fresh_python):
     assert int(devices) == 2
     assert float(loss) > 0  # held-out negative ELBOs were computed
     assert float(diff) <= 1e-6 and float(rerun) <= 1e-6, (diff, rerun)
+
+
+class BatchNormDropout(nnx.Module):
+    """A classifier of the user's own with BatchNorm and Dropout (the module's own nnx.Rngs);
+    batch = (x, y), loss = -log p(y|x) in nats."""
+
+    def __init__(self, rngs: nnx.Rngs, d: int = D, k: int = 3, h: int = 8, dropout: float = 0.3):
+        self.l1 = nnx.Linear(d, h, rngs=rngs)
+        self.bn = nnx.BatchNorm(h, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.l2 = nnx.Linear(h, k, rngs=rngs)
+
+    def loss(self, batch, key):
+        x, y = batch
+        logits = self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
+
+
+Y = np.random.default_rng(4).integers(0, 3, N).astype(np.int32)
+
+
+def _rest_leaf(state, name):
+    """The stacked leaf of ``state.rest`` whose path ends in ``name`` (e.g. 'mean', 'count')."""
+    found = [a for path, a in jax.tree_util.tree_leaves_with_path(state.rest)
+             if f"['{name}']" in jax.tree_util.keystr(path)]
+    assert len(found) == 1, (name, jax.tree_util.tree_structure(state.rest))
+    return np.asarray(found[0])
+
+
+def test_batchnorm_and_dropout_models_train_with_per_member_state():
+    """BatchNorm in train mode and Dropout drawing from the module's own nnx.Rngs update
+    their variables inside the gradient: carried per member in ``EnsembleState.rest``."""
+    keep = folds(3)
+    ens = ensemble.make(lambda s: BatchNormDropout(nnx.Rngs(s)), optax.adam(1e-2), keep, batch_size=8)
+
+    def run(x):
+        state = ens.init(0)
+        for _ in range(2):
+            state, metrics = ens.epoch(state, (x, Y))
+        return state, metrics
+
+    state, metrics = run(X)
+    assert np.isfinite(metrics["train_loss"]).all() and np.isfinite(metrics["heldout_loss"]).all()
+    mean = _rest_leaf(state, "mean")  # [members, h] running averages, zeros at init
+    assert mean.shape == (3, 8) and not np.any(mean == 0)
+    assert not np.array_equal(mean[0], mean[1]) and not np.array_equal(mean[1], mean[2])
+    # one dropout draw per training step (none in the eval-mode held-out evaluation)
+    np.testing.assert_array_equal(_rest_leaf(state, "count"), 2 * ens.steps_per_epoch)
+    stepped, loss = ens.step(state, (jnp.asarray(np.stack([X[:8]] * 3)), jnp.asarray(np.stack([Y[:8]] * 3))))
+    assert np.isfinite(loss).all()
+    np.testing.assert_array_equal(_rest_leaf(stepped, "count"), 2 * ens.steps_per_epoch + 1)
+    # held-out invariance, batch statistics included: bit-identical for member 1
+    m, x = 1, X.copy()
+    x[~keep[m]] = np.random.default_rng(7).normal(5.0, 3.0, size=((~keep[m]).sum(), D))
+    changed, _ = run(x)
+    for a, b in zip(leaves((state.params, state.rest)), leaves((changed.params, changed.rest))):
+        np.testing.assert_array_equal(a[m], b[m])
+    assert not np.array_equal(_rest_leaf(state, "mean")[0], _rest_leaf(changed, "mean")[0])
+
+
+def test_heldout_loss_is_computed_in_eval_mode():
+    """The held-out loss of a BatchNorm + Dropout model uses the running averages and no
+    dropout: it does not depend on eval_batch_size, and equals the loss of each member put
+    in eval mode by hand, on all its held-out examples at once."""
+    keep = folds(3)
+    factory = lambda s: BatchNormDropout(nnx.Rngs(s))  # noqa: E731
+    by8 = ensemble.make(factory, optax.adam(1e-2), keep, batch_size=8, eval_batch_size=8)
+    by5 = ensemble.make(factory, optax.adam(1e-2), keep, batch_size=8, eval_batch_size=5)
+    state, metrics = by8.epoch(by8.init(0), (X, Y))
+    got8 = np.asarray(by8.evaluate(state, (X, Y)))
+    got5 = np.asarray(by5.evaluate(state, (X, Y)))
+    np.testing.assert_array_equal(metrics["heldout_loss"], got8)
+    # the same per-example losses summed in other chunks: float32 rounding
+    np.testing.assert_allclose(got5, got8, rtol=1e-6)
+    for m in range(3):
+        model = ensemble.member(by8.graphdef, (state.params, state.rest), m)
+        model.eval()
+        held = ~keep[m]
+        want = np.asarray(model.loss((X[held], Y[held]), jax.random.key(0))).mean()
+        np.testing.assert_allclose(got8[m], want, rtol=1e-5)  # float32 means of 15 losses
+
+
+def test_step_epoch_evaluate_inside_a_users_jit():
+    """On CPUs the ensemble's programs carry XLA compile options, which JAX allows on
+    top-level jits only; under the user's jax.jit or lax.scan they run without them.
+    Tolerance: float32 rounding (the user's program is compiled without the options and
+    may fuse the step differently; measured bitwise equal here, but for the call with
+    everything closed over, 4e-9 off: XLA folds the constant state)."""
+    ens = get_ensemble(4)
+    state = ens.init(0)
+    idx = np.asarray(ens.schedule(state))
+    batches = jnp.asarray(X[idx[:, :3]].transpose(1, 0, 2, 3))  # [3 steps, members, batch, D]
+
+    def close(a, b):
+        for u, v in zip(leaves(a), leaves(b)):
+            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+
+    direct, loss = ens.step(state, batches[0])
+    close((direct, loss), jax.jit(ens.step)(state, batches[0]))
+    close((direct, loss), jax.jit(lambda: ens.step(state, batches[0]))())  # everything closed over
+    want = state
+    for b in batches:
+        want, _ = ens.step(want, b)
+    scanned, _ = jax.jit(lambda s, bs: jax.lax.scan(ens.step, s, bs))(state, batches)
+    close(want, scanned)
+    close(ens.epoch(state, X), jax.jit(ens.epoch)(state, jnp.asarray(X)))
+    close(ens.evaluate(direct, X), jax.jit(ens.evaluate)(direct, jnp.asarray(X)))
+    assert ens.step.lower(state, batches[0]) is not None  # as the benchmarks use it
+
+
+class Float64Scale(Tiny):
+    """Tiny with a float64 parameter under x64: its per-example losses are float64."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        super().__init__(rngs)
+        self.log_scale = nnx.Param(jnp.zeros((), jnp.float64))
+
+    def loss(self, x, key):
+        return super().loss(x, key) * jnp.exp(self.log_scale[...])
+
+
+def test_float64_losses_under_x64():
+    """With x64 on, a model whose losses are float64 trains and evaluates; the held-out
+    losses are float32 as documented (accumulated in float32)."""
+    keep = folds(3)
+    with jax.enable_x64(True):
+        ens = ensemble.make(lambda s: Float64Scale(nnx.Rngs(s)), optax.adam(1e-2), keep, batch_size=8)
+        state = ens.init(0)
+        assert jax.tree.leaves(state.params["log_scale"])[0].dtype == jnp.float64
+        state, metrics = ens.epoch(state, X)  # the held-out losses of the state after the epoch
+        got = metrics["heldout_loss"]
+        assert got.dtype == metrics["train_loss"].dtype == jnp.float32
+        for m in range(3):
+            model = ensemble.member(ens.graphdef, (state.params, state.rest), m)
+            ekey = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), m), 2)
+            held = np.flatnonzero(~keep[m])  # 15 rows: chunks of 8, the last padded
+            padded = np.resize(held, 16).reshape(2, 8)
+            losses = np.concatenate([np.asarray(model.loss(X[padded[c]], jax.random.fold_in(ekey, c)))
+                                     for c in range(2)])[: held.size]
+            assert losses.dtype == np.float64
+            np.testing.assert_allclose(got[m], losses.mean(), rtol=1e-6)  # summed in float32
+
+
+def test_factory_with_a_per_member_plain_attribute_names_it():
+    class Seeded(Tiny):
+        def __init__(self, seed):
+            super().__init__(nnx.Rngs(seed))
+            self.seed = seed  # a plain attribute: part of the graphdef
+
+    ens = ensemble.make(lambda s: Seeded(s), optax.adam(1e-2), folds(2), batch_size=8)
+    s0, s1 = (ensemble.member_init_seed(0, m) for m in range(2))
+    with pytest.raises(ValueError, match=rf"built member 1 with another structure than member 0: attribute 'seed' "
+                                         rf"is {s0} in member 0 and {s1} in member 1; plain Python attributes"):
+        ens.init(0)
+    one = ensemble.make(lambda s: Seeded(s), optax.adam(1e-2), folds(2)[:1], batch_size=8)
+    with pytest.raises(ValueError, match=rf"another structure at init than model\(0\) at make: attribute 'seed' "
+                                         rf"is 0 in model\(0\) and {s0} in member 0"):
+        one.init(0)
+
+
+def test_explicit_steps_per_epoch_draws_fresh_subsets_of_own_examples():
+    rng = np.random.default_rng(1)
+    keep = rng.random((4, N)) < np.array([[0.3], [0.5], [0.9], [1.0]])  # 5..45 examples
+    keep[0, :] = False
+    keep[0, :5] = True  # fewer than the slots: read cyclically
+    ens = ensemble.make(tiny, optax.sgd(0.1), keep, batch_size=4, steps_per_epoch=3)
+    assert ens.steps_per_epoch == 3 < -(-keep.sum(1).max() // 4)
+    slots = 12
+    state = ens.init(0)
+    seen = []
+    for epoch in range(2):
+        idx = np.asarray(ens.schedule(state._replace(epoch=jnp.int32(epoch))))
+        assert idx.shape == (4, 3, 4)
+        for m in range(4):
+            mine = idx[m].ravel()
+            assert keep[m, mine].all(), f"member {m} scheduled a held-out example"
+            count = keep[m].sum()
+            if count >= slots:
+                assert np.unique(mine).size == slots, f"member {m} repeated an example in epoch {epoch}"
+            else:
+                c = np.bincount(mine, minlength=N)[keep[m]]
+                assert c.min() == slots // count and c.max() <= slots // count + 1
+        seen.append(idx)
+    for m in (1, 2, 3):  # each epoch another random subset
+        assert set(seen[0][m].ravel()) != set(seen[1][m].ravel())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="steps_per_epoch must be"):
+            ensemble.make(tiny, optax.sgd(0.1), keep, batch_size=4, steps_per_epoch=bad)
+
+
+def test_plan_plus_a_full_model_trains_the_plan_members_unchanged(tmp_path):
+    """A K-member plan alone vs the same plan plus a row of all examples with the plan's
+    own steps_per_epoch: the first K members get the same parameters and losses, to
+    float32 rounding: K and K+1 vmapped members are batched differently (measured on one
+    CPU device: bitwise equal with jax 0.10 and 0.11, 4e-9 apart with jax 0.12). The run
+    directory records the steps: resuming with the default (more, for the full row) is
+    refused."""
+    from jaxmem.checkpoint import ConfigMismatchError
+
+    keep = folds(3)
+    full = np.vstack([keep, np.ones((1, N), bool)])
+    default = -(-keep.sum(1).max() // 8)
+    mesh = make_mesh(1)
+    alone = ensemble.fit(tiny, 1e-2, X, keep, epochs=2, batch_size=8, mesh=mesh, progress=False)
+    run_dir = str(tmp_path / "run")
+    both = ensemble.fit(tiny, 1e-2, X, full, epochs=2, batch_size=8, mesh=mesh, progress=False,
+                        steps_per_epoch=int(default), run_dir=run_dir)
+    assert both.ensemble.steps_per_epoch == alone.ensemble.steps_per_epoch == default
+    for a, b in zip(leaves(alone.train_state.params), leaves(both.train_state.params)):
+        np.testing.assert_allclose(a, b[:3], rtol=1e-5, atol=1e-7)  # parameters ~0.01-1
+    for k in ("train_loss", "heldout_loss"):
+        np.testing.assert_allclose(alone.history[k], both.history[k][:, :3], rtol=1e-6)
+    with pytest.raises(ConfigMismatchError, match="steps_per_epoch"):
+        ensemble.fit(tiny, 1e-2, X, full, epochs=3, batch_size=8, mesh=mesh, progress=False, run_dir=run_dir)

@@ -358,3 +358,163 @@ def test_multihost_refuses_a_bad_num_examples_and_scores_zero():
     assert isinstance(out, np.ndarray) and out.shape == (1, 0)
     with pytest.raises(ValueError, match=r"\(0 rows of 0, jaxmem.mesh.host_local_rows\), got 4"):
         loglik_matrix_multihost(model, local_data=x, num_examples=0, key=KEY)
+
+
+class _BNDropClassifier(nnx.Module):
+    """A user's classifier written from scratch (not a jaxmem model): Linear, BatchNorm,
+    ReLU, Dropout, Linear; batches ``(x, y)``. Fresh, it is in NNX's training mode."""
+
+    def __init__(self, d, k, *, hidden=6, rngs):
+        self.l1 = nnx.Linear(d, hidden, rngs=rngs)
+        self.bn = nnx.BatchNorm(hidden, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.l2 = nnx.Linear(hidden, k, rngs=rngs)
+
+    def _log_p(self, batch):
+        x, y = batch
+        logits = self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
+
+    def loss(self, batch, key):
+        return -self._log_p(batch)
+
+    def log_prob(self, batch, keys, num_samples=1):
+        return self._log_p(batch)
+
+
+def test_members_are_scored_in_eval_mode_whatever_the_graphdef_holds():
+    """A module in NNX's training mode (as built, and as FitResult.graphdef keeps it) is
+    scored in evaluation mode: Dropout off, BatchNorm on its running statistics. So an
+    example's value does not depend on the other examples of its block (example_chunk),
+    and equals a float64 numpy forward pass of the eval-mode network. Regression: in
+    training mode every example scored log(1/3) = -1.0986 at example_chunk=1 (a batch of
+    one normalised to zero) and other values at every other chunk size."""
+    model = _BNDropClassifier(4, 3, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    model.bn.mean[...] = jnp.asarray(rng.normal(size=6), jnp.float32)  # as after training
+    model.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=6), jnp.float32)
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    y = (np.arange(10) % 3).astype(np.int32)
+    assert model.drop.deterministic is False and model.bn.use_running_average is False
+    graphdef, state = _stack([model])
+    lls = [np.asarray(loglik_matrix(graphdef, state, (x, y), key=KEY, example_chunk=c))[0] for c in (1, 8, 10)]
+
+    def p(v):
+        return np.float64(v[...])
+
+    h = np.float64(x) @ p(model.l1.kernel) + p(model.l1.bias)
+    h = (h - p(model.bn.mean)) / np.sqrt(p(model.bn.var) + model.bn.epsilon) * p(model.bn.scale) + p(model.bn.bias)
+    logits = np.maximum(h, 0) @ p(model.l2.kernel) + p(model.l2.bias)
+    ref = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))[np.arange(10), y]
+    for ll in lls:  # float32 forward pass of a 4-6-3 network: ~1e-7 relative
+        np.testing.assert_allclose(ll, ref, rtol=1e-5, atol=1e-6)
+    assert model.drop.deterministic is False and model.bn.use_running_average is False  # left as it was
+
+
+class _GaussianLatentModelWithoutElbo(nnx.Module):
+    """A user's latent-variable model written from scratch (not a LatentVariableModel):
+    z ~ N(0, 1), x | z ~ N(w z, 1) per coordinate, q(z | x) = N(a x, 1); its own
+    importance-weighted log_prob."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.asarray([0.8, -1.2, 0.5], jnp.float32))
+        self.a = nnx.Param(jnp.asarray([0.3, -0.4, 0.1], jnp.float32))
+
+    def _log_weights(self, x, keys, s):
+        eps = jax.vmap(lambda k: jax.random.normal(k, (s,)))(keys)  # [B, S]
+        z = (x @ self.a[...])[:, None] + eps
+        r = x[:, None, :] - z[..., None] * self.w[...]
+        log_px_z = -0.5 * jnp.sum(r * r, -1) - 1.5 * math.log(2 * math.pi)
+        return log_px_z - 0.5 * z * z + 0.5 * eps * eps  # log N(z; 0, 1) - log N(z; ax, 1)
+
+    def loss(self, batch, key):
+        return -self._log_weights(batch, jax.random.split(key, batch.shape[0]), 1)[:, 0]
+
+    def log_prob(self, batch, keys, num_samples):
+        return jax.nn.logsumexp(self._log_weights(batch, keys, num_samples), -1) - math.log(num_samples)
+
+
+class _GaussianLatentModel(_GaussianLatentModelWithoutElbo):
+    """The same model with its elbo, the mean of the same S log-weights."""
+
+    def elbo(self, batch, keys, num_samples=1):
+        return jnp.mean(self._log_weights(batch, keys, num_samples), -1)
+
+
+def test_kind_elbo_calls_the_elbo_of_a_model_that_is_not_a_jaxmem_vae():
+    """kind="elbo" on a user's own model is its .elbo (regression: its log_prob was
+    returned, the importance-weighted value, so "elbo" equalled "iw"); a model without
+    .elbo is refused by name."""
+    model = _GaussianLatentModel()
+    x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    kw = dict(key=KEY, num_samples=16, mesh=make_mesh(1))
+    iw = np.asarray(loglik_matrix(model, data=x, **kw))[0]
+    elbo = np.asarray(loglik_matrix(model, data=x, kind="elbo", sample_chunk=4, **kw))[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(KEY, i))(jnp.arange(7))
+    graphdef, state = nnx.split(model)
+    direct = jax.jit(lambda st: nnx.merge(graphdef, st).elbo(jnp.asarray(x), keys, 16))(state)
+    # the same program on the same keys: float32 rounding of ~5-nat sums only
+    np.testing.assert_allclose(elbo, np.asarray(direct), rtol=1e-6, atol=1e-5)
+    # log-mean-exp >= mean on the same 16 samples, strictly here (the weights differ)
+    assert np.all(iw > elbo + 1e-3), (iw, elbo)
+    with pytest.raises(ValueError, match=r"kind='elbo' needs a model with \.elbo\(batch, keys, num_samples\).*"
+                                         r"_GaussianLatentModelWithoutElbo has none"):
+        loglik_matrix(_GaussianLatentModelWithoutElbo(), data=x, kind="elbo", **kw)
+
+
+def test_the_state_of_an_ensemble_in_any_of_its_forms():
+    """(graphdef, stacked state), (graphdef, (params, rest)) as ensemble.member takes, and
+    (graphdef, EnsembleState) score alike. Regression: the last two failed (flax's
+    "Incorrect number of leaves" / a message about leading sizes)."""
+    import optax
+
+    from jaxmem import ensemble, membership
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 4)).astype(np.float32)
+    y = (np.arange(12) % 3).astype(np.int32)
+    ens = ensemble.make(lambda s: _BNDropClassifier(4, 3, rngs=nnx.Rngs(s)), optax.sgd(0.1),
+                        membership.kfold(12, 2, seed=0), batch_size=4)
+    st = ens.init(0)
+    # running statistics that matter (eval mode reads them), different per member
+    def shift(a):
+        return a + jnp.arange(2.0).reshape(2, *[1] * (a.ndim - 1)) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    st = st._replace(rest=jax.tree.map(shift, st.rest))
+    kw = dict(key=KEY, mesh=make_mesh(1))
+    merged = np.asarray(loglik_matrix(ens.graphdef, nnx.merge_state(st.params, st.rest), (x, y), **kw))
+    assert merged.shape == (2, 12) and np.isfinite(merged).all()
+    for form in [(st.params, st.rest), st]:
+        np.testing.assert_array_equal(np.asarray(loglik_matrix(ens.graphdef, form, (x, y), **kw)), merged)
+    for m in range(2):  # and each row is that member, as ensemble.member builds it (float32 rounding)
+        alone = np.asarray(loglik_matrix(ensemble.member(ens.graphdef, (st.params, st.rest), m), data=(x, y), **kw))
+        np.testing.assert_allclose(alone[0], merged[m], rtol=1e-6, atol=1e-6)
+
+
+def test_values_do_not_depend_on_the_x64_flag():
+    """With jax_enable_x64 on, the same models, data and key give the same float32 matrix:
+    every random number (latent noise, binarisation, dequantisation) is drawn in float32
+    either way, and a linear-Gaussian VAE built under x64 has the same float32 parameters.
+    Regression: under x64 the draws were float64, other numbers (log p moved by up to
+    1.4 nats here) and the result float64. Float32 models and data run the same program
+    either way (tolerance: float32 rounding, 1e-6 relative); float64 data under x64 is
+    computed in float64 and rounded to float32 (1e-5: the two differ by float32 rounding
+    of ~100-nat sums)."""
+    mlp = models.create("mlp_vae", (4, 4), seed=0, hidden=[8], latent_dim=2)
+    conv = models.create("conv_vae", (4, 4, 3), seed=0, channels=[4], dense=8, latent_dim=2)
+    rng = np.random.default_rng(0)
+    x_mlp = rng.random((6, 4, 4)).astype(np.float32)
+    x_conv = (rng.integers(0, 256, (6, 4, 4, 3)) / 255).astype(np.float32)
+    kw = dict(key=KEY, num_samples=8, sample_chunk=4, mesh=make_mesh(1))
+    mlp32, conv32 = (np.asarray(loglik_matrix(m, data=x, **kw)) for m, x in [(mlp, x_mlp), (conv, x_conv)])
+    with jax.enable_x64(True):
+        conv64 = loglik_matrix(conv, data=x_conv, **kw)  # float32 data: dequantisation, latent noise
+        mlp64 = loglik_matrix(mlp, data=np.float64(x_mlp), **kw)  # float64 data: binarisation too
+        lin64 = models.create("linear_gaussian_vae", (3,), seed=0)  # built under x64: the same parameters
+    assert mlp64.dtype == conv64.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(conv64), conv32, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mlp64), mlp32, rtol=1e-5)
+    lin32 = models.create("linear_gaussian_vae", (3,), seed=0)
+    for a, b in zip(jax.tree.leaves(nnx.state(lin64)), jax.tree.leaves(nnx.state(lin32))):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)

@@ -136,3 +136,23 @@ def test_initialize_distributed_refuses_bad_arguments_before_jax():
             initialize_distributed("localhost:1234", 2, pid)
     with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes\) = \[0, 2\), got 2"):
         initialize_distributed("[::1]:1234", 2, 2)
+
+
+def test_jit_with_options_runs_under_a_callers_trace():
+    """compiler_options are refused by JAX on a jit inside another trace; jit_with_options
+    then runs the plain jit (bitwise the same values here: a * 2 + 1 rounds once, fused or not)."""
+    from jaxmem.mesh import CPU_COMPILER_OPTIONS, cpu_options_supported, jit_with_options
+
+    if not cpu_options_supported("training"):
+        pytest.skip("this jaxlib rejects the CPU compile options")
+    options = CPU_COMPILER_OPTIONS["training"]
+    with pytest.raises(ValueError, match="top-level"):  # what the wrapper works around
+        jax.jit(lambda a: jax.jit(jnp.tanh, compiler_options=options)(a))(X)
+    f = jit_with_options(lambda a, b: a * b + 1.0, options)
+    want = np.asarray(f(X, 2.0))
+    np.testing.assert_array_equal(want, X * np.float32(2) + np.float32(1))
+    np.testing.assert_array_equal(jax.jit(f)(X, 2.0), want)  # arguments are tracers
+    np.testing.assert_array_equal(jax.jit(lambda: f(X, 2.0))(), want)  # all closed over
+    np.testing.assert_array_equal(jax.lax.scan(lambda c, _: (f(c, 2.0), None), X, None, length=1)[0], want)
+    assert "multiply" in f.lower(X, 2.0).as_text()
+    assert jit_with_options(jnp.tanh, None)(X).shape == X.shape

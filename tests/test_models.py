@@ -348,3 +348,52 @@ def test_models_keep_forward_mode_autodiff_outside_the_training_step():
         for a, b in zip(jax.tree.leaves(grad_plain), jax.tree.leaves(grad_fast)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert np.isfinite(float(slope))
+
+
+def test_training_gradients_keep_the_parameters_dtypes_under_x64():
+    """With x64 on, float64 data makes the cotangents reaching ``dense``'s backward pass
+    float64; each gradient must still come back in its primal's dtype, as autodiff gives
+    them (regression: the biases' and inputs' came back float64, so Adam's moments
+    changed dtype and ``ensemble.fit`` failed on float64 data). Against ``jax.grad`` of
+    the same loss without the custom VJP (plain nnx.Linear): float32 rounding, 1e-5."""
+    from jaxmem.models._latent import dense, reverse_mode_dense
+
+    model = models.create("mlp_vae", (3, 3), seed=0, hidden=[8], latent_dim=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).random((4, 3, 3)))  # float64
+        key = jax.random.key(1)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(graphdef, p, rest).loss(x, key))
+
+        plain = jax.jit(jax.grad(loss))(params)
+        with reverse_mode_dense():
+            fast = jax.jit(jax.grad(loss))(params)
+        for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), jax.tree.leaves(fast)):
+            assert p.dtype == a.dtype == b.dtype == jnp.float32, (p.dtype, a.dtype, b.dtype)
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        # mixed dtypes in one layer: a float32 input, a float64 kernel and a float32 bias
+        h, k, b = jnp.ones((2, 3), jnp.float32), jnp.ones((3, 2), jnp.float64), jnp.zeros((2,), jnp.float32)
+        grads = jax.grad(lambda *a: jnp.sum(dense(*a) ** 2), argnums=(0, 1, 2))(h, k, b)
+        assert [g.dtype for g in grads] == [jnp.float32, jnp.float64, jnp.float32]
+
+
+def test_models_differing_only_in_their_initial_values_share_a_graphdef():
+    """Options used only to initialise (the linear-Gaussian VAE's init_log_sigma) are not
+    module attributes, so models trained from different starts stack into one ensemble
+    (regression: loglik_matrix refused them as "differs from models[0] in structure").
+    Each row is its model's exact log p(x) (exact posterior: every weight is p(x))."""
+    from jaxmem.likelihood import loglik_matrix
+
+    members = [models.create("linear_gaussian_vae", (4,), seed=0, latent_dim=2, init_log_sigma=s)
+               for s in (-1.0, 0.5)]
+    assert nnx.graphdef(members[0]) == nnx.graphdef(members[1])
+    assert float(members[0].log_sigma[...]) == -1.0 and float(members[1].log_sigma[...]) == 0.5
+    for m in members:
+        m.set_exact_posterior()
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    ll = np.asarray(loglik_matrix(members, data=x, key=jax.random.key(0), num_samples=2))
+    exact = np.stack([np.asarray(call(m, "exact_log_prob", jnp.asarray(x))) for m in members])
+    # float32 Cholesky and sums of ~10-nat terms: ~1e-6 relative
+    np.testing.assert_allclose(ll, exact, rtol=1e-5, atol=1e-4)

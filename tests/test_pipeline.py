@@ -142,7 +142,7 @@ def test_result_directory_roundtrip_resume_and_refusal(digits, tmp_path):
     assert not any("bf16" in line for line in _run_description(r3.config))
 
 
-def test_classifier_gives_label_memorization(digits):
+def test_classifier_gives_label_memorization(digits, tmp_path):
     r = jaxmem.memorization(
         digits.x, digits.y, model="classifier", model_options={"hidden": [32]},
         plan=jaxmem.balanced_subsets(len(digits.x), 8, seed=1), epochs=3,
@@ -151,6 +151,12 @@ def test_classifier_gives_label_memorization(digits):
     lm = r.label_memorization
     assert lm.shape == (len(digits.x),) and np.all(np.abs(lm) <= 1)
     assert np.all(r.U <= 0) and np.all(r.V <= 0)  # log p(y|x) is a log-probability
+    # scores.csv has it too (read back exactly: 9 significant digits of float32)
+    import csv
+
+    r.save(tmp_path)
+    with open(tmp_path / "scores.csv") as f:
+        np.testing.assert_array_equal([np.float32(row["label_memorization"]) for row in csv.DictReader(f)], lm)
 
 
 def test_bad_inputs(digits):
@@ -295,3 +301,88 @@ def test_damaged_results_are_refused_by_name(digits, tmp_path):
     (out2 / "tracked.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="tracked.npz is damaged"):
         jaxmem.memorization(digits.x[:60], **kw)
+
+
+def _result(n, rng, **fields):
+    """A MemorizationResult of n examples with image-scale log p (~ -3e4 nats), no training."""
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    U = f32(rng.normal(-3e4, 50, n))
+    V = f32(U - rng.exponential(1.0, n))
+    keep = jaxmem.kfold(n, 2, seed=0).keep
+    base = dict(U=U, V=V, M=U - V, stderr=f32(rng.random(n)), dof=f32(rng.random(n) * 10),
+                n_in=np.ones(n, np.int32), n_out=np.ones(n, np.int32), highly_memorized=rng.random(n) > 0.9,
+                threshold=1.0, ll=np.zeros(keep.shape, np.float32), keep=keep, fold=np.zeros(n, np.int32),
+                labels=np.arange(n, dtype=np.int32), logp_full=f32(U + rng.normal(0, 1, n)), leverage=None,
+                label_memorization=None, tracked_epochs=np.zeros(0, np.int32),
+                M_by_epoch=np.zeros((0, n), np.float32), history={}, config={})
+    return jaxmem.MemorizationResult(**(base | fields))
+
+
+def test_scores_csv_reads_back_exactly_and_has_label_memorization(tmp_path):
+    """scores.csv holds every per-example score, each reading back as the array's own value:
+    6 significant digits lost up to 0.05 nats at log p ~ -3e4 (float32 spacing 0.002)."""
+    import csv
+
+    rng = np.random.default_rng(0)
+    n = 50
+    lev64 = rng.random(n) / 7  # a float64 array is written with all of its digits
+    r = _result(n, rng, leverage=lev64, label_memorization=np.asarray(rng.random(n) - 0.5, np.float32))
+    r.save(tmp_path / "clf")
+    with open(tmp_path / "clf" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    header = next(csv.reader(open(tmp_path / "clf" / "scores.csv")))
+    old = ["index", "label", "fold", "U", "V", "M", "stderr", "n_in", "n_out", "highly_memorized", "logp_full",
+           "leverage"]
+    assert header == old + ["label_memorization"]  # appended: older readers keep their positions
+    for name in ("U", "V", "M", "stderr", "logp_full", "label_memorization"):
+        back = np.array([np.float32(row[name]) for row in rows])
+        np.testing.assert_array_equal(back, getattr(r, name), err_msg=name)  # exact: float32 -> text -> float32
+    np.testing.assert_array_equal([float(row["leverage"]) for row in rows], lev64)  # exact float64
+    assert [int(row["highly_memorized"]) for row in rows] == r.highly_memorized.astype(int).tolist()
+    # a VAE's result has no label memorization (nor leverage here): empty cells, as logp_full when absent
+    _result(n, rng).save(tmp_path / "vae")
+    with open(tmp_path / "vae" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(row["label_memorization"] == "" and row["leverage"] == "" for row in rows)
+
+
+def test_track_epochs_already_trained_are_said_and_not_claimed(digits, tmp_path):
+    """A rerun cannot score epochs trained before it (fit restores the newest checkpoint and
+    replays nothing): it says so, and the result and config.json list only the epochs scored.
+    Before, they were dropped silently while config.json listed them. The last epoch, when it
+    is the restored one, is scored from the final state."""
+    out = tmp_path / "run"
+    # track_samples != num_samples: the last epoch's tracked score is not the final one
+    # (shapes and options of the tests above, so that their compiled programs are reused)
+    kw = dict(folds=2, num_samples=2, track_samples=1, model_options={"hidden": [8]}, batch_size=16,
+              progress=False, linear_baseline=False)
+    x = digits.x[:60]
+    jaxmem.memorization(x, epochs=2, out_dir=out, **kw)
+    with pytest.warns(UserWarning, match=r"track_epochs \[1\] are not scored: .* already trained for 2 epochs"):
+        r = jaxmem.memorization(x, epochs=2, out_dir=out, track_epochs=[1, 2], **kw)
+    np.testing.assert_array_equal(r.tracked_epochs, [2])
+    assert json.loads((out / "config.json").read_text())["scoring"]["track_epochs"] == [2]
+    # epoch 2 from the restored final state = what a run from scratch scores in its callback
+    fresh = jaxmem.memorization(x, epochs=2, track_epochs=[2], **kw)
+    np.testing.assert_array_equal(r.M_by_epoch, fresh.M_by_epoch)  # the same state and key: bitwise
+    with pytest.warns(UserWarning, match=r"track_epochs \[1\] are not scored"):
+        r = jaxmem.memorization(x, epochs=3, out_dir=out, track_epochs=[1, 2, 3], **kw)
+    np.testing.assert_array_equal(r.tracked_epochs, [2, 3])  # 2 kept from the run before
+    assert json.loads((out / "config.json").read_text())["scoring"]["track_epochs"] == [2, 3]
+    assert jaxmem.load_result(out).config["scoring"]["track_epochs"] == [2, 3]
+
+
+def test_full_model_leaves_the_plans_models_as_they_are(digits):
+    """The full model (all 60 examples, 4 batches of 16) takes the plan members' number of
+    steps (2: 30 examples each), so the members train and score exactly as without it.
+    Before, every member trained 4 steps per epoch when it was added (M moved by ~0.1 nats)."""
+    kw = dict(folds=2, num_samples=2, model_options={"hidden": [8]}, batch_size=16, epochs=2,
+              progress=False, linear_baseline=False)
+    x = digits.x[:60]
+    a = jaxmem.memorization(x, **kw)
+    b = jaxmem.memorization(x, full_model=True, **kw)
+    assert a.logp_full is None and b.logp_full.shape == (60,) and np.isfinite(b.logp_full).all()
+    # same seeds, schedules and member chunks: bitwise
+    np.testing.assert_array_equal(b.ll, a.ll)
+    np.testing.assert_array_equal(b.M, a.M)
+    np.testing.assert_array_equal(b.history["train_loss"], a.history["train_loss"])

@@ -238,3 +238,50 @@ def test_write_report_checks_label_memorization_and_writes_strict_json(tmp_path)
     assert written["label_memorization"]["max"] == 1.0 and written["label_memorization"]["num_above_0.5"] == 8
     with pytest.raises(ValueError, match="not JSON: NaN"):
         strict('{"a": NaN}')
+
+
+def test_examples_grid_draws_at_most_the_neighbours_a_small_pool_has(tmp_path):
+    x = load_dataset("digits", limit=5).x
+    # 5 images, each left out of its own neighbours: 4 neighbours per row instead of 5.
+    files = report.write_report(_fake_result(n=5), tmp_path / "r5", dataset=x)["files"]
+    _check_png(files["examples"], min_size=(300, 300))
+    assert files["summary"].is_file()
+    # 2 images (the fewest a run has): one neighbour each.
+    _check_png(report.plot_examples_grid(x[:2], np.arange(2.0), x[:2], tmp_path / "two.png"), (200, 200))
+    with pytest.raises(ValueError, match=r"a pool of 1 image\(s\) leaves no neighbour to show"):
+        report.plot_examples_grid(x[:1], np.zeros(1), x[:1], tmp_path / "one.png")
+    assert report._drawable_shape((8, 8)) and report._drawable_shape((8, 8, 3))
+    assert not report._drawable_shape((8, 8, 2)) and not report._drawable_shape((64,))
+
+
+def test_write_report_deletes_its_own_files_it_did_not_write_this_time(tmp_path):
+    x = load_dataset("digits", limit=6).x
+    result = _fake_result(n=6)
+    result.leverage = np.linspace(0.01, 0.5, 6)
+    first = report.write_report(result, tmp_path, dataset=x)["files"]
+    assert {"examples", "leverage"} <= set(first)
+    (tmp_path / "notes.txt").write_text("mine")  # not a report file: left alone
+    (tmp_path / "influence.png").write_bytes(b"")
+    result.leverage = None
+    second = report.write_report(result, tmp_path)  # no images, no leverage this time
+    assert set(second["files"]) == {"distribution", "figure3", "summary", "summary_json"}
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["figure3_logp.png", "influence.png", "memorization_distribution.png"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert all(f"`{p.name}`" in second["markdown"] for p in second["files"].values() if p.suffix == ".png")
+
+
+def test_run_description_says_what_was_run():
+    config = {"data": {"name": "digits", "binarize": "static"},
+              "model": {"name": "mlp_vae", "binarize": "none", "hidden": [8]},
+              "plan": {"kind": "kfold", "k": 2, "repeats": 1, "num_models": 2},
+              "training": {"full_model": True}, "scoring": {"num_samples": 7}}
+    lines = report._run_description(config)
+    assert "- model: mlp_vae (binarize=static, hidden=[8])" in lines  # drawn when loading
+    assert "- plan: 2 folds x 1 repeat(s), 2 models + 1 full model trained on every example" in lines
+    assert "- log p: importance-weighted with 7 samples" in lines
+    config["data"]["binarize"], config["training"]["full_model"] = None, False
+    config["model"] = {"name": "classifier", "num_classes": 10}
+    lines = report._run_description(config)
+    assert "- log p(y|x): exact (classifier)" in lines and "- plan: 2 folds x 1 repeat(s), 2 models" in lines
+    assert not any("importance" in line or "binarize" in line for line in lines)

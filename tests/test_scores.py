@@ -362,3 +362,78 @@ def test_float64_log_likelihoods_keep_their_differences_in_float32():
     V = np.array([logsumexp(ll[~keep[:, i], i]) - np.log((~keep[:, i]).sum()) for i in range(20)])
     np.testing.assert_allclose(np.asarray(s.M), U - V, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s.U), U, rtol=1e-7)  # U, V: float32 values of -1e6
+
+
+def _reference_bootstrap_var(ll, keep, key, num_bootstrap):
+    """Float64 variances of the in- and out-side log-mean-exps over bootstrap replicates
+    drawn with the resampling indices :func:`jaxmem.scores._bootstrap_var` documents
+    (per example ``fold_in(key, i)``, per replicate ``fold_in(., b)``, 16-bit draws)."""
+    import jax
+
+    models, n = ll.shape
+    half_words = -(-models // 2)
+    var = np.empty((n, 2))
+    for i in range(n):
+        k = jax.random.fold_in(key, i)
+        bits = np.asarray(jax.vmap(lambda b, k=k: jax.random.bits(jax.random.fold_in(k, b), (half_words,), jnp.uint32))(
+            jnp.arange(num_bootstrap)))
+        r = np.concatenate([bits & 0xFFFF, bits >> 16], axis=1)[:, :models].astype(np.int64)
+        xs = ll[np.argsort(~keep[:, i], kind="stable"), i].astype(np.float64)  # in-models first
+        n_in = int(keep[:, i].sum())
+        pos_in = (r[:, :n_in] * n_in) >> 16
+        pos_out = n_in + ((r[:, n_in:] * (models - n_in)) >> 16)
+        var[i] = [np.var(logsumexp(xs[pos_in], axis=1), ddof=1), np.var(logsumexp(xs[pos_out], axis=1), ddof=1)]
+    return var[:, 0], var[:, 1]
+
+
+def test_bootstrap_exact_when_one_value_dominates_a_side():
+    """A replicate that misses a value ~90 nats above the rest of its side once summed only
+    float32-underflowed terms (log 0 = -inf, stderr NaN); each replicate is now shifted by
+    the largest value it drew. Compared with a float64 bootstrap of the same indices."""
+    import jax
+
+    plan = kfold(37, 4, 3, seed=0)  # 9 in / 3 out per example
+    keep = plan.keep
+    rng = np.random.default_rng(7)
+    ll = rng.normal(-500, 1, keep.shape)
+    ins, outs = np.flatnonzero(keep[:, 0]), np.flatnonzero(~keep[:, 1])
+    ll[ins[1:], 0] -= 90  # example 0: one in-model 90 nats above the other in-models
+    ll[outs[1:], 1] -= 120  # example 1: one out-model 120 nats above the other out-models
+    ll[ins[::2], 2] = -1e5 + ll[ins[::2], 2]  # example 2: in-values at -500 and at -1e5
+    ll = ll.astype(np.float32)
+    s = memorization_scores(ll, plan, mesh=mesh1(), uncertainty="bootstrap", num_bootstrap=50)
+    var_in, var_out = _reference_bootstrap_var(ll, keep, jax.random.key(0), 50)
+    assert np.isfinite(np.asarray(s.stderr)).all() and np.isfinite(np.asarray(s.dof)).all()
+    # float32 one-pass variance of replicates (sum of d and d^2, |d| <= ~120): ~1e-6 relative
+    # per sum; 1e-4 relative leaves room for the cancellation in sum_d2 - sum_d^2 / B.
+    np.testing.assert_allclose(np.asarray(s.stderr), np.sqrt(var_in + var_out), rtol=1e-4)
+    assert float(s.stderr[0]) > 20 and float(s.stderr[1]) > 20  # the misses are in there
+    n_in, n_out = plan.in_counts(), plan.out_counts()
+    dof = (var_in + var_out) ** 2 / (var_in**2 / (n_in - 1) + var_out**2 / (n_out - 1))
+    np.testing.assert_allclose(np.asarray(s.dof), dof, rtol=1e-3)  # a ratio of squares of the above
+
+
+def test_feldman_zhang_integer_correctness_is_refused_naming_both_kinds():
+    # 0/1 integers: the message names both accepted kinds, so the caller converts to bool
+    # (converting to float instead would be refused a second time, as positive log-probs).
+    keep = np.array([[1, 1], [1, 0], [0, 1], [0, 1]], dtype=bool)
+    correct = np.array([[1, 1], [1, 1], [0, 0], [1, 1]], dtype=np.int64)
+    message = (r"correct_or_logp must be floats \(log p\(y\|x\) of the true label, nats\) "
+               r"or bool \(correctness; 0/1 integers: pass \.astype\(bool\)\), got dtype int64")
+    with pytest.raises(TypeError, match=message):
+        feldman_zhang(correct, keep, mesh=mesh1())
+    np.testing.assert_allclose(np.asarray(feldman_zhang(correct.astype(bool), keep, mesh=mesh1()).mem), [0.5, -1 / 3])
+    with pytest.raises(TypeError, match=r"ll must be a floating array \(nats\), got dtype int64"):
+        memorization_scores(correct, keep, mesh=mesh1())  # the scores' message is unchanged
+
+
+def test_t_interval_undercovers_with_two_out_models():
+    # The docstring's 18 / 2 row (jaxmem run's default, 10 folds x 2 repeats): the t
+    # interval covers 0.882 with these seeds (4,000 examples, binomial sd 0.005), far below
+    # 0.95: V's variance from 2 values and its Jensen bias (+0.06 nats).
+    plan = kfold(4000, 10, 2, seed=1)
+    ll, true_m = _lognormal_ll(plan, seed=2)
+    s = memorization_scores(ll, plan, mesh=mesh1())
+    lo, hi = s.interval(0.95)
+    t_cov = np.mean((lo <= true_m) & (true_m <= hi))
+    assert 0.86 <= t_cov <= 0.90, t_cov

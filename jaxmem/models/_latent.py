@@ -19,7 +19,10 @@ Randomness contract (docs/CONTRACTS.md): at evaluation, example ``b`` gets one k
 ``keys[b]``. From it, preprocessing noise is drawn with ``fold_in(keys[b], 0)`` and the
 noise of importance sample ``s`` with ``fold_in(fold_in(keys[b], 1), s)``. Sample ``s``
 of an example is therefore the same number whether the samples are drawn all at once or
-in chunks of any size, and whichever chunk or device the example lands in.
+in chunks of any size, and whichever chunk or device the example lands in. Every random
+number (noise, binarisation and dequantisation uniforms, in training too) is drawn in
+float32 whatever ``jax_enable_x64`` says, then promoted where the data or parameters are
+float64: the same key gives the same draws with x64 on or off.
 """
 
 from __future__ import annotations
@@ -98,18 +101,21 @@ def dense(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _dense_fwd(h, kernel, bias):
-    return dense(h, kernel, bias), (h, kernel)
+    return dense(h, kernel, bias), (h, kernel, bias)
 
 
 def _dense_bwd(res, g):
-    h, kernel = res
+    h, kernel, bias = res
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     d_kernel = jax.lax.dot_general(h2, g2, (((0,), (0,)), ((), ())))  # [in, out]
     # (kernel g^T)^T rather than g kernel^T: XLA's CPU matmuls take their right operand
     # contracted on its first axis, so the latter copies a transposed kernel every step;
     # this form transposes the [batch, out] and [in, batch] activations instead.
     d_h = jax.lax.dot_general(kernel, g2, (((1,), (1,)), ((), ()))).T.reshape(h.shape)
-    return d_h, d_kernel.astype(kernel.dtype), g2.sum(0).astype(g.dtype)
+    # Each cotangent in its primal's dtype, as autodiff gives them: with x64 on, float64
+    # data (or a float64 layer below) makes g float64, and float32 parameters must still
+    # get float32 gradients (an optimizer state of another dtype breaks the scanned epoch).
+    return d_h.astype(h.dtype), d_kernel.astype(kernel.dtype), g2.sum(0).astype(bias.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
@@ -263,15 +269,18 @@ def preprocess_keys(keys: jax.Array) -> jax.Array:
 
 
 def sample_noise(keys: jax.Array, sample_ids: jax.Array, latent_dim: int) -> jax.Array:
-    """Standard normal noise ``[B, S, latent_dim]`` for samples ``sample_ids`` of each example.
+    """Standard normal noise, f32 ``[B, S, latent_dim]``, for samples ``sample_ids`` of each example.
 
     Sample ``s`` of example ``b`` is drawn from ``fold_in(fold_in(keys[b], 1), s)``, so it
-    does not depend on which other samples are drawn with it.
+    does not depend on which other samples are drawn with it. Always drawn in float32,
+    whatever ``jax_enable_x64`` says: a float64 draw from the same key is another number,
+    so the flag would change every estimate (see the module docstring).
     """
 
     def per_example(k):
         root = jax.random.fold_in(k, _SAMPLE_STREAM)
-        return jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(root, s), (latent_dim,)))(sample_ids)
+        return jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(root, s), (latent_dim,), jnp.float32))(
+            sample_ids)
 
     return jax.vmap(per_example)(keys)
 
@@ -410,7 +419,7 @@ class LatentVariableModel(nnx.Module):
         k_pre, k_eps = jax.random.split(key)
         x = self.preprocess(batch, jax.random.split(k_pre, b))
         mean, scale = self.encode(x)
-        eps = jax.random.normal(k_eps, (b, 1, self.latent_dim))
+        eps = jax.random.normal(k_eps, (b, 1, self.latent_dim), jnp.float32)  # as sample_noise
         z, _ = self._reparameterize(mean, scale, eps)
         recon = self.log_likelihood(x, z)[:, 0]
         # KL(N(mean, S S^T) || N(0, I)), tr(S S^T) = sum of squares of S's entries

@@ -39,7 +39,8 @@ class LinearGaussianVAE(LatentVariableModel):
     Args:
       example_shape: ``(d,)``.
       latent_dim: k.
-      init_log_sigma: initial log of the observation noise standard deviation.
+      init_log_sigma: initial log of the observation noise standard deviation (used to
+        initialise ``log_sigma`` only, not kept: models differing only in it stack).
       rngs: parameter initialisation.
     """
 
@@ -59,13 +60,17 @@ class LinearGaussianVAE(LatentVariableModel):
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.example_shape = example_shape
         self.latent_dim = k
-        self.init_log_sigma = float(init_log_sigma)
-        self.W = nnx.Param(jax.random.normal(rngs.params(), (d, k)) / math.sqrt(k))
-        self.b = nnx.Param(jnp.zeros((d,)))
-        self.log_sigma = nnx.Param(jnp.asarray(float(init_log_sigma), jnp.float32))
-        self.A = nnx.Param(0.1 * jax.random.normal(rngs.params(), (k, d)) / math.sqrt(d))
-        self.c = nnx.Param(jnp.zeros((k,)))
-        self.L_raw = nnx.Param(jnp.zeros((k, k)))
+        # init_log_sigma is not kept as an attribute: attributes are the graphdef, and
+        # models that differ only in where they started must share one (to be stacked).
+        # float32 parameters whatever jax_enable_x64 says, as nnx.Linear's: the same seed
+        # then gives the same model.
+        f32 = jnp.float32
+        self.W = nnx.Param(jax.random.normal(rngs.params(), (d, k), f32) / math.sqrt(k))
+        self.b = nnx.Param(jnp.zeros((d,), f32))
+        self.log_sigma = nnx.Param(jnp.asarray(float(init_log_sigma), f32))
+        self.A = nnx.Param(0.1 * jax.random.normal(rngs.params(), (k, d), f32) / math.sqrt(d))
+        self.c = nnx.Param(jnp.zeros((k,), f32))
+        self.L_raw = nnx.Param(jnp.zeros((k, k), f32))
 
     # -- encoder / decoder -------------------------------------------------------------
     def _cholesky_q(self) -> jax.Array:
@@ -98,7 +103,7 @@ class LinearGaussianVAE(LatentVariableModel):
           x: f32 ``[B, d]``.
 
         Returns:
-          f32 ``[B]``, nats per example (float64 when x64 is enabled).
+          f32 ``[B]``, nats per example (float64 for float64 ``x`` when x64 is enabled).
         """
         if x.ndim != 2 or x.shape[1] != self.example_shape[0]:
             raise ValueError(f"exact_log_prob expects [B, {self.example_shape[0]}], got {x.shape}")

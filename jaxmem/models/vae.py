@@ -88,7 +88,9 @@ class MLPVAE(LatentVariableModel):
     def preprocess(self, x, keys):
         x = x.reshape(x.shape[0], -1)
         if self.binarize == "dynamic":
-            x = jax.vmap(lambda k, xi: jax.random.bernoulli(k, xi).astype(jnp.float32))(keys, x)
+            # float32 uniforms whatever the x64 flag (bernoulli draws in p's dtype): see _latent
+            x = jax.vmap(lambda k, xi: jax.random.bernoulli(k, xi.astype(jnp.float32)).astype(jnp.float32))(
+                keys, x)
         return x
 
     def encode(self, x):
@@ -211,7 +213,7 @@ class ConvVAE(LatentVariableModel):
     def preprocess(self, x, keys):
         if self.dequantize == "uniform":
             levels = jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0)
-            noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(keys)
+            noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], jnp.float32))(keys)  # see _latent
             x = (levels + noise) / 256.0
         return x
 
