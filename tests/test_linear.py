@@ -170,6 +170,32 @@ def test_ill_conditioned_float32_cholesky_warns():
         jl.leverage(X)
 
 
+def test_float32_leave_one_out_cancellation_warns():
+    # n = p + 2: two residual degrees of freedom, so SSE_(i) = SSE - e_i^2/(1 - h_i) is a
+    # small difference for some rows, and float32's M of those rows is off by far more
+    # than float32 rounding (measured: 531 nats, 0.55% of M ~ 1e5, on row 17; the warning
+    # estimates up to 2e-1, an upper-side estimate). The warning must name them; float64
+    # and ordinary float32 problems (stackloss: n - p = 17) must stay silent.
+    rng = np.random.default_rng(3)
+    p = 20
+    X = rng.normal(size=(p + 2, p))
+    y = X @ rng.normal(size=p) + rng.normal(size=p + 2)
+    with pytest.warns(RuntimeWarning, match="may carry relative errors") as record:
+        m32 = np.asarray(jl.loo_log_density_ratio_regression(X, y).score, np.float64)
+    message = next(str(w.message) for w in record if "may carry" in str(w.message))
+    named = {int(i) for i in message.split("row(s) (")[1].split(")")[0].replace(", ...", "").split(", ")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        m64 = np.asarray(jl.loo_log_density_ratio_regression(X, y, dtype=F64).score)
+        Xs, ys = load("stackloss")
+        jl.loo_log_density_ratio_regression(Xs, ys)
+        jl.influence(Xs, ys, method="qr")
+    rel = np.abs(m32 - m64) / (1 + np.abs(m64))
+    assert rel.max() > 1e-3 and int(np.argmax(rel)) in named, (rel.max(), np.argmax(rel), named)
+    with pytest.warns(RuntimeWarning, match="may carry relative errors"):
+        jl.influence(X, y)  # sigma2_loo, studentized_external, ... rest on the same SSE_(i)
+
+
 @pytest.mark.usefixtures("devices8")
 def test_sharded_equals_unsharded():
     X, y = load("ccard")  # n = 72: not a multiple of 8 devices after slicing below
