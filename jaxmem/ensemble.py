@@ -685,6 +685,44 @@ def make(
     )
 
 
+def _static_value(v: Any) -> Any:
+    """A module attribute as JSON for the run configuration, or ``_NOT_STATIC``."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else repr(v)  # strict JSON has no NaN / inf
+    if isinstance(v, (tuple, list)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
+        return [_static_value(x) for x in v]
+    if isinstance(v, (nnx.Module, nnx.Variable, jax.Array, np.ndarray)):
+        return _NOT_STATIC
+    if isinstance(v, np.dtype) or (isinstance(v, type) and hasattr(v, "dtype")):
+        return str(np.dtype(v))
+    if callable(v) and hasattr(v, "__qualname__"):  # an activation, a dot_general, ...
+        return v.__qualname__  # not the module: private paths move between versions
+    return _NOT_STATIC
+
+
+_NOT_STATIC = object()
+
+
+def _static_attributes(module: nnx.Module) -> dict[str, Any]:
+    """``{"path.name": value}``: the plain (non-Variable, non-submodule) attributes of every
+    module of ``module``'s graph that JSON can hold: a dropout rate, a BatchNorm's momentum,
+    layer sizes, activation functions (by name)."""
+    out: dict[str, Any] = {}
+    for path, node in nnx.iter_graph(module):
+        if not isinstance(node, nnx.Module):
+            continue
+        prefix = "/".join(map(str, path))
+        for name, value in vars(node).items():
+            if name.startswith("_"):
+                continue
+            desc = _static_value(value)
+            if desc is not _NOT_STATIC:
+                out[f"{prefix}.{name}" if prefix else name] = desc
+    return dict(sorted(out.items()))
+
+
 def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: EnsembleState,
                 *, seed: int, epochs: int, user: Any) -> dict[str, Any]:
     """What a run directory must agree on before a checkpoint of it may be resumed."""
@@ -706,6 +744,9 @@ def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: Ens
             "class": f"{type(abstract).__module__}.{type(abstract).__qualname__}",
             "config": getattr(abstract, "config", None),
             "params": describe_tree(member0),
+            # A model without a config (a user's own module): its plain attributes, so that
+            # a run resumed with another dropout rate or momentum is refused, not mixed.
+            **({} if getattr(abstract, "config", None) is not None else {"static": _static_attributes(abstract)}),
         },
         "optimizer": {"config": tx_config, "state": describe_tree(opt0)},
         "batch_size": ens.batch_size,

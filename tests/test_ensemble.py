@@ -641,3 +641,21 @@ def test_plan_plus_a_full_model_trains_the_plan_members_unchanged(tmp_path):
         np.testing.assert_allclose(alone.history[k], both.history[k][:, :3], rtol=1e-6)
     with pytest.raises(ConfigMismatchError, match="steps_per_epoch"):
         ensemble.fit(tiny, 1e-2, X, full, epochs=3, batch_size=8, mesh=mesh, progress=False, run_dir=run_dir)
+
+
+def test_resume_refuses_a_user_model_with_other_settings(tmp_path):
+    """A user's module has no config: its plain attributes (here Dropout's rate) are recorded
+    in the run directory, so that a resume with another rate is refused, not mixed; the
+    same settings resume."""
+    keep, run_dir = folds(3), str(tmp_path / "run")
+
+    def fit(rate, epochs):
+        return ensemble.fit(lambda s: BatchNormDropout(nnx.Rngs(s), dropout=rate), optax.adam(1e-2), (X, Y),
+                            keep, epochs=epochs, batch_size=8, run_dir=run_dir, progress=False)
+
+    from jaxmem.checkpoint import ConfigMismatchError
+
+    fit(0.3, 1)
+    with pytest.raises(ConfigMismatchError, match=r"drop\.rate"):
+        fit(0.5, 2)
+    assert len(fit(0.3, 2).history["train_loss"]) == 2  # resumed from epoch 1
