@@ -228,14 +228,24 @@ def default_mesh(num_members: int) -> Mesh:
     return make_mesh(-(-num_members // per_device))
 
 
+def _merged_state(state: Any) -> Any:
+    """A stacked state as one ``nnx.State``: ``FitResult.state`` as it is; an
+    :class:`EnsembleState`'s, or the pair ``(params, rest)``, merged."""
+    if isinstance(state, EnsembleState):
+        return nnx.merge_state(state.params, state.rest)
+    if isinstance(state, (tuple, list)) and state and all(isinstance(s, nnx.State) for s in state):
+        return nnx.merge_state(*state)
+    return state
+
+
 def member(graphdef: Any, state: Any, m: int) -> nnx.Module:
-    """Member ``m`` as an ``nnx.Module`` from a stacked state (``FitResult.state`` or
-    ``(EnsembleState.params, EnsembleState.rest)``)."""
-    states = state if isinstance(state, tuple) else (state,)
-    members = jax.tree.leaves(states)[0].shape[0]
+    """Member ``m`` as an ``nnx.Module`` from a stacked state (``FitResult.state``,
+    ``(EnsembleState.params, EnsembleState.rest)`` or an :class:`EnsembleState`)."""
+    state = _merged_state(state)
+    members = jax.tree.leaves(state)[0].shape[0]
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= m < members:
         raise IndexError(f"member {m!r} does not exist: the state holds members 0..{members - 1}")
-    return nnx.merge(graphdef, *(jax.tree.map(lambda a: a[m], s) for s in states))
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[m], state))
 
 
 def _as_keep(plan: Any) -> np.ndarray:
@@ -314,43 +324,78 @@ def _module_of(model: Any) -> nnx.Module:
 
 
 def _build_members(model: Any, num_members: int, seed: int):
-    """(graphdef, stacked params, stacked rest) from a factory or a module instance."""
+    """(graphdef, stacked params, stacked rest, member 0's module) from a factory or a
+    module instance."""
     if isinstance(model, nnx.Module):
         # One instance: every member starts from its parameters (a shared initialisation).
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         stack = lambda s: jax.tree.map(lambda a: jnp.stack([a] * num_members), s)  # noqa: E731
-        return graphdef, stack(params), stack(rest)
-    parts = []
+        return graphdef, stack(params), stack(rest), model
+    modules, parts = [], []
     for m in range(num_members):
         module = model(member_init_seed(seed, m))
         if not isinstance(module, nnx.Module):
             raise TypeError(f"model factory returned {type(module).__name__}, not an nnx.Module")
+        modules.append(module)
         parts.append(nnx.split(module, nnx.Param, ...))
     graphdef = parts[0][0]
     for m, (g, _, _) in enumerate(parts[1:], 1):
         if g != graphdef:
             raise ValueError(f"model factory built member {m} with another structure than member 0"
-                             f"{_structure_difference(graphdef, g, 'member 0', f'member {m}')}")
+                             f"{_structure_difference(modules[0], modules[m], 'member 0', f'member {m}')}")
     stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a), *(p[i] for p in parts))  # noqa: E731
-    return graphdef, stack(1), stack(2)
+    return graphdef, stack(1), stack(2), modules[0]
 
 
-def _structure_difference(a: Any, b: Any, name_a: str, name_b: str) -> str:
-    """Why graphdefs ``a`` and ``b`` differ, for an error message (starting with ': ')."""
+_NOT_STATIC = object()  # _static_value's answer for what JSON cannot hold
+
+
+def _static_value(v: Any) -> Any:
+    """A module attribute as JSON for the run configuration, or ``_NOT_STATIC``."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else repr(v)  # strict JSON has no NaN / inf
+    if isinstance(v, (tuple, list)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
+        return [_static_value(x) for x in v]
+    if isinstance(v, (nnx.Module, nnx.Variable, jax.Array, np.ndarray)):
+        return _NOT_STATIC
+    if isinstance(v, np.dtype) or (isinstance(v, type) and hasattr(v, "dtype")):
+        return str(np.dtype(v))
+    if callable(v) and hasattr(v, "__qualname__"):  # an activation, a dot_general, ...
+        return v.__qualname__  # not the module: private paths move between versions
+    return _NOT_STATIC
+
+
+def _static_attributes(module: nnx.Module) -> dict[str, Any]:
+    """``{"path.name": value}``: the plain (non-Variable, non-submodule) attributes of every
+    module of ``module``'s graph that JSON can hold: a dropout rate, a BatchNorm's momentum,
+    layer sizes, activation functions (by name)."""
+    out: dict[str, Any] = {}
+    for path, node in nnx.iter_graph(module):
+        if not isinstance(node, nnx.Module):
+            continue
+        prefix = "/".join(map(str, path))
+        for name, value in vars(node).items():
+            if name.startswith("_"):
+                continue
+            desc = _static_value(value)
+            if desc is not _NOT_STATIC:
+                out[f"{prefix}.{name}" if prefix else name] = desc
+    return dict(sorted(out.items()))
+
+
+def _structure_difference(a: nnx.Module, b: nnx.Module, name_a: str, name_b: str) -> str:
+    """Why modules ``a`` and ``b`` split into different graphdefs, for an error message
+    (starting with ': '): the first plain attribute (:func:`_static_attributes`) that differs."""
     hint = ("; plain Python attributes of the modules (anything not an nnx.Variable or a "
             "submodule) are part of the structure and must be equal in every member: keep "
             "per-member values such as a seed out of the module, or in an nnx.Variable")
-    try:  # flax 0.12's GraphDef lists every attribute as (name, Static(value) | ...) in order
-        for (key_a, attr_a), (key_b, attr_b) in zip(a.attributes, b.attributes):
-            if key_a != key_b:  # other attributes or submodules: no single value to name
-                break
-            if (not str(key_a).startswith("_pytree__") and attr_a != attr_b
-                    and hasattr(attr_a, "value") and hasattr(attr_b, "value")):
-                return (f": attribute {key_a!r} is {attr_a.value!r} in {name_a} and {attr_b.value!r} "
-                        f"in {name_b}{hint}")
-    except (AttributeError, TypeError, ValueError):  # another GraphDef layout (or array values): no details
-        pass
-    return hint
+    attrs_a, attrs_b = _static_attributes(a), _static_attributes(b)
+    for key, value in attrs_a.items():
+        if key in attrs_b and attrs_b[key] != value:
+            return f": attribute {key!r} is {value!r} in {name_a} and {attrs_b[key]!r} in {name_b}{hint}"
+    return hint  # other submodules, or attributes JSON cannot hold: no single value to name
 
 
 #: Budget for one chunk of members' training state (parameters and optimizer state) on a
@@ -652,10 +697,10 @@ def make(
 
     def init(seed: int) -> EnsembleState:
         seed = _check_seed(seed)
-        built, params, rest = _build_members(model, num_members, seed)
+        built, params, rest, first = _build_members(model, num_members, seed)
         if built != graphdef:
             raise ValueError("the model factory built a model with another structure at init than "
-                             "model(0) at make" + _structure_difference(graphdef, built, "model(0)", "member 0"))
+                             "model(0) at make" + _structure_difference(module, first, "model(0)", "member 0"))
         opt_state = jax.vmap(tx.init)(params)
         keys = jax.vmap(lambda m: jax.random.fold_in(jax.random.key(seed), m))(
             jnp.arange(num_members)
@@ -683,44 +728,6 @@ def make(
         member_chunk=chunk_of,
         check_data=check,
     )
-
-
-def _static_value(v: Any) -> Any:
-    """A module attribute as JSON for the run configuration, or ``_NOT_STATIC``."""
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else repr(v)  # strict JSON has no NaN / inf
-    if isinstance(v, (tuple, list)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
-        return [_static_value(x) for x in v]
-    if isinstance(v, (nnx.Module, nnx.Variable, jax.Array, np.ndarray)):
-        return _NOT_STATIC
-    if isinstance(v, np.dtype) or (isinstance(v, type) and hasattr(v, "dtype")):
-        return str(np.dtype(v))
-    if callable(v) and hasattr(v, "__qualname__"):  # an activation, a dot_general, ...
-        return v.__qualname__  # not the module: private paths move between versions
-    return _NOT_STATIC
-
-
-_NOT_STATIC = object()
-
-
-def _static_attributes(module: nnx.Module) -> dict[str, Any]:
-    """``{"path.name": value}``: the plain (non-Variable, non-submodule) attributes of every
-    module of ``module``'s graph that JSON can hold: a dropout rate, a BatchNorm's momentum,
-    layer sizes, activation functions (by name)."""
-    out: dict[str, Any] = {}
-    for path, node in nnx.iter_graph(module):
-        if not isinstance(node, nnx.Module):
-            continue
-        prefix = "/".join(map(str, path))
-        for name, value in vars(node).items():
-            if name.startswith("_"):
-                continue
-            desc = _static_value(value)
-            if desc is not _NOT_STATIC:
-                out[f"{prefix}.{name}" if prefix else name] = desc
-    return dict(sorted(out.items()))
 
 
 def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: EnsembleState,
@@ -931,6 +938,6 @@ def fit(
         if ckpt is not None:
             ckpt.close()
 
-    full = nnx.merge_state(state.params, state.rest)
+    full = _merged_state(state)
     hist = {k: np.asarray(v, dtype=np.float32).reshape(-1, num_members) for k, v in history.items()}
     return FitResult(ens.graphdef, full, state, hist, ens)

@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmem import mesh as _mesh, models as _models
-from jaxmem.ensemble import EnsembleState
+from jaxmem.ensemble import _merged_state
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
 
@@ -162,21 +162,10 @@ def _stack_models(models):
     return graphdef, jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *[s for _, s in splits])
 
 
-def _one_state(state):
-    """A stacked state as one ``nnx.State``: ``FitResult.state`` as it is; an
-    :class:`~jaxmem.ensemble.EnsembleState`'s, or the pair ``(params, rest)`` (as for
-    :func:`jaxmem.ensemble.member`), merged."""
-    if isinstance(state, EnsembleState):
-        return nnx.merge_state(state.params, state.rest)
-    if isinstance(state, (tuple, list)) and state and all(isinstance(s, nnx.State) for s in state):
-        return nnx.merge_state(*state)
-    return state
-
-
 def _split_model(graphdef_or_model, state):
     """(graphdef, stacked state, models); a lone nnx.Module becomes a 1-member ensemble,
     a list or tuple of them an ensemble of their stacked states."""
-    state = _one_state(state)
+    state = _merged_state(state)
     if isinstance(graphdef_or_model, nnx.Module):
         if state is not None:
             raise ValueError("pass either a model, or (graphdef, stacked_state), not a model and a state")

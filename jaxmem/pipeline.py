@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
 from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
@@ -549,7 +548,7 @@ def memorization(
     def callback(epoch, state, metrics):
         write_config_once()
         if epoch in tracked and not (epoch == epochs and last_is_final):
-            members = plan_members(nnx.merge_state(state.params, state.rest))
+            members = plan_members(_ensemble._merged_state(state))
             ll_e = loglik_matrix(graphdef, members, data, key=score_key,
                                  num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
             record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)

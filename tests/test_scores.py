@@ -233,16 +233,21 @@ def test_welch_dof_and_t_interval_match_reference():
         s.interval(95)
 
 
+def _t_coverage(plan):
+    """(coverage of the true scores by 95% t intervals, the scores, the true scores) on
+    :func:`_lognormal_ll`'s data, seed 2."""
+    ll, true_m = _lognormal_ll(plan, seed=2)
+    s = memorization_scores(ll, plan, mesh=mesh1())
+    lo, hi = s.interval(0.95)
+    return np.mean((lo <= true_m) & (true_m <= hi)), s, true_m
+
+
 def test_t_interval_coverage_in_the_papers_design():
     # K = 10 folds x R = 10 repeats: 90 in / 10 out. Measured with these seeds: normal
     # intervals 0.913, t intervals 0.9385 (4,000 examples, binomial sd 0.0038). The t
     # quantile recovers most of the gap; the rest is the Jensen bias of V from 10
     # densities, (exp(sigma^2) - 1) / (2 * 10) = +0.014 nats against stderr 0.17.
-    plan = kfold(4000, 10, 10, seed=1)
-    ll, true_m = _lognormal_ll(plan, seed=2)
-    s = memorization_scores(ll, plan, mesh=mesh1())
-    lo, hi = s.interval(0.95)
-    t_cov = np.mean((lo <= true_m) & (true_m <= hi))
+    t_cov, s, true_m = _t_coverage(kfold(4000, 10, 10, seed=1))
     z_cov = np.mean(np.abs(np.asarray(s.M) - true_m) <= 1.96 * np.asarray(s.stderr))
     assert 0.925 <= t_cov <= 0.96, t_cov
     assert t_cov > z_cov + 0.01, (t_cov, z_cov)
@@ -431,9 +436,5 @@ def test_t_interval_undercovers_with_two_out_models():
     # The docstring's 18 / 2 row (jaxmem run's default, 10 folds x 2 repeats): the t
     # interval covers 0.882 with these seeds (4,000 examples, binomial sd 0.005), far below
     # 0.95: V's variance from 2 values and its Jensen bias (+0.06 nats).
-    plan = kfold(4000, 10, 2, seed=1)
-    ll, true_m = _lognormal_ll(plan, seed=2)
-    s = memorization_scores(ll, plan, mesh=mesh1())
-    lo, hi = s.interval(0.95)
-    t_cov = np.mean((lo <= true_m) & (true_m <= hi))
+    t_cov, _, _ = _t_coverage(kfold(4000, 10, 2, seed=1))
     assert 0.86 <= t_cov <= 0.90, t_cov
