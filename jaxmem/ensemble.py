@@ -92,6 +92,7 @@ __all__ = [
     "member",
     "member_init_seed",
     "default_mesh",
+    "plan_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,13 @@ class EnsembleState(NamedTuple):
         of ``step`` advances it itself, see :class:`Ensemble`); it picks the epoch's batch
         schedule.
       step: int32 ``[]``, optimizer steps taken (global, over all epochs).
+      plan_id: str, the fingerprint of the membership plan the members train on
+        (:attr:`Ensemble.plan_id`, set by ``init``). Not an array: static pytree data,
+        kept by ``jax.tree.map``, ``_replace``, jit and scan, and compared by ``step``,
+        ``epoch``, ``schedule`` and ``evaluate`` at trace time (free once compiled), so
+        that a state of another plan's ensemble (same model, optimizer and member count,
+        other held-out examples) is refused instead of training each member on examples
+        its own plan held out.
     """
 
     params: Any
@@ -118,6 +126,30 @@ class EnsembleState(NamedTuple):
     keys: jax.Array
     epoch: jax.Array
     step: jax.Array
+    plan_id: str | None = None
+
+
+_STATE_FIELDS = EnsembleState._fields[:-1]  # the array fields; plan_id is static
+
+
+def _state_flatten_with_keys(s: EnsembleState):
+    return tuple((jax.tree_util.GetAttrKey(f), getattr(s, f)) for f in _STATE_FIELDS), s.plan_id
+
+
+jax.tree_util.register_pytree_with_keys(
+    EnsembleState,
+    _state_flatten_with_keys,
+    lambda plan_id, children: EnsembleState(*children, plan_id=plan_id),
+    flatten_func=lambda s: (tuple(s[:-1]), s.plan_id),
+)
+
+
+def plan_fingerprint(keep: Any) -> str:
+    """A short fingerprint of a membership plan: 16 hex digits of the sha256 of ``keep``
+    (bool ``[members, examples]``, its shape and bytes), as in :attr:`EnsembleState.plan_id`."""
+    from jaxmem.checkpoint import fingerprint_array
+
+    return fingerprint_array(np.asarray(keep, dtype=bool))[:16]
 
 
 class Ensemble(NamedTuple):
@@ -159,6 +191,8 @@ class Ensemble(NamedTuple):
       check_data: ``check_data(data) -> data``, what ``epoch`` and ``evaluate`` check:
         shapes every call; NaN or inf, and a jaxmem model's value range and dtype, once
         per data object (raises ValueError naming the problem).
+      plan_id: :func:`plan_fingerprint` of ``keep``; the states ``init`` makes carry it,
+        and ``step``/``epoch``/``schedule``/``evaluate`` refuse a state with another.
     """
 
     graphdef: Any
@@ -173,6 +207,7 @@ class Ensemble(NamedTuple):
     mesh: Mesh
     member_chunk: Callable[[EnsembleState], int]
     check_data: Callable[[Any], Any]
+    plan_id: str
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -506,6 +541,7 @@ def make(
     max_out = int((~keep).sum(axis=1).max())
     eval_chunks = int(math.ceil(max_out / eval_batch_size))
     keep_dev = jax.device_put(jnp.asarray(keep), NamedSharding(mesh, P()))
+    plan_id = plan_fingerprint(keep)
     module = _module_of(model)  # for a factory, abstract: shapes only
     graphdef, params1, rest1 = nnx.split(module, nnx.Param, ...)
 
@@ -617,6 +653,22 @@ def make(
                     raise ValueError(
                         f"state does not belong to this ensemble: {part}{jax.tree_util.keystr(path)} is {g.dtype}"
                         f"{list(np.shape(g))}, this ensemble's is {w.dtype}{list(w.shape)} ({num_members} members)")
+        check_plan(state)
+
+    def check_plan(state: EnsembleState) -> None:
+        """At trace time: ``state`` trains this plan's members (see EnsembleState.plan_id)."""
+        got = getattr(state, "plan_id", None)
+        if got == plan_id:
+            return
+        fix = ("use this ensemble's init() or a checkpoint of it; if the state's members really are this plan's "
+               "members (e.g. rows of a larger ensemble whose plan has these rows), attach the plan with "
+               "state._replace(plan_id=ensemble.plan_id)")
+        if got is None:
+            raise ValueError(f"state carries no plan_id (an EnsembleState built by hand?), so it cannot be told "
+                             f"apart from a state of another membership plan: {fix}")
+        raise ValueError(
+            f"state belongs to an ensemble of another membership plan (plan_id {got}; this ensemble's is "
+            f"{plan_id}): its members would train on examples this plan holds out from them; {fix}")
 
     @jit
     def epoch_fn(state: EnsembleState, data, keep_arr):
@@ -637,7 +689,7 @@ def make(
         params, rest, opt_state, train, heldout = sharded(
             block, rows, (data, state.epoch, state.step)
         )
-        new = EnsembleState(params, rest, opt_state, state.keys, state.epoch + 1, state.step + steps)
+        new = EnsembleState(params, rest, opt_state, state.keys, state.epoch + 1, state.step + steps, plan_id)
         return new, {"train_loss": train, "heldout_loss": heldout}
 
     @jit
@@ -662,6 +714,7 @@ def make(
 
     @jax.jit
     def schedule_fn(state: EnsembleState, keep_arr):
+        check_plan(state)
         return jax.vmap(member_schedule, in_axes=(0, 0, None))(keep_arr, state.keys, state.epoch)
 
     @jit
@@ -711,7 +764,7 @@ def make(
         rows = NamedSharding(mesh, P(axis) if num_members % mesh.size == 0 else P())
         put = lambda t: jax.device_put(t, rows)  # noqa: E731
         counter = jax.device_put(jnp.int32(0), NamedSharding(mesh, P()))
-        state = EnsembleState(put(params), put(rest), put(opt_state), put(keys), counter, counter)
+        state = EnsembleState(put(params), put(rest), put(opt_state), put(keys), counter, counter, plan_id)
         return state
 
     return Ensemble(
@@ -727,6 +780,7 @@ def make(
         mesh=mesh,
         member_chunk=chunk_of,
         check_data=check,
+        plan_id=plan_id,
     )
 
 

@@ -270,6 +270,32 @@ def test_low_level_api_refuses_what_would_train_silently_wrong():
         bad.epoch(bad.init(0), X)
 
 
+def test_state_of_another_plan_is_refused():
+    """A state of another plan's ensemble (same model, optimizer and member count, so every
+    shape agrees) would train each member on examples its own plan held out: refused by
+    every function that trains or schedules, also under a user's jit; the plan fingerprint
+    survives the state's own updates, tree maps and ``_replace``."""
+    ens = get_ensemble(3)
+    other = ensemble.make(tiny, optax.adam(1e-2), np.roll(folds(3), 1, axis=1), batch_size=8)
+    assert ens.plan_id == ensemble.plan_fingerprint(folds(3)) != other.plan_id
+    state = ens.init(0)
+    assert state.plan_id == ens.plan_id
+    state, _ = ens.epoch(jax.tree.map(lambda a: a, state), X)  # a tree map keeps it
+    state, _ = ens.step(state._replace(epoch=state.epoch), jnp.zeros((3, 8, D)))
+    assert state.plan_id == ens.plan_id
+    wrong = r"another membership plan \(plan_id " + state.plan_id + r"; this ensemble's is " + other.plan_id
+    for call in (lambda s: other.epoch(s, X), lambda s: other.step(s, jnp.zeros((3, 8, D))),
+                 other.schedule, lambda s: other.evaluate(s, X), jax.jit(lambda s: other.epoch(s, X))):
+        with pytest.raises(ValueError, match=wrong):
+            call(state)
+    handmade = ensemble.EnsembleState(*state[:6])
+    with pytest.raises(ValueError, match="state carries no plan_id"):
+        ens.epoch(handmade, X)
+    # the documented override: the caller vouches that these members are this plan's
+    vouched, _ = other.epoch(state._replace(plan_id=other.plan_id), X)
+    assert vouched.plan_id == other.plan_id and int(vouched.epoch) == int(state.epoch) + 1
+
+
 def test_fit_refuses_data_out_of_a_jaxmem_models_range(tmp_path):
     """8-bit pixels for the binarising MLP VAE are refused by fit before anything is
     trained or written (each would binarise to 1 and train a silently wrong model)."""
