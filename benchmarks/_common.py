@@ -178,6 +178,31 @@ def flops_of(compiled) -> float | None:
     return float(cost.get("flops", 0.0)) or None
 
 
+def epoch_flops(ens, state, x, batch: int) -> tuple[float | None, float]:
+    """XLA-counted FLOPs of one epoch of ``ens.epoch`` (all members): ``(training, held_out)``.
+
+    XLA's cost analysis counts a while-loop body once, not once per trip, so the training
+    FLOPs are those of one compiled ``ens.step`` (all members; per device, so times the mesh
+    size) times the steps per epoch, and the held-out FLOPs those of the model's loss on one
+    chunk of ``batch`` examples, per example, times the held-out examples of all members
+    (padding slots of the last chunk not counted): the evaluation every epoch ends with.
+    ``training`` is None where the backend has no cost analysis. ``x``: the data,
+    ``[examples, ...]`` (host or device).
+    """
+    from flax import nnx
+
+    from jaxmem import ensemble
+
+    batch0 = x[np.asarray(ens.schedule(state))[:, 0]]
+    step_flops = flops_of(ens.step.lower(state, batch0).compile())
+    gd, st = nnx.split(ensemble.member(ens.graphdef, state, 0))
+    loss = jax.jit(lambda st, b, key: nnx.merge(gd, st).loss(b, key))  # one held-out chunk
+    chunk_flops = flops_of(loss.lower(st, x[:batch], jax.random.key(0)).compile())
+    train = step_flops * ens.steps_per_epoch * ens.mesh.size if step_flops else None
+    held_out = chunk_flops / batch * int((~ens.keep).sum()) if chunk_flops else 0.0
+    return train, held_out
+
+
 def mlp_vae_layers(d: int, hidden, latent: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """``(in, out)`` of every dense layer of an MLP VAE, as ``(encoder, decoder)`` lists.
 

@@ -62,7 +62,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import _common  # noqa: E402
 from jaxmem import ensemble, membership, models  # noqa: E402
@@ -333,19 +332,10 @@ def main():
     ens, single = one_program_and_loop(factory, optax.adam(lr), keep, args)
     state = ens.init(0)
     xd = jax.device_put(x)
-    # XLA's cost analysis counts a while-loop body once, not once per trip, so the FLOPs of
-    # an epoch are those of one compiled step (all members) times the steps, plus those of
-    # the held-out evaluation every epoch ends with (a forward pass and loss over each
-    # member's held-out fold, in chunks of the batch size): the model's loss on one chunk,
-    # per example, times the held-out examples (padding slots of the last chunk not counted).
     local = -(-k // ens.mesh.size)
-    batch0 = x[np.asarray(ens.schedule(state))[:, 0]]
-    step_flops = _common.flops_of(ens.step.lower(state, batch0).compile())
-    gd, st = nnx.split(ensemble.member(ens.graphdef, (state.params, state.rest), 0))
-    loss = jax.jit(lambda st, b, key: nnx.merge(gd, st).loss(b, key))  # one held-out chunk
-    chunk_flops = _common.flops_of(loss.lower(st, x[:batch], jax.random.key(0)).compile())
-    flops_train = step_flops * steps * ens.mesh.size if step_flops else None  # all members
-    flops_eval = chunk_flops / batch * int((~keep).sum()) if chunk_flops else 0.0
+    # FLOPs of an epoch as XLA counts them: training steps and the held-out evaluation
+    # every epoch ends with (_common.epoch_flops); scaled to a full member-epoch below.
+    flops_train, flops_eval = _common.epoch_flops(ens, state, x, batch)
     flops_a = flops_train + flops_eval if flops_train else None
     flops_b = flops_a / k if flops_a else None
     print(f"FLOPs per epoch, all members: training steps {flops_train:.4g}, held-out evaluation "

@@ -43,6 +43,22 @@ def load(name: str, backend: str) -> dict:
         return json.load(f)
 
 
+# What both measurements must have run for the projection to be the paper's protocol: its
+# MNIST VAE (MLP 1024-512-256, z = 16, 32x32 inputs), batch 64, 844 steps per member-epoch
+# (54,000 examples), K = 10 members side by side, S = 256 importance samples.
+PAPER_TRAINING = {"members": 10, "batch": 64, "hidden": [1024, 512, 256], "latent": 16,
+                  "full_steps": 844, "quick": False}
+PAPER_LIKELIHOOD = {"members": 10, "samples": 256, "hidden": [1024, 512, 256], "latent": 16,
+                    "image": [32, 32]}
+
+
+def check_sizes(name: str, result: dict, want: dict) -> list[str]:
+    """Where ``result["sizes"]`` differs from the paper's setting ``want`` ("key: got vs paper")."""
+    sizes = result.get("sizes", {})
+    return [f"{name} {k}: {sizes.get(k, '<missing>')!r} (the paper's protocol: {v!r})"
+            for k, v in want.items() if sizes.get(k, "<missing>") != v]
+
+
 def row(rows: list[dict], key: str, prefix: str, required: bool = True) -> dict | None:
     """The first row whose ``key`` starts with ``prefix`` (None if there is none and not ``required``)."""
     for r in rows:
@@ -58,11 +74,23 @@ def main():
     ap.add_argument("--backend", default="cpu",
                     help="which results to read: the suffix of results/<name>-<suffix>.json "
                          "(cpu, gpu, or a machine's kept copy such as cpu-epyc)")
+    ap.add_argument("--force", action="store_true",
+                    help="project even from measurements of other sizes than the paper's (a warning "
+                         "names them; the JSON records them)")
     args = ap.parse_args()
     ens, ll = load("ensemble_training", args.backend), load("likelihood", args.backend)
+    off = check_sizes("ensemble_training", ens, PAPER_TRAINING) + check_sizes("likelihood", ll, PAPER_LIKELIHOOD)
+    if off and not args.force:
+        raise SystemExit("the measurements are not of the paper's setting, so their projection would not be "
+                         "the paper's protocol:\n  " + "\n  ".join(off) + "\nrerun ensemble_training.py "
+                         "and likelihood.py with their default sizes (or pass --force)")
     m = ens["machine"]
     print(f"# paper_protocol ({m['backend']}, {m['device_kind']}, {m['cpu_count']} CPUs; "
           f"training measured {m['date']}, likelihood {ll['machine']['date']})")
+    print(f"# training sizes {ens['sizes']}\n# likelihood sizes {ll['sizes']}\n# versions: "
+          + ", ".join(f"{k} {m.get(k)}" for k in ("python", "jax", "jaxlib", "flax", "torch")))
+    for line in off:
+        print(f"# WARNING (--force): {line}")
     t_a = row(ens["rows"], "variant", "(a)")["s_per_member_epoch"]
     t_c = row(ens["rows"], "variant", "(c)")["s_per_member_epoch"]
     r_a = row(ll["rows"], "impl", "jaxmem")["pairs_per_s"]  # the first jaxmem row: float32
@@ -94,7 +122,8 @@ def main():
                               "pairs_per_s_jaxmem": r_a, "pairs_per_s_paper": r_c,
                               "pairs_per_s_jaxmem_bf16": r_b,
                               "models": MODELS, "epochs": EPOCHS, "n": N, "paper_passes": PASSES},
-                   "machine": m, "projection": out}, f, indent=2)
+                   "sizes": {"ensemble_training": ens["sizes"], "likelihood": ll["sizes"]},
+                   "not_the_papers_sizes": off, "machine": m, "projection": out}, f, indent=2)
     print(f"\nwrote {path}")
 
 

@@ -895,7 +895,12 @@ def influence(
                                      {s_{(i)} \sqrt{[(X^\top X)^+]_{jj}}}.
 
     These are exactly what ``n`` refits without example ``i`` would give (Sherman–Morrison),
-    at the cost of one fit. Conventions (precision, rank, ``h_i = 1`` rows) are in the module
+    at the cost of one fit. For a rank-deficient ``X``, :math:`(X^\top X)^+` above is
+    :math:`D (D X^\top X D)^+ D` with :math:`D` the column equilibration (the minimum-norm
+    solution in equilibrated coordinates): ``beta`` and DFBETAS are then those of refits in
+    those coordinates and depend on the columns' scales, so they differ from statsmodels'
+    (plain pseudo-inverse); ``h``, residuals, ``t``, Cook's distance and DFFITS do not
+    depend on the choice and agree with it. Conventions (precision, rank, ``h_i = 1`` rows) are in the module
     docstring; with ``mesh`` (Cholesky only) the Gram matrix is psum-ed over the mesh and the
     row-wise work runs on each shard.
 

@@ -147,7 +147,10 @@ class Plan:
         ``k * repeats`` models, ``rate`` None or ``(k-1)/k``, and an integer ``fold``
         ``[repeats, examples]`` in ``[0, k)`` such that model ``r * k + j`` holds out
         exactly the examples with ``fold[r, i] == j`` (the first disagreeing example is
-        named).
+        named); a ``"random"`` plan whose ``rate`` is not in (0, 1) or whose models do not
+        each train on ``round(rate * examples)`` examples; a ``"balanced"`` plan with an
+        odd number of models, a ``rate`` other than None or 0.5, or an example that is not
+        in exactly half of the models; a ``"custom"`` plan with a ``rate``.
     """
 
     keep: np.ndarray
@@ -172,6 +175,7 @@ class Plan:
                     f"k, repeats and fold describe k-fold plans; a {self.kind!r} plan must leave "
                     f"them None, got {', '.join(given)}"
                 )
+            self._check_subsets(keep)
             return
         if self.k is None or self.repeats is None or self.fold is None:
             missing = [name for name in ("k", "repeats", "fold") if getattr(self, name) is None]
@@ -189,6 +193,42 @@ class Plan:
         object.__setattr__(self, "k", k)
         object.__setattr__(self, "repeats", repeats)
         object.__setattr__(self, "fold", _readonly(_check_fold(self.fold, keep, k, repeats)))
+
+    def _check_subsets(self, keep: np.ndarray) -> None:
+        """A "random", "balanced" or "custom" plan's ``rate`` and ``keep`` agree with its kind."""
+        num_models, n = keep.shape
+        is_real = isinstance(self.rate, (int, float, np.integer, np.floating)) and not isinstance(self.rate, bool)
+        if self.kind == "custom":
+            if self.rate is not None:
+                raise ValueError(f"a 'custom' plan has no rate (it describes random subsets), got {self.rate!r}")
+            return
+        if self.kind == "balanced":
+            if self.rate is not None and not (is_real and self.rate == 0.5):
+                raise ValueError(f"a 'balanced' plan has rate 0.5 (each example in half of the models), "
+                                 f"got {self.rate!r}")
+            if num_models % 2:
+                raise ValueError(f"a 'balanced' plan has an even number of models, keep has {num_models}")
+            counts = keep.sum(axis=0)
+            off = np.flatnonzero(counts != num_models // 2)
+            if off.size:
+                raise ValueError(
+                    f"a 'balanced' plan has every example in exactly {num_models // 2} of its {num_models} models; "
+                    f"{_describe_indices(off)} {'is' if off.size == 1 else 'are'} not (example {off[0]} is in "
+                    f"{counts[off[0]]}); use Plan.from_keep for another design")
+            object.__setattr__(self, "rate", 0.5)
+            return
+        # "random": every model trains on round(rate * n) examples (random_subsets)
+        if not (is_real and 0.0 < self.rate < 1.0):
+            raise ValueError(f"a 'random' plan needs its rate, strictly between 0 and 1, got {self.rate!r}")
+        size = int(round(float(self.rate) * n))
+        sizes = keep.sum(axis=1)
+        off = np.flatnonzero(sizes != size)
+        if off.size:
+            raise ValueError(
+                f"a 'random' plan with rate={self.rate} trains every model on round(rate * n) = {size} of its "
+                f"{n} examples; model {off[0]} trains on {sizes[off[0]]} ({off.size} models differ); use "
+                f"Plan.from_keep for another design")
+        object.__setattr__(self, "rate", float(self.rate))
 
     # ------------------------------------------------------------------ sizes
     @property

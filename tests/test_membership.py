@@ -181,6 +181,27 @@ def test_plan_parts_must_agree():
             Plan(**{**parts, **change})
 
 
+def test_subset_plan_metadata_must_agree_with_keep():
+    """A "random" or "balanced" plan's metadata (recorded in a run's config.json) states a
+    design; a hand-built or edited plan whose keep breaks it is refused, not recorded."""
+    rnd, bal = random_subsets(20, 4, 0.3, seed=1), balanced_subsets(20, 4, seed=1)
+    assert Plan(keep=rnd.keep, kind="random", seed=1, rate=0.3) == rnd
+    assert Plan(keep=bal.keep, kind="balanced", seed=1) == bal  # rate None: 0.5
+    for parts, match in [
+        ({"keep": np.eye(4, dtype=bool), "kind": "balanced"},
+         r"every example in exactly 2 of its 4 models; 4 examples: \[0, 1, 2, 3\] are not \(example 0 is in 1\)"),
+        ({"keep": bal.keep, "kind": "balanced", "rate": 0.3}, "'balanced' plan has rate 0.5"),
+        ({"keep": bal.keep[:3], "kind": "balanced"}, "even number of models, keep has 3"),
+        ({"keep": rnd.keep, "kind": "random", "rate": 7.0}, r"strictly between 0 and 1, got 7\.0"),
+        ({"keep": rnd.keep, "kind": "random"}, "needs its rate"),
+        ({"keep": rnd.keep, "kind": "random", "rate": 0.5},
+         r"round\(rate \* n\) = 10 of its 20 examples; model 0 trains on 6 \(4 models differ\)"),
+        ({"keep": rnd.keep, "kind": "custom", "rate": 0.3}, "a 'custom' plan has no rate"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Plan(**parts)
+
+
 def test_load_plan_errors_name_the_file(tmp_path):
     import json
 
