@@ -11,8 +11,10 @@ The one module that knows orbax. A run directory holds
 Opening a run directory with another configuration raises :class:`ConfigMismatchError`
 naming every field that differs, so states from different plans, models or shapes are
 never mixed; one whose ``config.json`` is missing (next to checkpoints) or unreadable is
-refused too. A checkpoint whose files were damaged raises :class:`CheckpointDamagedError`
-instead of falling back to an older one: nothing is skipped or overwritten silently.
+refused too. A configuration with no checkpoint behind it (a run stopped before its
+first) has no state to mix: another configuration replaces it. A checkpoint whose files
+were damaged raises :class:`CheckpointDamagedError` instead of falling back to an older
+one: nothing is skipped or overwritten silently.
 
 Saves are asynchronous (orbax writes in a background thread into a temporary directory
 and renames it when complete), so a process killed mid-save leaves the previous
@@ -111,13 +113,14 @@ class RunCheckpoints:
     Args:
       run_dir: directory of the run (created if missing).
       config: JSON-serialisable description of the run. If ``run_dir`` already has a
-        ``config.json``, every key must match (:class:`ConfigMismatchError` otherwise);
-        keys listed in ``mutable`` (e.g. the number of epochs) may change on resume.
+        ``config.json`` and checkpoints, every key must match (:class:`ConfigMismatchError`
+        otherwise); keys listed in ``mutable`` (e.g. the number of epochs) may change on
+        resume. A ``config.json`` with no complete checkpoint behind it is replaced.
       max_to_keep: newest checkpoints kept.
       mutable: config keys allowed to differ from the stored ones.
 
     Raises:
-      ConfigMismatchError: ``run_dir`` holds a run of another configuration.
+      ConfigMismatchError: ``run_dir`` holds checkpoints of a run of another configuration.
       ValueError: ``run_dir`` or its ``checkpoints`` entry is not a directory; its
         ``config.json`` is not a JSON object; or it holds checkpoints but no
         ``config.json`` (they cannot be checked against this run). Raised before
@@ -144,19 +147,22 @@ class RunCheckpoints:
         config = json.loads(json.dumps({"format": _FORMAT, **config}))  # normalise tuples etc.
         self.config = config
         path = os.path.join(self.run_dir, "config.json")
+        epochs = _epochs_on_disk(self.run_dir)
         if os.path.lexists(path):
-            self._check(_read_config(path), config, mutable)
-        elif epochs := _epochs_on_disk(self.run_dir):
+            stored = _read_config(path)  # a damaged file is named, even with nothing behind it
+            if epochs:
+                self._check(stored, config, mutable)
+            elif stored != config:
+                # A run stopped before its first checkpoint: no state to mix with this run's.
+                _write_config(path, config)
+        elif epochs:
             # A fresh config.json would adopt checkpoints of an unknown run as this one's.
             raise ValueError(
                 f"{self.run_dir} holds checkpoints (epochs {_short(epochs)}) but no config.json, so it "
                 "cannot be checked against this run; restore config.json or use another directory"
             )
         else:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(config, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)  # atomic: a killed process never leaves half a config
+            _write_config(path, config)
         self._steps_dir = steps_dir
         # Handlers named up front so that a checkpoint's metadata can be read before restoring.
         self._manager = ocp.CheckpointManager(
@@ -298,6 +304,13 @@ def _read_array_store(state_dir: str) -> None:
     store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + os.sep}}).result()
     for key in store.list().result():
         store.read(key).result()
+
+
+def _write_config(path: str, config: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a killed process never leaves half a config
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--devices", type=_positive_int, default=None,
                    help="number of devices to split models and examples over (default: all; "
                         "a CPU host gets one device per core, at most one per model, and "
-                        "--devices N gives it N; scores agree across counts to float rounding)")
+                        "--devices N gives it N; scores agree across counts to float rounding, "
+                        "so a run resumes only on the count it was trained on)")
     g = run.add_argument_group("scoring")
     g.add_argument("--samples", type=_positive_int, default=128,
                    help="importance samples per log-likelihood (the paper: 256 on MNIST)")

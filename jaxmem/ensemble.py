@@ -248,7 +248,9 @@ def member_init_seed(seed: int, m: int) -> int:
     seeds do not share members.
     """
     k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), m), 3)
-    return int(jax.random.randint(k, (), 0, np.iinfo(np.int32).max))
+    # int32 (as the schedule's keys are float32) whatever jax_enable_x64: the same seed starts
+    # the same members and draws the same batches with and without it.
+    return int(jax.random.randint(k, (), 0, np.iinfo(np.int32).max, dtype=jnp.int32))
 
 
 def default_mesh(num_members: int) -> Mesh:
@@ -256,11 +258,24 @@ def default_mesh(num_members: int) -> Mesh:
 
     With ``D`` devices each holds ``ceil(members / D)`` members at best; using
     ``ceil(members / that)`` devices gets the same per-device load with the least padding
-    (e.g. 10 members on 8 devices use 5 devices, 2 members each).
+    (e.g. 10 members on 8 devices use 5 devices, 2 members each). Under ``jax.distributed``
+    (several processes) the devices are this process's own (``jax.local_devices()``):
+    training runs within a process (see :func:`make`).
     """
-    ndev = jax.device_count()
-    per_device = -(-num_members // ndev)
-    return make_mesh(-(-num_members // per_device))
+    local = jax.local_devices()
+    per_device = -(-num_members // len(local))
+    return make_mesh(devices=local[: -(-num_members // per_device)])
+
+
+def _check_local_mesh(mesh: Mesh) -> None:
+    """Training runs within one process: refuse a mesh holding other processes' devices
+    (``init`` would fail in JAX's device_put, or the program wait for them forever)."""
+    others = sorted({d.process_index for d in mesh.devices.flat} - {jax.process_index()})
+    if others:
+        raise ValueError(
+            f"the mesh holds devices of other processes ({', '.join(map(str, others))}); an ensemble trains "
+            f"within one process: pass mesh=jaxmem.make_mesh(devices=jax.local_devices()) (or mesh=None) to train "
+            f"on this process's devices, then score with loglik_matrix_multihost across processes")
 
 
 def _merged_state(state: Any) -> Any:
@@ -477,7 +492,10 @@ def make(
       batch_size: examples per member per step.
       mesh: 1-D mesh for the member axis (default :func:`default_mesh`). If ``members``
         is not a multiple of its size, members are padded (repeats of member 0,
-        computed and dropped) inside each call.
+        computed and dropped) inside each call. Its devices must be this process's:
+        under ``jax.distributed`` an ensemble trains within one process (every process
+        that calls trains it; the default mesh is the process's own devices), and
+        :func:`jaxmem.likelihood.loglik_matrix_multihost` then scores across processes.
       eval_batch_size: chunk size of the held-out evaluation (default ``batch_size``).
       unroll: steps per iteration of the scanned epoch loop (``lax.scan(unroll=...)``);
         more amortise the per-iteration loop overhead on accelerators, at the cost of
@@ -530,6 +548,7 @@ def make(
         steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
     eval_batch_size = eval_batch_size or batch_size
     mesh = default_mesh(num_members) if mesh is None else as_mesh(mesh)
+    _check_local_mesh(mesh)
     axis = mesh.axis_names[0]
     train_sizes = keep.sum(axis=1)
     if batch_size > train_sizes.max():
@@ -578,7 +597,7 @@ def make(
         return params, rest, opt_state, loss.astype(jnp.float32)
 
     def member_schedule(keep_row, key, epoch):
-        u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), (n,))
+        u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), (n,), jnp.float32)
         # Uniform keys lie in [0, 1): held-out examples (key 2) sort after every training one.
         order = jnp.argsort(jnp.where(keep_row, u, 2.0))
         count = jnp.sum(keep_row, dtype=jnp.int32)
@@ -815,7 +834,27 @@ def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: Ens
         "seed": int(seed),
         "epochs": int(epochs),
         "user": user,
+        # Under x64, float arithmetic outside jaxmem's control (optax's bias corrections,
+        # float64 data) rounds otherwise: a run is resumed under the setting it began with.
+        # Recorded only when on, so that run directories written before stay resumable.
+        **({"jax_enable_x64": True} if jax.config.jax_enable_x64 else {}),
     }
+
+
+def _history_problem(restored: Any, names: Any, epochs: int, members: int) -> str | None:
+    """What is wrong with a checkpoint's history of ``epochs`` epochs (None if nothing):
+    every metric needs one row of ``members`` numbers per epoch."""
+    if not isinstance(restored, dict):
+        return f"its history is a {type(restored).__name__}, not a dict of metrics"
+    for k in names:
+        rows = restored.get(k)
+        if not isinstance(rows, list) or len(rows) != epochs:
+            got = f"{len(rows)} rows" if isinstance(rows, list) else "no rows" if rows is None else type(rows).__name__
+            return f"its history holds {got} of {k} for the {epochs} epoch(s) it was saved at (one row per epoch)"
+        bad = [i for i, row in enumerate(rows) if not isinstance(row, list) or len(row) != members]
+        if bad:
+            return f"its history's {k} row {bad[0]} does not hold one number per member ({members})"
+    return None
 
 
 def fit(
@@ -851,7 +890,8 @@ def fit(
       run_dir: if given, checkpoints go there every ``checkpoint_every`` epochs (and
         after the last); if it already holds a checkpoint of the same configuration,
         training resumes from the latest one. Another configuration raises
-        :class:`jaxmem.checkpoint.ConfigMismatchError`.
+        :class:`jaxmem.checkpoint.ConfigMismatchError` if the directory holds a
+        checkpoint (one with none, a run stopped before its first, is replaced).
       checkpoint_every: epochs between checkpoints.
       keep_checkpoints: newest checkpoints kept.
       progress: show a tqdm bar counting member-epochs.
@@ -929,6 +969,10 @@ def fit(
             except BaseException:
                 ckpt.close()  # a damaged or mismatched checkpoint: release orbax's threads, keep the files
                 raise
+            problem = _history_problem(restored, history, latest, num_members)
+            if problem:  # e.g. a hand-edited or partly copied history: it would misnumber the epochs
+                ckpt.close()
+                raise ckpt._damaged(latest, ValueError(problem))
             history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
             log.info("resumed %s from epoch %d", run_dir, latest)
 

@@ -29,13 +29,16 @@ which the kernel sets whatever mode the graphdef holds. Nor does it depend on
 ``jax_enable_x64``: every random number is drawn in float32 either way.
 
 Multi-host: :func:`loglik_matrix_multihost` runs the same kernel after
-``jax.distributed.initialize`` with each process feeding only its own rows.
+``jax.distributed.initialize`` with each process feeding only its own rows; the
+processes first check, in one small exchange, that they agree on the arguments and the
+state and that none refused its input.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any
 
 import jax
@@ -392,6 +395,82 @@ def loglik_matrix(
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def _host_leaf(a: Any) -> np.ndarray:
+    """A state leaf as a numpy array on the host; a PRNG key leaf as its key data."""
+    if jax.dtypes.issubdtype(jnp.result_type(a), jax.dtypes.prng_key):
+        a = jax.random.key_data(a)
+    return np.asarray(a)
+
+
+def _crc(*parts: Any) -> int:
+    """CRC-32 of strings and numpy arrays' bytes (a fingerprint, the same in every process)."""
+    h = 0
+    for p in parts:
+        h = zlib.crc32(np.ascontiguousarray(p).data if isinstance(p, np.ndarray) else str(p).encode(), h)
+    return h
+
+
+# What the processes of loglik_matrix_multihost must agree on, and how a value is shown
+# (None: a fingerprint, shown as "not as in process 0").
+_SHOWN_AS = {
+    "num_examples": str,
+    "num_samples": str,
+    "kind": lambda v: repr(KINDS[v]),
+    "example_chunk": lambda v: "None" if v < 0 else str(v),
+    "sample_chunk": str,
+    "loop_members": lambda v: repr((None, False, True)[v + 1]),
+    "matmul_dtype": lambda v: repr(_latent.MATMUL_DTYPES[v]),
+    "key": None,
+    "stacked_state (paths, shapes, dtypes)": None,
+    "stacked_state (values)": None,
+    "local_data (structure, row shapes, dtypes)": None,
+}
+_MESSAGE_BYTES = 2000
+
+
+def _processes(ids: Any) -> str:
+    """``"process 1"``, ``"processes 1, 3"``."""
+    ids = [int(p) for p in ids]
+    return f"process {ids[0]}" if len(ids) == 1 else "processes " + ", ".join(map(str, ids))
+
+
+def _agree_across_processes(fields: dict[str, int] | None, error: Exception | None) -> None:
+    """One exchange among all processes (``process_allgather`` of a small record) before
+    the kernel: a ValueError in EVERY process when one of them refused its input
+    (``error``; the process and its message named) or when they disagree on ``fields``
+    (the field named, with each process's value where it is shown)."""
+    from jax.experimental import multihost_utils
+
+    values = np.zeros(len(_SHOWN_AS), np.int64)
+    if fields is not None:
+        values[:] = [fields[name] for name in _SHOWN_AS]
+    message = b"" if error is None else f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
+    record = np.concatenate([np.frombuffer(np.uint8(error is not None).tobytes(), np.uint8), values.view(np.uint8),
+                             np.frombuffer(message.ljust(_MESSAGE_BYTES, b"\0"), np.uint8)])
+    every = np.asarray(multihost_utils.process_allgather(record))  # [processes, record]
+    failed = np.flatnonzero(every[:, 0])
+    if failed.size:
+        said = [every[p, 1 + values.nbytes:].tobytes().rstrip(b"\0").decode(errors="replace") for p in failed]
+        text = "; ".join(f"process {p}: {m}" for p, m in zip(failed, said))
+        raise ValueError(f"loglik_matrix_multihost refused the input of {_processes(failed)} (so every process "
+                         f"stops here): {text}") from error
+    table = np.ascontiguousarray(every[:, 1:1 + values.nbytes]).view(np.int64)  # [processes, fields]
+    differ = []
+    for j, (name, show) in enumerate(_SHOWN_AS.items()):
+        column = table[:, j]
+        if (column == column[0]).all():
+            continue
+        if show is None:
+            differ.append(f"{name} ({_processes(np.flatnonzero(column != column[0]))}: not as in process 0)")
+        else:
+            differ.append(f"{name} (" + ", ".join(f"process {p}: {show(int(v))}" for p, v in enumerate(column)) + ")")
+    if differ:
+        raise ValueError(
+            "loglik_matrix_multihost: the processes passed different " + "; ".join(differ) + ". Every process must "
+            "pass the same arguments and the same stacked_state (load one checkpoint in all of them, or send process "
+            "0's with jax.experimental.multihost_utils.broadcast_one_to_all), each with its own rows of the same data")
+
+
 def loglik_matrix_multihost(
     graphdef: Any,
     stacked_state: Any = None,
@@ -415,9 +494,24 @@ def loglik_matrix_multihost(
     ones to float32 rounding, since each example's randomness depends only on its
     global index.
 
+    Before the kernel, the processes exchange one small record each (one
+    ``process_allgather``): whether this process's input passed the checks, and its
+    arguments: ``num_examples``, ``num_samples``, ``kind``, ``example_chunk``,
+    ``sample_chunk``, ``loop_members``, ``matmul_dtype``, fingerprints (CRC-32) of ``key``,
+    of ``stacked_state``'s leaves (paths, shapes, dtypes, and the bytes of their values)
+    and of ``local_data``'s structure, row shapes and dtypes. A process whose input is
+    refused, or any disagreement, raises the same ValueError in every process, so that
+    none waits in the kernel for a process that is not coming. (``graphdef`` is not
+    compared: the state's leaf paths and shapes stand for it.) The state is copied to
+    the host for this once, as it is anyway to place it on the global mesh.
+
     Args:
-      graphdef, stacked_state: as for :func:`loglik_matrix` (identical in every process).
-      local_data: this process's rows of the data pytree.
+      graphdef, stacked_state: as for :func:`loglik_matrix` (identical in every process:
+        compared). PRNG key leaves (an ``nnx.Dropout``'s ``rngs``) are placed with
+        their key data and implementation.
+      local_data: this process's rows of the data pytree, ``x[host_local_rows(n)]``.
+        Only their number is checked, not which rows they are: the right number of
+        other rows gives a matrix of the wrong examples.
       num_examples: n, the total number of examples over all processes, an integer
         >= 0 (0 gives an empty ``[models, 0]`` matrix, as :func:`loglik_matrix` does).
       key, num_samples, kind, example_chunk, sample_chunk, loop_members, matmul_dtype: as
@@ -427,30 +521,60 @@ def loglik_matrix_multihost(
       numpy f32 ``[models, num_examples]`` (nats), the same in every process.
 
     Raises:
-      ValueError: ``num_examples`` is not an integer >= 0, ``local_data`` does not hold
-        this process's rows (their range and count named), or an option is refused as
-        by :func:`loglik_matrix`.
+      ValueError: in every process, when in any process ``num_examples`` is not an
+        integer >= 0, ``local_data`` has another number of rows than that process's
+        share (the process, its range and count named), or an option or the data is
+        refused as by :func:`loglik_matrix` (the process and its message named); or
+        when the processes disagree on an argument or on ``stacked_state`` (named,
+        with each process's value where it is a number or a name). With one process,
+        the check's own error (ValueError) as it is.
     """
     from jax.experimental import multihost_utils
 
-    num_examples = _mesh._check_int(num_examples, "num_examples")
-    graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
-    loop_members = _loop_members(loop_members)
-    matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
-    _latent.warn_if_bf16_is_slow(matmul_dtype)
-    example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
-    local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
-    n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state)
-    if n_local != local_idx.size:
-        raise ValueError(
-            f"process {jax.process_index()} must feed rows {local_idx[:1].tolist()}..{local_idx[-1:].tolist()} "
-            f"({local_idx.size} rows of {num_examples}, jaxmem.mesh.host_local_rows), got {n_local}"
-        )
-    if num_examples == 0:  # every process returns here: no collective is left waiting
+    nproc, ndev_local = jax.process_count(), jax.local_device_count()
+    fields = error = None
+    try:  # local checks first; every process then hears of any process's refusal
+        num_examples = _mesh._check_int(num_examples, "num_examples")
+        graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
+        loop_members = _loop_members(loop_members)
+        matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
+        _latent.warn_if_bf16_is_slow(matmul_dtype)
+        chunk_asked = example_chunk
+        example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
+        local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
+        n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state)
+        if n_local != local_idx.size:
+            raise ValueError(
+                f"process {jax.process_index()} must feed rows {local_idx[:1].tolist()}..{local_idx[-1:].tolist()} "
+                f"({local_idx.size} rows of {num_examples}, jaxmem.mesh.host_local_rows), got {n_local}"
+            )
+        key_data, key_impl = _key_parts(key)
+        # The state goes to the host once: fingerprinted here, fed to the kernel below.
+        host_state = jax.tree.map(_host_leaf, stacked_state)
+        if nproc > 1:
+            state_layout = [(jax.tree_util.keystr(path), np.shape(a), jnp.result_type(a))
+                            for path, a in jax.tree_util.tree_leaves_with_path(stacked_state)]
+            fields = {
+                "num_examples": num_examples, "num_samples": int(num_samples), "kind": KINDS.index(kind),
+                "example_chunk": -1 if chunk_asked is None else int(chunk_asked), "sample_chunk": int(sample_chunk),
+                "loop_members": -1 if loop_members is None else int(loop_members),
+                "matmul_dtype": _latent.MATMUL_DTYPES.index(matmul_dtype),
+                "key": _crc(key_impl, np.asarray(key_data)),
+                "stacked_state (paths, shapes, dtypes)": _crc(state_layout),
+                "stacked_state (values)": _crc(*jax.tree.leaves(host_state)),
+                "local_data (structure, row shapes, dtypes)": _crc(
+                    jax.tree.structure(local_data), [(np.shape(a)[1:], jnp.result_type(a))
+                                                     for a in jax.tree.leaves(local_data)]),
+            }
+    except Exception as e:  # noqa: BLE001 - whatever it is, the other processes must not wait for this one
+        if nproc == 1:
+            raise
+        error = e
+    if nproc > 1:
+        _agree_across_processes(fields, error)
+    if num_examples == 0:  # every process returns here (they agree on it): no collective is left waiting
         return np.zeros((num_models, 0), np.float32)
     mesh = _mesh.make_mesh()  # devices of all processes, process by process
-    nproc, ndev_local = jax.process_count(), jax.local_device_count()
-    key_data, key_impl = _key_parts(key)
     block = -(-num_examples // nproc)  # rows per process before padding
     chunk = min(example_chunk, -(-block // ndev_local))
     rows = ndev_local * chunk * -(-block // (ndev_local * chunk))  # per process, padded
@@ -465,13 +589,15 @@ def loglik_matrix_multihost(
     def global_rows(a):
         return jax.make_array_from_process_local_data(sharded, a, (rows * nproc, *a.shape[1:]))
 
-    def global_replicated(a):
-        a = np.asarray(a)
-        return jax.make_array_from_process_local_data(replicated, a, a.shape)
+    def global_replicated(leaf, host):
+        a = jax.make_array_from_process_local_data(replicated, host, host.shape)
+        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):  # e.g. an nnx.Dropout's key
+            return jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf))
+        return a
 
     out = _kernel(
-        graphdef, jax.tree.map(global_replicated, stacked_state), jax.tree.map(global_rows, data),
-        global_rows(idx), global_replicated(key_data), mesh=mesh, kind=kind,
+        graphdef, jax.tree.map(global_replicated, stacked_state, host_state), jax.tree.map(global_rows, data),
+        global_rows(idx), global_replicated(key_data, np.asarray(key_data)), mesh=mesh, kind=kind,
         num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
         key_impl=key_impl, loop_members=loop_members, matmul_dtype=matmul_dtype,
     )

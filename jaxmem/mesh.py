@@ -8,7 +8,8 @@ must therefore be *row-wise*: the output for example ``i`` depends only on input
 the same numbers.
 
 Multi-host: call :func:`initialize_distributed` in every process before any other JAX
-call; :func:`make_mesh` then spans the devices of all processes.
+call; :func:`make_mesh` then spans the devices of all processes, while a kernel given
+``mesh=None`` (:func:`as_mesh`) runs on this process's devices alone.
 """
 
 from __future__ import annotations
@@ -85,7 +86,14 @@ def make_mesh(
 def as_mesh(mesh: Any, default: Mesh | None = None) -> Mesh:
     """The 1-D mesh jaxmem's kernels run on, from what a user passed as ``mesh``.
 
-    ``None`` gives ``default`` (else :func:`make_mesh`'s mesh over every device). A
+    ``None`` gives ``default``, else the :func:`make_mesh` mesh over this process's
+    devices: every device in a single process; under ``jax.distributed`` with several
+    processes ``jax.local_devices()``, so that a kernel called on host-local inputs
+    (``scores.memorization_scores`` of the matrix that
+    :func:`jaxmem.likelihood.loglik_matrix_multihost` returns in every process, called in
+    process 0 only) runs within the process, instead of waiting forever for the other
+    processes to join its collectives. A global mesh (``make_mesh()``) is used only when
+    passed, and then every process must make the call. A
     :func:`make_mesh` mesh is returned as it is. Any other 1-D :class:`jax.sharding.Mesh`
     (another axis name, or ``jax.make_mesh``'s ``Explicit`` axis type, with which the
     kernels' ``shard_map`` specs and resharding would fail deep inside, after training)
@@ -95,7 +103,9 @@ def as_mesh(mesh: Any, default: Mesh | None = None) -> Mesh:
       ValueError: ``mesh`` is not a ``Mesh``, or has more than one axis.
     """
     if mesh is None:
-        return make_mesh() if default is None else default
+        if default is not None:
+            return default
+        return make_mesh(devices=jax.local_devices()) if jax.process_count() > 1 else make_mesh()
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be None or a jax.sharding.Mesh (jaxmem.make_mesh), got {type(mesh).__name__}")
     if len(mesh.axis_names) != 1:
@@ -383,7 +393,10 @@ def cpu_cores() -> int:
 
 
 def _forced_cpu_devices() -> int | None:
-    """The CPU device count XLA_FLAGS forces (``--xla_force_host_platform_device_count``), or None."""
+    """The CPU device count ``--xla_force_host_platform_device_count`` in XLA_FLAGS asks for, or None.
+
+    JAX starts that many CPU devices unless the ``jax_num_cpu_devices`` option (read first)
+    is set too."""
     found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
     return int(found[-1]) if found else None
 
@@ -408,11 +421,13 @@ def use_cpu_devices(count: int | None = None, *, at_most: int | None = None) -> 
     the two layouts correlate at 0.98), so keep the count fixed to reproduce a run.
     Data that every device needs (the training set) is held once per device.
 
-    Left unchanged, returning the count in force: once JAX has started (the devices it
-    runs; asking for another ``count`` then raises), when
-    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` sets it (that flag
-    wins), and with ``count=None`` when the ``jax_num_cpu_devices`` option (or the
-    ``JAX_NUM_CPU_DEVICES`` environment variable) already sets it. Only the CPU backend
+    Left unchanged, returning the count JAX runs or will start: once JAX has started
+    (the devices it runs; asking for another ``count`` then raises), when
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` is set (it wins over
+    ``count``; JAX starts that many devices, or, when the ``jax_num_cpu_devices`` option
+    or the ``JAX_NUM_CPU_DEVICES`` environment variable is set too, the option's number:
+    JAX reads the option first), and with ``count=None`` when the ``jax_num_cpu_devices``
+    option (or ``JAX_NUM_CPU_DEVICES``) already sets it. Only the CPU backend
     is affected: on accelerator hosts jaxmem's kernels run on the accelerators whatever
     this says.
 
@@ -436,9 +451,9 @@ def use_cpu_devices(count: int | None = None, *, at_most: int | None = None) -> 
     if _jax_started():  # what runs now, whatever XLA_FLAGS or the option say since
         return _started_cpu_devices(count)
     forced = _forced_cpu_devices()
-    if forced is not None:
-        return forced
     configured = int(jax.config.jax_num_cpu_devices)
+    if forced is not None:  # JAX starts the option's count where both are set, the flag's otherwise
+        return configured if configured >= 1 else forced
     if count is None and configured >= 1:
         return configured
     want = int(count) if count is not None else min(cpu_cores(), at_most) if at_most else cpu_cores()

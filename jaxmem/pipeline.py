@@ -6,13 +6,19 @@ example under every member (:mod:`jaxmem.likelihood`), and turns the matrix into
 memorization scores (:mod:`jaxmem.scores`). The result saves to and loads from a
 results directory::
 
-    DIR/config.json      the full configuration (data, model, plan, training, scoring)
+    DIR/config.json      the full configuration (data, model, plan, training, scoring) of
+                         the result beside it, written with it
     DIR/scores.csv       one row per example: index, label, fold, U, V, M, stderr, n_in,
                          n_out, highly_memorized, logp_full, leverage, label_memorization
                          (an empty cell where a run has no such value; floats written
                          so that they read back exactly: 9 significant digits for
                          float32, the shortest exact form for float64)
-    DIR/result.npz       every array (ll, keep, scores, history, scores over epochs)
+    DIR/result.npz       every array (ll, keep, scores, history, scores over epochs), the
+                         configuration and the sha256 of scores.csv; written last, so
+                         that files a stopped save left from two results are refused
+    DIR/run.json         the configuration of a run that has not saved its result yet
+                         (stopped, or running); removed once it has
+    DIR/tracked.npz      the scores over epochs as they are computed (kept on resume)
     DIR/checkpoints/     orbax checkpoints of the ensemble (resumable)
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -102,7 +109,13 @@ class MemorizationResult:
     config: dict[str, Any]
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write ``config.json``, ``scores.csv`` and ``result.npz`` into ``directory``."""
+        """Write ``config.json``, ``scores.csv`` and ``result.npz`` into ``directory``.
+
+        Each file is written whole under a temporary name, then renamed; ``result.npz``
+        last, holding the configuration and the sha256 of ``scores.csv``, so that the files
+        of a save stopped half way (new ``config.json`` and ``scores.csv`` beside the old
+        ``result.npz``) are refused by :func:`load_result` rather than read as one result.
+        """
         os.makedirs(directory, exist_ok=True)
         arrays = {
             k: v for k, v in dataclasses.asdict(self).items()
@@ -111,12 +124,14 @@ class MemorizationResult:
         arrays["threshold"] = np.asarray(self.threshold)
         for k, v in self.history.items():
             arrays[f"history_{k}"] = v
-        _atomic_npz(os.path.join(directory, "result.npz"), arrays)
         _write_json(os.path.join(directory, "config.json"), self.config)
-        self._write_csv(os.path.join(directory, "scores.csv"))
+        arrays["config_json"] = np.asarray(_canonical_json(self.config))
+        arrays["scores_csv_sha256"] = np.asarray(self._write_csv(os.path.join(directory, "scores.csv")))
+        _atomic_npz(os.path.join(directory, "result.npz"), arrays)
         return str(directory)
 
-    def _write_csv(self, path: str) -> None:
+    def _write_csv(self, path: str) -> str:
+        """Write ``scores.csv``; returns the sha256 (hex) of the file written."""
         n = len(self.M)
         cols = {
             "index": np.arange(n), "label": self.labels, "fold": self.fold,
@@ -132,7 +147,9 @@ class MemorizationResult:
             w.writerow(_CSV_COLUMNS)
             for i in range(n):
                 w.writerow(["" if cols[c] is None else _fmt(cols[c][i]) for c in _CSV_COLUMNS])
+        digest = _sha256_file(tmp)
         os.replace(tmp, path)
+        return digest
 
 
 def _fmt(v: Any) -> str:
@@ -158,13 +175,28 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _canonical_json(obj: Any) -> str:
+    """One string per JSON value (keys sorted), to compare configurations as written."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_result(directory: str | os.PathLike) -> MemorizationResult:
     """Read a :class:`MemorizationResult` written by :meth:`MemorizationResult.save`.
 
     Raises:
       FileNotFoundError: ``directory`` holds no ``result.npz``.
-      ValueError: the result is incomplete or damaged (no ``config.json``, an array
-        missing or of another number of examples, a file that does not parse).
+      ValueError: the result is incomplete, damaged or mixed (no ``config.json``, an
+        array missing or of another number of examples, a file that does not parse; a
+        ``config.json`` or ``scores.csv`` that is not the one saved with ``result.npz``,
+        or a configuration of more or fewer training epochs than the result's history).
     """
     path = os.path.join(directory, "result.npz")
     if not os.path.exists(path):
@@ -177,7 +209,29 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
     if not os.path.exists(config_path):
         raise ValueError(f"{directory} holds result.npz but no config.json: the result is incomplete")
     config = _read_config(config_path)
+    # Results saved since they carry their configuration and the digest of their CSV: a
+    # save stopped between its files leaves ones that do not match.
+    mixed = []
+    if "config_json" in arrays and _canonical_json(config) != str(arrays["config_json"]):
+        mixed.append("config.json")
+    csv_path = os.path.join(directory, "scores.csv")
+    if "scores_csv_sha256" in arrays and os.path.exists(csv_path) and \
+            _sha256_file(csv_path) != str(arrays["scores_csv_sha256"]):
+        mixed.append("scores.csv")
+    if mixed:
+        raise ValueError(f"{directory}: {' and '.join(mixed)} {'does' if len(mixed) == 1 else 'do'} not belong "
+                         "to its result.npz (a save stopped half way, or files of another result); save the "
+                         "result again (`jaxmem run` with the same options scores it again from its checkpoints)")
     history = {k[len("history_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("history_")}
+    training = config.get("training")
+    epochs = training.get("epochs") if isinstance(training, dict) else None
+    rows = history["train_loss"].shape[0] if "train_loss" in history else None
+    if isinstance(epochs, int) and rows is not None and rows != epochs:
+        # Written by older jaxmem versions, which stated a rerun's configuration when its
+        # training began: the result beside it is then one of fewer epochs.
+        raise ValueError(f"{config_path} describes a run of {epochs} epochs but result.npz holds the result "
+                         f"of {rows} (its training history): a rerun with more epochs stopped before saving "
+                         "its result; run it again with the same options to finish it")
     missing = [k for k in _REQUIRED_ARRAYS if k not in arrays]
     if missing:
         raise ValueError(f"{path} lacks {missing}: not a complete jaxmem result")
@@ -205,8 +259,13 @@ _PER_EXAMPLE = ("U", "V", "M", "stderr", "dof", "n_in", "n_out", "highly_memoriz
 _MUTABLE = ("training.epochs", "scoring.track_epochs", "format")
 
 # Keys added to the configuration after runs were written without them, with the value
-# those runs had: an older directory reads as that value and still resumes.
+# those runs had: an older directory reads as that value and still resumes. Other keys
+# added later (training.devices: how many an older run trained on is not known) are
+# refused, named, in a directory written without them.
 _ADDED_LATER = {"scoring.matmul_dtype": "float32"}
+
+# The configuration of a run that has not saved its result yet; config.json is the result's.
+_RUN_CONFIG = "run.json"
 
 
 def _check_out_dir(directory: str) -> None:
@@ -215,41 +274,59 @@ def _check_out_dir(directory: str) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"out_dir {directory} is a file; give a folder (new or of a jaxmem run)")
     if os.path.isdir(directory) and os.listdir(directory) and not any(
-            os.path.exists(os.path.join(directory, name)) for name in ("config.json", "checkpoints", "result.npz")):
+            os.path.exists(os.path.join(directory, name))
+            for name in ("config.json", _RUN_CONFIG, "checkpoints", "result.npz")):
         entries = sorted(os.listdir(directory))
         raise ValueError(f"out_dir {directory} holds files that are not a jaxmem run ({', '.join(entries[:5])}"
                          f"{', ...' if len(entries) > 5 else ''}); results would overwrite them: give a new or "
                          "empty folder")
 
 
-def _check_config(directory: str, config: dict[str, Any], trained: int | None) -> None:
+def _check_config(directory: str, config: dict[str, Any], trained: int | None) -> bool:
     """Refuse to reuse ``directory`` for another configuration (training epochs may grow).
 
-    A configuration with nothing behind it (no checkpoint, no result: a run that failed
-    or was stopped before its first checkpoint) is replaced, with its tracked scores.
-    ``trained``: the epoch of the directory's newest checkpoint, or None.
+    Checks the configurations of the run in progress (``run.json``) and of the result
+    (``config.json``). One with nothing behind it (no checkpoint, no result: a run that
+    failed or was stopped before its first checkpoint) is not checked: the new run
+    replaces it, with its tracked scores, once training has accepted the directory.
+    Writes nothing.
+
+    Args:
+      trained: the epoch of the directory's newest checkpoint, or None.
+
+    Returns:
+      Whether the directory's configuration (if any) has nothing behind it.
     """
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        return
+    paths = [os.path.join(directory, name) for name in (_RUN_CONFIG, "config.json")]
+    stored = [_read_config(path) for path in paths if os.path.exists(path)]  # a damaged file is named
     if trained is None and not os.path.exists(os.path.join(directory, "result.npz")):
-        _read_config(path)  # a damaged file is still named
-        for stale in ("config.json", "tracked.npz"):
-            if os.path.exists(os.path.join(directory, stale)):
-                os.remove(os.path.join(directory, stale))
-        return
-    stored = _read_config(path)
-    flat_a, flat_b = {**_ADDED_LATER, **_flatten(stored)}, _flatten(config)
-    differ = sorted(
-        k for k in set(flat_a) | set(flat_b)
-        if flat_a.get(k) != flat_b.get(k) and k not in _MUTABLE
-    )
-    if differ:
-        detail = "; ".join(f"{k}: stored {flat_a.get(k)!r}, asked {flat_b.get(k)!r}" for k in differ[:6])
-        raise ConfigMismatchError(
-            f"{directory} holds a run with another configuration ({detail}). "
-            "Use another output directory, or the same options to resume it."
+        return True
+    flat_b = _flatten(config)
+    for before in stored:
+        flat_a = {**_ADDED_LATER, **_flatten(before)}
+        differ = sorted(
+            k for k in set(flat_a) | set(flat_b)
+            if flat_a.get(k) != flat_b.get(k) and k not in _MUTABLE
         )
+        if differ:
+            detail = "; ".join(_difference(k, flat_a, flat_b) for k in differ[:6])
+            unknown = [k for k in differ if k not in flat_a]
+            advice = (f"It was written before jaxmem recorded {', '.join(unknown)}, so it cannot be checked "
+                      "against this run: use another output directory." if unknown else
+                      "Use another output directory, or the same options to resume it.")
+            raise ConfigMismatchError(f"{directory} holds a run with another configuration ({detail}). {advice}")
+    return False
+
+
+def _difference(key: str, stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    """One differing key of :func:`_check_config`'s message, with how to match it."""
+    if key not in stored:
+        return f"{key}: not recorded, asked {asked.get(key)!r}"
+    text = f"{key}: stored {stored[key]!r}, asked {asked.get(key)!r}"
+    if key == "training.devices":
+        text += (f" (the devices training ran on: pass mesh=jaxmem.make_mesh({stored[key]}), or --devices "
+                 f"{stored[key]} to `jaxmem run`)")
+    return text
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -379,20 +456,29 @@ def memorization(
         ``max_m |train_m| / n`` ((K-1)/K for K-fold plans).
       track_epochs: epochs after which ``M`` is also computed (stored in
         ``M_by_epoch``), without retraining. A rerun in ``out_dir`` keeps the epochs
-        scored before; an epoch that an earlier run trained without scoring it cannot be
-        scored (only its newest checkpoint is restored, and epochs before it are not
-        trained again): it is left out with a ``UserWarning`` naming it.
+        scored before, and scores the epoch of the newest checkpoint (the state it
+        restores) if an earlier run stopped before scoring it; an earlier epoch that an
+        earlier run trained without scoring it cannot be scored (only the newest
+        checkpoint is restored, and epochs before it are not trained again): it is left
+        out with a ``UserWarning`` naming it.
         ``tracked_epochs`` and the configuration's ``scoring.track_epochs`` list the
         epochs scored.
       track_samples: importance samples for the tracked scores (default ``num_samples``).
       out_dir: results directory; training checkpoints go to ``out_dir/checkpoints``
         and a rerun on the same directory resumes. Another configuration there raises
-        :class:`ConfigMismatchError`.
+        :class:`ConfigMismatchError` (one with nothing behind it, no checkpoint and no
+        result, is replaced). The run's configuration goes to ``out_dir/run.json`` once
+        training has accepted the directory, and to ``config.json`` with the result, so
+        that a result on disk keeps the configuration it was computed with while a rerun
+        (e.g. with more epochs) is under way or stopped.
       data_info: JSON facts about the data recorded in the configuration.
       progress: show progress bars.
       mesh: mesh for the member axis of training and the example axis of scoring
-        (default: every device; on a CPU, call :func:`jaxmem.mesh.use_cpu_devices`
-        first to have one device per core, as ``jaxmem run`` does).
+        (default: :func:`jaxmem.ensemble.default_mesh` for training, every device for
+        scoring; on a CPU, call :func:`jaxmem.mesh.use_cpu_devices` first to have one
+        device per core, as ``jaxmem run`` does). The number of devices training runs on
+        changes its float rounding, so it is recorded (``training.devices``) and a
+        resumed run must train on as many; scores do not depend on the scoring mesh.
       checkpoint_every: epochs between checkpoints.
       linear_baseline: compute hat-matrix leverage of the data for comparison.
       on_stage: optional ``callback(stage: str)`` called as stages begin (for CLIs).
@@ -412,12 +498,20 @@ def memorization(
         not match, no examples, labels that are not whole numbers, an option out of
         its range or of the wrong type (counts that are not integers, ``epochs < 1``,
         a learning rate that is not positive and finite, ``quantile`` outside [0, 1],
-        a negative seed, a ``plan`` that is not a :class:`~jaxmem.membership.Plan`), a
+        a negative seed, a ``plan`` that is not a :class:`~jaxmem.membership.Plan`), a call
+        in a multi-process run (``jax.distributed``; use ``fit`` and
+        :func:`~jaxmem.likelihood.loglik_matrix_multihost` there), a
         plan that leaves an example never held out or never trained on, or an
         ``out_dir`` whose files are damaged.
-      ConfigMismatchError: ``out_dir`` holds a run of another configuration (its
-        ``config.json`` is left as it was).
+      ConfigMismatchError: ``out_dir`` holds a run of another configuration, e.g.
+        trained on another number of devices (``mesh``), or one written before
+        ``training.devices`` was recorded (the directory is left as it was).
     """
+    if jax.process_count() > 1:  # before anything is trained: its scoring is one process's
+        raise ValueError(
+            f"memorization() runs within one process, and this is process {jax.process_index()} of "
+            f"{jax.process_count()} (jax.distributed): train with jaxmem.ensemble.fit on a process's own devices, "
+            "score across processes with jaxmem.loglik_matrix_multihost, then memorization_scores")
     x = np.asarray(x, np.float32)
     if x.ndim < 2:
         raise ValueError(f"x must be [examples, *example_shape], got shape {x.shape}")
@@ -458,6 +552,13 @@ def memorization(
     if outside:
         raise ValueError(f"track_epochs {outside} lie outside the epochs 1..{epochs} that are trained")
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
+    keep = np.asarray(plan.keep)
+    train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep
+    num_plan = keep.shape[0]
+    # Training's float rounding depends on how many devices the members are split over
+    # (scoring's does not: every example draws its samples from its own key), so the
+    # count is part of the configuration, and a run resumes only on as many.
+    train_mesh = mesh if mesh is not None else _ensemble.default_mesh(train_keep.shape[0])
     config = {
         "format": _FORMAT,
         "data": {"n": int(n), "example_shape": list(x.shape[1:]), **(data_info or {})},
@@ -467,44 +568,45 @@ def memorization(
         "training": {"epochs": int(epochs), "batch_size": int(batch_size),
                      "learning_rate": float(learning_rate),
                      "optimizer": "adam" if optimizer is None else "custom",
-                     "full_model": bool(full_model), "seed": int(seed)},
+                     "full_model": bool(full_model), "seed": int(seed),
+                     "devices": int(train_mesh.size)},
         "scoring": {"num_samples": int(num_samples), "quantile": float(quantile),
                     "track_epochs": tracked, "track_samples": track_samples,
                     "matmul_dtype": matmul_dtype},
     }
     run_dir = None
-    config_written = True
     trained = None
+    replaces = False  # the directory's configuration has nothing behind it
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         _check_out_dir(out_dir)
         trained = _latest_checkpoint(out_dir)
-        _check_config(out_dir, config, trained)
+        replaces = _check_config(out_dir, config, trained)
         if trained is not None and trained > epochs:
             # Resuming would restore that checkpoint and score it as `epochs` epochs.
             raise ConfigMismatchError(
                 f"{out_dir} holds a run trained for {trained} epochs, more than the {epochs} "
                 f"asked for; ask for at least {trained} epochs, or use another output directory"
             )
-        os.makedirs(out_dir, exist_ok=True)
         run_dir = _run_dir(out_dir)
-        # A new run states its configuration at once. A rerun on a directory with
-        # checkpoints (which may grow the epochs) rewrites it only once training has
-        # accepted the checkpoints, which also check the data: a refused rerun leaves
-        # the directory's configuration as it was.
-        config_written = trained is None and not os.path.exists(os.path.join(out_dir, "config.json"))
-        if config_written:
-            _write_json(os.path.join(out_dir, "config.json"), config)
+    run_stated = out_dir is None
 
-    def write_config_once():
-        nonlocal config_written
-        if not config_written:
-            _write_json(os.path.join(out_dir, "config.json"), config)
-            config_written = True
+    def state_run():
+        """Write this run's configuration (run.json), once training has accepted the
+        directory (its checkpoints check the data and the training options): a refused
+        rerun leaves the directory as it was. config.json stays the result's until the
+        result is saved."""
+        nonlocal run_stated
+        if run_stated:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if replaces:  # a stopped run's configuration and scores, with no checkpoint behind them
+            for stale in ("config.json", "tracked.npz"):
+                if os.path.exists(os.path.join(out_dir, stale)):
+                    os.remove(os.path.join(out_dir, stale))
+        _write_json(os.path.join(out_dir, _RUN_CONFIG), config)
+        run_stated = True
 
-    keep = np.asarray(plan.keep)
-    train_keep = np.concatenate([keep, np.ones((1, n), bool)]) if full_model else keep
-    num_plan = keep.shape[0]
     # The plan's default number of steps: the full model (n examples) must not add steps
     # to the plan's members, whose scores would then depend on whether it is trained.
     plan_steps = -(-int(keep.sum(axis=1).max()) // batch_size)
@@ -521,7 +623,7 @@ def memorization(
     track_path = os.path.join(out_dir, "tracked.npz") if out_dir else None
     last_is_final = track_samples == num_samples
     M_by_epoch: dict[int, np.ndarray] = {}
-    if track_path and os.path.exists(track_path):
+    if track_path and not replaces and os.path.exists(track_path):
         try:
             with np.load(track_path) as z:
                 M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
@@ -530,13 +632,14 @@ def memorization(
                              "recompute the tracked epochs' scores, or use another output directory") from None
         if any(np.shape(v) != (n,) for v in M_by_epoch.values()):
             raise ValueError(f"{track_path} holds scores of another number of examples than {n}")
-    # Epochs restored from the checkpoints are not trained again, so a tracked epoch up to
+    # Epochs restored from the checkpoints are not trained again, so a tracked epoch before
     # the newest checkpoint can be scored only if an earlier run did (its states are not
-    # kept; the last epoch is: the final state). Said, and left out of the configuration,
-    # which lists the epochs scored.
-    unscored = [e for e in tracked if trained is not None and e <= trained and e not in M_by_epoch
-                and e != epochs]
+    # kept). Said, and left out of the configuration, which lists the epochs scored. The
+    # newest checkpoint's epoch is the state restored: scored from it if an earlier run
+    # stopped before scoring it.
+    unscored = [e for e in tracked if trained is not None and e < trained and e not in M_by_epoch]
     tracked = [e for e in tracked if e not in unscored]
+    rescore = trained is not None and trained < epochs and trained in tracked and trained not in M_by_epoch
     config["scoring"]["track_epochs"] = sorted(set(tracked) | set(M_by_epoch))
 
     def record(epoch, M):
@@ -545,34 +648,47 @@ def memorization(
             es = sorted(M_by_epoch)
             _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
 
+    def score_epoch(epoch, members):
+        ll_e = loglik_matrix(graphdef, members, data, key=score_key,
+                             num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
+        record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
+
     def callback(epoch, state, metrics):
-        write_config_once()
+        state_run()
         if epoch in tracked and not (epoch == epochs and last_is_final):
-            members = plan_members(_ensemble._merged_state(state))
-            ll_e = loglik_matrix(graphdef, members, data, key=score_key,
-                                 num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
-            record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
+            score_epoch(epoch, plan_members(_ensemble._merged_state(state)))
         if on_epoch is not None:
             on_epoch(epoch)
 
     factory = lambda s: _models.from_config(model_cfg, seed=s)  # noqa: E731
     graphdef = _ensemble._graphdef_of(factory)
+    tx = optimizer or optax.adam(learning_rate)
+
+    def train(upto, **kw):
+        return _ensemble.fit(
+            factory, tx, data, train_keep, epochs=upto, batch_size=batch_size, seed=seed, run_dir=run_dir,
+            checkpoint_every=checkpoint_every, mesh=train_mesh, steps_per_epoch=plan_steps if full_model else None,
+            config={"model": model_cfg, "learning_rate": float(learning_rate)}, **kw,
+        )
+
     if on_stage:
         on_stage("train")
     if unscored:
         warnings.warn(
             f"track_epochs {unscored} are not scored: {out_dir} holds a run already trained for {trained} "
-            "epochs without scoring them, and the states of epochs trained before this run are not kept "
+            "epochs without scoring them, and the states of epochs before its newest checkpoint are not kept "
             f"(a new out_dir trains from scratch and scores them); tracked epochs: {config['scoring']['track_epochs']}",
             UserWarning, stacklevel=2)
-    fitted = _ensemble.fit(
-        factory, optimizer or optax.adam(learning_rate), data, train_keep, epochs=epochs,
-        batch_size=batch_size, seed=seed, run_dir=run_dir, checkpoint_every=checkpoint_every, mesh=mesh,
-        progress=progress, callback=callback, steps_per_epoch=plan_steps if full_model else None,
-        config={"model": model_cfg, "learning_rate": float(learning_rate)},
-    )
+    if rescore:
+        # Restores that checkpoint (checking it) and trains nothing; training then resumes
+        # from the same checkpoint, as after any stop.
+        restored = train(trained, progress=False)
+        state_run()
+        score_epoch(trained, plan_members(restored.state))
+        del restored
+    fitted = train(epochs, progress=progress, callback=callback)
     state = fitted.state
-    write_config_once()
+    state_run()
 
     if on_stage:
         on_stage("likelihood")
@@ -588,9 +704,7 @@ def memorization(
     if epochs in tracked and last_is_final:
         record(epochs, s.M)
     elif epochs in tracked and epochs not in M_by_epoch:  # all epochs restored: not scored in the callback
-        ll_e = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
-                             num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
-        record(epochs, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
+        score_epoch(epochs, plan_members(state))
     label_mem = None
     if model_cfg["name"] == "classifier":
         correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
@@ -616,4 +730,6 @@ def memorization(
     )
     if out_dir is not None:
         result.save(out_dir)
+        if os.path.exists(os.path.join(out_dir, _RUN_CONFIG)):  # config.json now states the run
+            os.remove(os.path.join(out_dir, _RUN_CONFIG))
     return result

@@ -15,6 +15,14 @@ then runs one jitted program in which the per-example work is sharded over a dev
 mesh with :func:`jaxmem.mesh.shard_examples`; results agree between 1 and 8 devices
 to float rounding. Computation is in ``ll``'s floating dtype (float32 unless x64 is
 enabled and ``ll`` is float64).
+
+Multi-host (``jax.distributed``): with ``mesh=None`` each function runs on the devices
+of the process that calls it (:func:`jaxmem.mesh.as_mesh`), so one process alone (e.g.
+process 0 writing the results) may score the numpy matrix that
+:func:`jaxmem.likelihood.loglik_matrix_multihost` returns in every process. A global
+mesh (``mesh=jaxmem.make_mesh()``) shards the examples over all processes' devices;
+then every process must make the call, and the results are global arrays
+(``jax.experimental.multihost_utils.process_allgather`` collects them).
 """
 
 from __future__ import annotations
@@ -442,7 +450,8 @@ def memorization_scores(
       keep: bool ``[models, examples]`` or a :class:`~jaxmem.membership.Plan`;
         True where the model trained on the example.
       mesh: 1-D device mesh to shard examples over (:func:`jaxmem.mesh.make_mesh`);
-        ``None`` uses all devices.
+        ``None`` uses all devices of this process (under ``jax.distributed``, only this
+        process's: see the module docstring).
       quantile: ``highly_memorized`` is ``M`` above this quantile of ``M`` over all
         examples (0.95 in the paper; 0.995 / 0.999 for its figures).
       uncertainty: ``"jackknife"`` or ``"bootstrap"``.
@@ -559,7 +568,8 @@ def feldman_zhang(
       correct_or_logp: bool ``[models, examples]`` correctness, or float
         ``[models, examples]`` log-probabilities of the true label (nats, <= 0).
       keep: bool ``[models, examples]`` or a :class:`~jaxmem.membership.Plan`.
-      mesh: device mesh to shard examples over; ``None`` uses all devices.
+      mesh: device mesh to shard examples over; ``None`` uses all devices of this
+        process (under ``jax.distributed``, only this process's: see the module docstring).
 
     Returns:
       :class:`LabelMemorization`, arrays ``[examples]``, with a Welch standard error.

@@ -5,7 +5,11 @@ Usage: python _multihost_worker.py PORT NUM_PROCESSES PROCESS_ID OUT.npy
 Joins a loopback cluster with gloo CPU collectives, builds the same small ensemble and
 data as the test (deterministic from seeds), feeds only this process's rows
 (``host_local_rows``) and writes the gathered ``[models, n]`` matrix (process 0 only),
-also with ``matmul_dtype="bfloat16"``.
+also with ``matmul_dtype="bfloat16"``, and the scores over both processes' devices.
+Then the calls that must fail in every process (``OUT_errors{pid}.json``: process 1
+alone passes another ``num_samples``, another key, or one row too few), and last
+process 0 alone scores the matrix with ``mesh=None`` (``OUT_local_scores.npy``), as a
+"rank 0 writes the results" program does, while process 1 waits in the shutdown.
 """
 import os
 import sys
@@ -68,6 +72,26 @@ def main():
         np.save(out, ll)
         np.save(out.replace(".npy", "_bf16.npy"), ll_bf16)
         np.save(out.replace(".npy", "_scores.npy"), np.stack([M, stderr]))
+
+    # Process 1 alone passes something else: every process must raise, none wait in the kernel.
+    import json
+
+    errors = {}
+    for case, part, kw in [("num_samples", rows, dict(KW, num_samples=KW["num_samples"] - pid)),
+                           ("key", rows, dict(KW, key=jax.random.key(7 + pid))),
+                           ("rows", rows[: rows.size - pid], KW)]:
+        kw = {"key": jax.random.key(7), **kw}
+        try:
+            loglik_matrix_multihost(graphdef, state, x[part], num_examples=x.shape[0], **kw)
+            errors[case] = None
+        except ValueError as e:
+            errors[case] = str(e)
+    with open(out.replace(".npy", f"_errors{pid}.json"), "w") as f:
+        json.dump(errors, f)
+
+    if pid == 0:  # alone: mesh=None means this process's devices, no collective to wait for
+        s = memorization_scores(four_models(ll), KEEP)
+        np.save(out.replace(".npy", "_local_scores.npy"), np.stack([np.asarray(s.M), np.asarray(s.stderr)]))
     jax.distributed.shutdown()
 
 

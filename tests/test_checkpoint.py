@@ -152,6 +152,36 @@ def test_other_configuration_is_refused(tmp_path):
         ensemble.fit(tiny, 1e-2, X, KEEP, **kw)
 
 
+def test_configuration_without_checkpoints_is_replaced(tmp_path):
+    """A run stopped before its first checkpoint has no state to mix with another
+    configuration's: its config.json is replaced, not a reason to refuse (before, a new run
+    in its place was refused, "refusing to resume from it", with nothing to resume)."""
+    run = str(tmp_path / "run")
+    kw = dict(epochs=2, batch_size=8, seed=0, run_dir=run, progress=False, mesh=make_mesh(1), checkpoint_every=10)
+
+    def stop(epoch, state, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensemble.fit(tiny, 1e-2, X, KEEP, callback=stop, **kw)
+    assert latest_epoch(run) is None
+    res = ensemble.fit(tiny, 3e-2, X, KEEP, **kw)  # another learning rate: a new run
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["optimizer"]["config"]["learning_rate"] == 3e-2
+    ref = ensemble.fit(tiny, 3e-2, X, KEEP, **{**kw, "run_dir": None})
+    for a, b in zip(jax.tree.leaves(res.train_state.params), jax.tree.leaves(ref.train_state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # trained from scratch
+    # with a checkpoint behind it, the configuration is checked as before
+    with pytest.raises(ConfigMismatchError, match="learning_rate"):
+        ensemble.fit(tiny, 1e-2, X, KEEP, **kw)
+    # a damaged config.json is named even with nothing behind it
+    ck = RunCheckpoints(tmp_path / "empty", {"a": 1})
+    ck.close()
+    (tmp_path / "empty" / "config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        RunCheckpoints(tmp_path / "empty", {"a": 2})
+
+
 def _damage(step_dir, how):
     """Junk into a checkpoint's files: ``truncate`` the array data, or overwrite the ``manifest``."""
     pattern = "**/d/*" if how == "truncate" else "**/manifest.ocdbt"

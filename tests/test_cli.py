@@ -148,6 +148,24 @@ def test_mismatched_configuration_is_refused(finished):
     assert (out / "config.json").read_text() == config
 
 
+def test_resume_on_another_device_count_is_refused(finished, capsys):
+    """The devices training ran on are recorded; another --devices on resume is refused
+    before anything is trained, naming --devices and the count the run used (before, it
+    resumed silently, and the scores matched neither count's)."""
+    import json
+
+    out = finished[0]
+    config = (out / "config.json").read_text()
+    used = json.loads(config)["training"]["devices"]
+    from jaxmem.mesh import cpu_cores
+
+    assert used == min(cpu_cores(), 2)  # the default: one device per core, at most one per model
+    other = 1 if used != 1 else 2
+    code, _, err = run_main(capsys, *RUN, "--devices", other, "--out", out)  # in this process: 8 devices
+    assert_one_line_error(code, err, f"training.devices: stored {used}, asked {other}", f"--devices {used}")
+    assert (out / "config.json").read_text() == config and not (out / "run.json").exists()
+
+
 def test_more_epochs_continue_a_finished_run(finished, tmp_path):
     out = tmp_path / "more"
     shutil.copytree(finished[0], out)  # leave the shared results alone

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxmem import ensemble
+from jaxmem import checkpoint as ensemble_checkpoint, ensemble
 from jaxmem.mesh import make_mesh
 
 
@@ -594,6 +594,52 @@ def test_float64_losses_under_x64():
                                      for c in range(2)])[: held.size]
             assert losses.dtype == np.float64
             np.testing.assert_allclose(got[m], losses.mean(), rtol=1e-6)  # summed in float32
+
+
+def test_x64_draws_the_same_members_and_batches_and_a_resume_keeps_the_setting(tmp_path):
+    """jax_enable_x64 must not change which initial members and which batches a seed gives
+    (they were drawn in the default dtypes: int64/float64 under x64, other values); what it
+    still rounds differently (optax's bias corrections) makes a run resumed under the other
+    setting refused, naming it, instead of mixing the two."""
+    ens = get_ensemble(3)
+    seeds, schedule = [ensemble.member_init_seed(0, m) for m in range(3)], np.asarray(ens.schedule(ens.init(0)))
+    with jax.enable_x64(True):
+        assert [ensemble.member_init_seed(0, m) for m in range(3)] == seeds
+        np.testing.assert_array_equal(np.asarray(ens.schedule(ens.init(0))), schedule)
+    kw = dict(batch_size=8, progress=False, run_dir=tmp_path / "run")
+    ensemble.fit(tiny, 1e-2, X, folds(3), epochs=1, **kw)
+    with jax.enable_x64(True), pytest.raises(ensemble_checkpoint.ConfigMismatchError,
+                                             match="jax_enable_x64: stored \"<missing>\" vs now true"):
+        ensemble.fit(tiny, 1e-2, X, folds(3), epochs=2, **kw)
+
+
+def test_a_mesh_of_other_processes_devices_is_refused(monkeypatch):
+    """Under jax.distributed an ensemble trains within one process: a mesh holding another
+    process's devices failed in ``init`` with JAX's device_put error (the default mesh took
+    the first devices of all processes). Simulated here by this process claiming index 1,
+    so that its devices (process 0's) are another process's."""
+    assert ensemble.default_mesh(3).devices.size <= len(jax.local_devices())
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(ValueError, match=r"the mesh holds devices of other processes \(0\); an ensemble trains "
+                                         r"within one process: pass mesh=jaxmem.make_mesh\(devices=jax.local_devices"):
+        ensemble.make(tiny, optax.adam(1e-2), folds(3), batch_size=8, mesh=make_mesh(1))
+
+
+def test_a_checkpoint_history_of_other_length_is_damaged(tmp_path):
+    """A checkpoint whose history has not one row per epoch (a hand edit, a partial copy)
+    would misnumber every later epoch of the resumed run: refused as damaged."""
+    import glob
+    import json
+
+    kw = dict(batch_size=8, progress=False, run_dir=tmp_path)
+    ensemble.fit(tiny, 1e-2, X, folds(3), epochs=2, **kw)
+    (meta,) = glob.glob(f"{tmp_path}/checkpoints/2/history/metadata")
+    with open(meta, "w") as f:
+        json.dump({"train_loss": [], "heldout_loss": []}, f)
+    with pytest.raises(ensemble_checkpoint.CheckpointDamagedError,
+                       match=r"checkpoint 2 .* damaged .*holds 0 rows of train_loss for the 2 epoch\(s\) it was "
+                             r"saved at .*the earlier checkpoint 1 is kept"):
+        ensemble.fit(tiny, 1e-2, X, folds(3), epochs=3, **kw)
 
 
 def test_factory_with_a_per_member_plain_attribute_names_it():

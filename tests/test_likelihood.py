@@ -382,6 +382,25 @@ class _BNDropClassifier(nnx.Module):
         return self._log_p(batch)
 
 
+def test_multihost_scores_a_state_holding_prng_keys():
+    """A state with PRNG key leaves (every nnx.Dropout(rngs=...) holds one, e.g. in
+    ensemble.fit's FitResult.state) is placed on the global mesh through its key data:
+    loglik_matrix_multihost (here one process of 8 devices, the same code path) gives
+    loglik_matrix's matrix. Regression: "TypeError: JAX array with PRNGKey dtype cannot be
+    converted to a NumPy array". Tolerance 1e-6: both run the same per-example program,
+    on other block layouts (float32 rounding of a 4-6-3 network)."""
+    from jaxmem.likelihood import loglik_matrix_multihost
+
+    graphdef, state = _stack([_BNDropClassifier(4, 3, rngs=nnx.Rngs(s)) for s in (0, 1)])
+    assert any(jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) for a in jax.tree.leaves(state))
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(11, 4)).astype(np.float32), (np.arange(11) % 3).astype(np.int32))
+    want = np.asarray(loglik_matrix(graphdef, state, data, key=KEY, mesh=make_mesh(1)))
+    got = loglik_matrix_multihost(graphdef, state, data, num_examples=11, key=KEY)
+    assert got.shape == (2, 11) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_members_are_scored_in_eval_mode_whatever_the_graphdef_holds():
     """A module in NNX's training mode (as built, and as FitResult.graphdef keeps it) is
     scored in evaluation mode: Dropout off, BatchNorm on its running statistics. So an

@@ -94,19 +94,22 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("arg,flags,env", [
     ("auto", "", None), ("at_most=1", "", None), ("3", "", None), ("auto", "", "3"),
-    ("3", "--xla_force_host_platform_device_count=5", None)])
+    ("3", "--xla_force_host_platform_device_count=5", None),
+    ("auto", "--xla_force_host_platform_device_count=3", "4")])
 def test_use_cpu_devices_before_jax_starts(arg, flags, env, fresh_python):
     """A fresh process: the count is set before JAX starts (one per core by default, capped
     by at_most; an explicit count ignores the cap), kept afterwards, and a different count
-    once JAX has started is an error naming why; a count forced in XLA_FLAGS wins, and
-    JAX_NUM_CPU_DEVICES is kept when no count is asked for."""
+    once JAX has started is an error naming why; a count forced in XLA_FLAGS wins over
+    ``count``, JAX_NUM_CPU_DEVICES is kept when no count is asked for, and where both are
+    set the answer is JAX_NUM_CPU_DEVICES's, which JAX reads first. Regression (last case):
+    it returned the flag's 3 while JAX started 4 devices."""
     import json
 
     environ = {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **({"JAX_NUM_CPU_DEVICES": env} if env else {})}
     proc = fresh_python(_CPU_DEVICES_SCRIPT, arg, env=environ, timeout=120)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = (5 if flags else int(env) if env else out["cores"] if arg == "auto" else 1 if arg == "at_most=1"
-            else int(arg))
+    want = (int(env) if env else int(flags.rpartition("=")[2]) if flags else out["cores"] if arg == "auto"
+            else 1 if arg == "at_most=1" else int(arg))
     assert out["set"] == out["devices"] == out["again"] == out["same"] == want
     assert "before any JAX operation" in out["late"] and f"{want} CPU device(s)" in out["late"]
 

@@ -1,4 +1,5 @@
 """Multi-host: 2 processes x 2 CPU devices over loopback (gloo) give the single-process matrix and scores."""
+import json
 import os
 import socket
 import subprocess
@@ -61,3 +62,21 @@ def test_two_processes_match_single_process(tmp_path):
     np.testing.assert_allclose(M, ref.M, rtol=1e-6, atol=1e-6)
     assert np.isfinite(stderr).all()
     np.testing.assert_allclose(stderr, ref.stderr, rtol=1e-5, atol=1e-6)
+
+    # Process 1 alone passed another num_samples / key, or one row too few: the same
+    # ValueError in both processes, naming it. Regression: the first two returned mixed
+    # matrices (process 1's columns off by up to 3.5 nats), the third left process 0 in the
+    # kernel until gloo's "DEADLINE_EXCEEDED" 30 s later.
+    errors = [json.loads((tmp_path / f"ll_errors{p}.json").read_text()) for p in (0, 1)]
+    assert errors[0] == errors[1], errors
+    assert "different num_samples (process 0: 6, process 1: 5)" in errors[0]["num_samples"]
+    assert "different key (process 1: not as in process 0)" in errors[0]["key"]
+    rows = errors[0]["rows"]
+    assert "refused the input of process 1" in rows and "process 1 must feed rows [7]..[12] (6 rows of 13" in rows
+    assert rows.endswith("got 5")
+
+    # Process 0 alone scored the matrix with mesh=None, on its own devices. Regression: it
+    # waited forever in a collective over both processes' devices (make_mesh()).
+    local = np.load(str(out).replace(".npy", "_local_scores.npy"))  # the same arithmetic per example: rounding
+    np.testing.assert_allclose(local[0], ref.M, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(local[1], ref.stderr, rtol=1e-5, atol=1e-6)

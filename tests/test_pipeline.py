@@ -386,3 +386,181 @@ def test_full_model_leaves_the_plans_models_as_they_are(digits):
     np.testing.assert_array_equal(b.ll, a.ll)
     np.testing.assert_array_equal(b.M, a.M)
     np.testing.assert_array_equal(b.history["train_loss"], a.history["train_loss"])
+
+
+# Settings of the tests above (60 digits, 2 folds, an 8-unit VAE), so that their compiled
+# programs are reused.
+SMALL = dict(folds=2, num_samples=2, model_options={"hidden": [8]}, batch_size=16, progress=False,
+             linear_baseline=False)
+
+
+def _stop_at(epoch):
+    def on_epoch(e):
+        if e == epoch:
+            raise KeyboardInterrupt  # what Ctrl-C in `jaxmem run` does
+    return on_epoch
+
+
+def test_stopped_rerun_keeps_the_result_on_disk_as_it_was_computed(digits, tmp_path, monkeypatch):
+    """A rerun with more epochs stopped half way leaves the earlier result with its own
+    configuration (before, config.json said 4 epochs beside a 2-epoch result, and load_result
+    and `jaxmem report` called it a 4-epoch result); a save stopped between its files is
+    refused by load_result, not read as one result."""
+    import jaxmem.pipeline as pipeline
+
+    x, out = digits.x[:60], tmp_path / "run"
+    r2 = jaxmem.memorization(x, epochs=2, out_dir=out, **SMALL)
+    config = (out / "config.json").read_text()
+    with pytest.raises(KeyboardInterrupt):
+        jaxmem.memorization(x, epochs=4, out_dir=out, on_epoch=_stop_at(3), **SMALL)
+    back = jaxmem.load_result(out)
+    assert back.config == r2.config and back.config["training"]["epochs"] == 2
+    assert back.history["train_loss"].shape == (2, 2)
+    np.testing.assert_array_equal(back.M, r2.M)
+    assert (out / "config.json").read_text() == config
+    assert json.loads((out / "run.json").read_text())["training"]["epochs"] == 4  # the run under way
+    # The run under way is still checked: other options are refused, and change nothing.
+    with pytest.raises(jaxmem.ConfigMismatchError, match="scoring.num_samples: stored 2, asked 3"):
+        jaxmem.memorization(x, epochs=4, out_dir=out, **(SMALL | {"num_samples": 3}))
+
+    # Stopped while saving: config.json and scores.csv of the 4-epoch result are written,
+    # result.npz (written last) is still the 2-epoch one.
+    real = pipeline._atomic_npz
+
+    def stopped(path, arrays):
+        if path.endswith("result.npz"):
+            raise KeyboardInterrupt
+        real(path, arrays)
+
+    monkeypatch.setattr(pipeline, "_atomic_npz", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        jaxmem.memorization(x, epochs=4, out_dir=out, **SMALL)
+    monkeypatch.setattr(pipeline, "_atomic_npz", real)
+    with pytest.raises(ValueError, match="config.json and scores.csv do not belong to its result.npz"):
+        jaxmem.load_result(out)
+    r4 = jaxmem.memorization(x, epochs=4, out_dir=out, **SMALL)  # scored again from the checkpoints
+    back = jaxmem.load_result(out)
+    assert back.config == r4.config and back.config["training"]["epochs"] == 4
+    np.testing.assert_array_equal(back.M, r4.M)
+    assert not (out / "run.json").exists()  # config.json states the run now
+    # scores.csv alone replaced (by another result) is refused too
+    other = tmp_path / "other"
+    r2.save(other)
+    (out / "scores.csv").write_bytes((other / "scores.csv").read_bytes())
+    with pytest.raises(ValueError, match=r"run: scores.csv does not belong to its result.npz"):
+        jaxmem.load_result(out)
+
+    # A directory written by an older jaxmem in that state (config.json of the stopped
+    # 4-epoch rerun, result.npz of 2 epochs, which did not carry its configuration)
+    old = dict(np.load(other / "result.npz"))
+    del old["config_json"], old["scores_csv_sha256"]
+    np.savez(other / "result.npz", **old)
+    assert jaxmem.load_result(other).config == r2.config  # older results still load
+    (other / "config.json").write_text(json.dumps(r4.config))
+    with pytest.raises(ValueError, match="config.json describes a run of 4 epochs but result.npz holds the result "
+                                         "of 2 .*run it again with the same options to finish it"):
+        jaxmem.load_result(other)
+
+
+def test_run_stopped_before_its_first_checkpoint_is_replaced(digits, tmp_path):
+    """A run stopped before its first checkpoint leaves nothing to resume: another
+    configuration replaces it (both its config files and its tracked scores). Before, the
+    pipeline took the new configuration and rewrote config.json, and then the checkpoints'
+    config.json refused it ("refusing to resume from it"), leaving config.json changed."""
+    x, out = digits.x[:60], tmp_path / "run"
+    tracked = dict(track_epochs=[1], track_samples=1)
+    with pytest.raises(KeyboardInterrupt):
+        jaxmem.memorization(x, epochs=2, out_dir=out, checkpoint_every=10, on_epoch=_stop_at(1), **tracked,
+                            **SMALL)
+    assert (out / "tracked.npz").exists() and not (out / "checkpoints" / "checkpoints" / "1").exists()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # A rerun that a later check refuses (here the checkpoints' damaged config.json, read
+    # after the results directory's checks) leaves every file as it was.
+    ck_config = out / "checkpoints" / "config.json"
+    ck_config.write_text("{damaged")
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        jaxmem.memorization(x, epochs=2, out_dir=out, seed=1, **SMALL)
+    ck_config.write_bytes(files[ck_config])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+    r = jaxmem.memorization(x, epochs=2, out_dir=out, seed=1, **SMALL)
+    assert r.config["training"]["seed"] == 1 and r.tracked_epochs.size == 0  # no scores of the seed-0 run
+    assert json.loads((out / "config.json").read_text())["training"]["seed"] == 1
+    assert json.loads(ck_config.read_text())["seed"] == 1
+    assert not (out / "tracked.npz").exists()
+
+
+def test_stop_while_scoring_a_tracked_epoch_is_scored_on_rerun(digits, tmp_path, monkeypatch):
+    """A stop in the tracked pass of epoch 2 (after checkpoint 2 was started) used to lose
+    that epoch for good: the rerun restored checkpoint 2 and called the epoch "trained
+    without scoring". The rerun now scores it from that checkpoint: bit for bit the
+    uninterrupted run's (same state, same key, same programs)."""
+    import jaxmem.pipeline as pipeline
+
+    x = digits.x[:60]
+    kw = dict(epochs=3, track_epochs=[2, 3], track_samples=1, **SMALL)
+    ref = jaxmem.memorization(x, **kw)
+    real = pipeline.loglik_matrix
+
+    def stopped(*args, **options):
+        if options.get("num_samples") == 1:  # the tracked pass (the final one has 2 samples)
+            raise KeyboardInterrupt
+        return real(*args, **options)
+
+    monkeypatch.setattr(pipeline, "loglik_matrix", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        jaxmem.memorization(x, out_dir=tmp_path / "run", **kw)
+    monkeypatch.setattr(pipeline, "loglik_matrix", real)
+    assert jaxmem.checkpoint.latest_epoch(tmp_path / "run" / "checkpoints") == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not scored" warning
+        r = jaxmem.memorization(x, out_dir=tmp_path / "run", **kw)
+    np.testing.assert_array_equal(r.tracked_epochs, [2, 3])
+    np.testing.assert_array_equal(r.M_by_epoch, ref.M_by_epoch)
+    np.testing.assert_array_equal(r.ll, ref.ll)
+    np.testing.assert_array_equal(r.history["train_loss"], ref.history["train_loss"])
+    assert r.config["scoring"]["track_epochs"] == [2, 3]
+
+
+def test_resume_on_another_number_of_training_devices_is_refused(digits, tmp_path):
+    """Training's rounding depends on how many devices the members are split over, so the
+    count is recorded and a resume on another is refused, naming it (before, it was taken
+    silently and the scores matched neither layout)."""
+    from jaxmem.ensemble import default_mesh
+
+    x, out = digits.x[:60], tmp_path / "run"
+    # the default: the ensemble's own mesh for the members (2 devices for 2 members of 8)
+    r = jaxmem.memorization(x, epochs=1, out_dir=out, **SMALL)
+    assert r.config["training"]["devices"] == default_mesh(2).size == 2
+    config = (out / "config.json").read_text()
+    with pytest.raises(jaxmem.ConfigMismatchError,
+                       match=r"training.devices: stored 2, asked 1 \(the devices training ran on: pass "
+                             r"mesh=jaxmem.make_mesh\(2\), or --devices 2 to `jaxmem run`\)"):
+        jaxmem.memorization(x, epochs=2, out_dir=out, mesh=jaxmem.make_mesh(1), **SMALL)
+    assert (out / "config.json").read_text() == config and not (out / "run.json").exists()
+    # a directory written before the count was recorded: how many it trained on is unknown
+    stored = json.loads(config)
+    del stored["training"]["devices"]
+    (out / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(jaxmem.ConfigMismatchError, match=r"training.devices: not recorded, asked 2\). It was "
+                                                         "written before jaxmem recorded training.devices"):
+        jaxmem.memorization(x, epochs=2, out_dir=out, **SMALL)
+
+
+def test_multi_process_run_is_refused_before_training(monkeypatch, tmp_path):
+    """Under jax.distributed, memorization() trained every epoch in process 0 and only then
+    failed at scoring (process 1 failed at once with JAX's device_put error): refused before
+    anything is trained or written, naming the multi-process route (simulated: the process
+    count is what the check reads)."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    epochs = []
+    x = np.random.default_rng(0).uniform(size=(12, 4, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"runs within one process, and this is process 0 of 2 .*"
+                                         r"loglik_matrix_multihost"):
+        jaxmem.memorization(x, model="mlp_vae", folds=2, epochs=1, out_dir=tmp_path / "out", on_epoch=epochs.append,
+                            progress=False)
+    assert epochs == [] and not (tmp_path / "out").exists()

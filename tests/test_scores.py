@@ -139,6 +139,31 @@ def test_sharded_equals_unsharded(devices8):
         np.testing.assert_allclose(np.asarray(getattr(fa, name)), np.asarray(getattr(fb, name)), rtol=1e-6)
 
 
+def test_mesh_none_under_several_processes_uses_this_process_devices(devices8, monkeypatch):
+    """Under jax.distributed (simulated: process_count 2, this process holding devices 2-3
+    of the 8) mesh=None scores on this process's devices only, so that process 0 alone can
+    score the matrix loglik_matrix_multihost returned everywhere (tests/test_multihost.py
+    runs that with 2 real processes). Regression: mesh=None meant make_mesh() over every
+    process's devices, and a lone process waited forever in its collectives."""
+    import jax
+
+    plan = kfold(37, 4, 3, seed=1)
+    ll = np.random.default_rng(2).normal(-100, 10, plan.keep.shape).astype(np.float32)
+    want = memorization_scores(ll, plan, mesh=mesh1())
+    want_fz = feldman_zhang(ll < -100, plan, mesh=mesh1())
+    mine = devices8[2:4]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: list(mine))
+    got = memorization_scores(ll, plan)
+    got_fz = feldman_zhang(ll < -100, plan)
+    for out in (got.M, got_fz.mem):
+        assert out.sharding.device_set == set(mine)
+    # row-wise kernels on 2 devices instead of 1: float reassociation only
+    np.testing.assert_allclose(np.asarray(got.M), np.asarray(want.M), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.stderr), np.asarray(want.stderr), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_fz.mem), np.asarray(want_fz.mem), rtol=1e-6)
+
+
 def test_plan_and_array_agree():
     plan = kfold(37, 4, 3, seed=0)
     ll = np.random.default_rng(0).normal(size=plan.keep.shape).astype(np.float32)
