@@ -431,10 +431,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if stage == "train":  # the results directory has accepted the configuration
             import jax
 
+            from jaxmem.ensemble import default_mesh
+
             devices = jax.devices()[: args.devices or None]
+            # Training splits the models over as few devices as give the same load per device.
+            training = args.devices or default_mesh(members).size
+            on = f"{len(devices)} {devices[0].platform.upper()} device(s)" + (
+                f" ({training} for training)" if training != len(devices) else "")
             _info(f"{ds.name}: {n} examples of shape {ds.example_shape}; {args.model} ({shown}); "
                   f"{args.folds} folds x {args.repeats} repeat(s) = {models} x "
-                  f"{args.epochs} epochs; {len(devices)} {devices[0].platform.upper()} device(s)")
+                  f"{args.epochs} epochs; {on}")
             latest = _latest_checkpoint(out)
             if latest is not None and latest >= args.epochs:
                 _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again")

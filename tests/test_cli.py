@@ -367,17 +367,18 @@ def small_runs(tmp_path_factory):
     """Two runs in this process (1 epoch of 8-unit models, 1 sample per likelihood) of data
     whose example grid used to fail after training: 5 images [5, 8, 8] (fewer than 1 + the
     grid's 5 neighbours), with --full-model --binarize static, and 20 two-channel examples
-    [20, 8, 8, 2] with labels, scored by a classifier. Returns {name: (dir, stderr)}."""
+    [20, 8, 8, 2] with labels, scored by a classifier (on one device). Returns {name: (dir, stderr)}."""
     root = tmp_path_factory.mktemp("small")
     rng = np.random.default_rng(0)
     np.save(root / "five.npy", rng.uniform(size=(5, 8, 8)).astype(np.float32))
     np.savez(root / "two_channels.npz", x=rng.uniform(size=(20, 8, 8, 2)).astype(np.float32),
              y=np.arange(20) % 2)
     quick = ["--folds", "2", "--repeats", "1", "--epochs", "1", "--samples", "1", "--hidden", "8",
-             "--batch-size", "4", "--track-epochs", "none", "--devices", "1", "--no-progress"]
+             "--batch-size", "4", "--track-epochs", "none", "--no-progress"]
     runs = {}
+    # "five" on this process's 8 devices (3 models train on 3 of them), the other on one
     for name, data, extra in (("five", "five.npy", ["--full-model", "--binarize", "static"]),
-                              ("two_channels", "two_channels.npz", ["--model", "classifier"])):
+                              ("two_channels", "two_channels.npz", ["--model", "classifier", "--devices", "1"])):
         code, _, err = _run_quietly("run", "--data", root / data, *quick, *extra, "--out", root / name)
         assert code == 0, err
         runs[name] = (root / name, err)
@@ -402,6 +403,7 @@ def test_run_texts_say_what_was_run(small_runs):
     header = err.splitlines()[0]
     assert "binarize=static);" in header, header  # drawn when loading, not "none"
     assert "2 folds x 1 repeat(s) = 2 models + 1 full model = 3 models x 1 epochs" in header
+    assert header.endswith("; 8 CPU device(s) (3 for training)"), header  # as many as give 1 model each
     summary = (out / "summary.md").read_text()
     assert "binarize=static," in summary and "2 models + 1 full model trained on every example" in summary
     out, err = small_runs["two_channels"]
