@@ -80,8 +80,9 @@ from jaxmem.scores import (
     quantile_flags as quantile_flags,
 )
 
-#: ``jaxmem.make_ensemble(model_factory, tx, keep, batch_size=...)``: the optax-style
-#: ``init`` / ``step`` / ``epoch`` functions of :func:`jaxmem.ensemble.make`.
+#: ``jaxmem.make_ensemble(model_factory, tx, keep, batch_size=...)``: :func:`jaxmem.ensemble.make`,
+#: an :class:`Ensemble` whose ``.init`` / ``.step`` / ``.epoch`` / ``.schedule`` / ``.evaluate``
+#: are the optax-style pure functions.
 make_ensemble = ensemble.make
 #: ``jaxmem.create_model(name, example_shape, seed=...)``: see :func:`jaxmem.models.create`.
 create_model = models.create

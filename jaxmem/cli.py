@@ -438,7 +438,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             training = args.devices or default_mesh(members).size
             on = f"{len(devices)} {devices[0].platform.upper()} device(s)" + (
                 f" ({training} for training)" if training != len(devices) else "")
-            _info(f"{ds.name}: {n} examples of shape {ds.example_shape}; {args.model} ({shown}); "
+            _info(f"{ds.name}: {n} examples of shape {ds.example_shape}; {args.model}{f' ({shown})' if shown else ''}; "
                   f"{args.folds} folds x {args.repeats} repeat(s) = {models} x "
                   f"{args.epochs} epochs; {on}")
             latest = _latest_checkpoint(out)

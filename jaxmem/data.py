@@ -275,7 +275,8 @@ def _prepare_hint(name: str, data_dir) -> str:
         "array_record files with tfds.data_source and never downloads. Prepare it once "
         "on a machine with internet access and TensorFlow: "
         f"`tfds build {name} --file_format=array_record --data_dir=DIR`, copy DIR here "
-        "if needed, then pass data_dir=DIR (or set TFDS_DATA_DIR=DIR)."
+        "if needed, then pass data_dir=DIR (`--data-dir DIR` to the jaxmem command; or set "
+        "TFDS_DATA_DIR=DIR)."
     )
 
 
@@ -666,16 +667,21 @@ def _binarize(x, mode, seed, meta, *, already_binary: bool) -> np.ndarray:
 # ------------------------------------------------------------- nearest neighbours
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _nn_chunk(queries, pool, pool_sq, exclude, k):
-    # ||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2, in full float32 precision (no TF32).
-    cross = jnp.matmul(queries, pool.T, precision=jax.lax.Precision.HIGHEST)
-    d2 = jnp.sum(queries**2, axis=1, keepdims=True) - 2.0 * cross + pool_sq[None, :]
-    d2 = jnp.maximum(d2, 0.0)  # cancellation can make near-duplicates slightly negative
+@functools.partial(jax.jit, static_argnames=("k", "candidates"))
+def _nn_chunk(queries, pool, centred_q, centred_pool, pool_sq, exclude, k, candidates):
+    # Candidates by ||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2 of the centred data in full float32
+    # precision (no TF32): cheap (one matmul), but its terms cancel where distances are
+    # small against the data's norms (8-bit pixels, rows far from 0).
+    cross = jnp.matmul(centred_q, centred_pool.T, precision=jax.lax.Precision.HIGHEST)
+    d2 = jnp.sum(centred_q**2, axis=1, keepdims=True) - 2.0 * cross + pool_sq[None, :]
     cols = jnp.arange(pool.shape[0])
-    d2 = jnp.where(cols[None, :] == exclude[:, None], jnp.inf, d2)
-    neg, idx = jax.lax.top_k(-d2, k)
-    return idx, jnp.sqrt(-neg)
+    skip = cols[None, :] == exclude[:, None]
+    _, cand = jax.lax.top_k(-jnp.where(skip, jnp.inf, d2), candidates)
+    # ... ranked by distances from the differences themselves: exact to float32 rounding.
+    diff = queries[:, None, :] - jnp.take(pool, cand, axis=0)
+    exact = jnp.where(cand == exclude[:, None], jnp.inf, jnp.sum(diff * diff, axis=-1))
+    neg, pos = jax.lax.top_k(-exact, k)
+    return jnp.take_along_axis(cand, pos, axis=1), jnp.sqrt(-neg)
 
 
 def nearest_neighbours(
@@ -705,7 +711,10 @@ def nearest_neighbours(
     Returns:
       ``(indices, distances)``: int32 ``[q, k]`` pool indices, nearest first, and
       float32 ``[q, k]`` Euclidean distances in the data's units (empty ``[0, k]``
-      arrays for no queries).
+      arrays for no queries), computed from the differences, so exact to float32
+      rounding also for data far from 0 (8-bit pixels, offset table rows). Candidates
+      are picked by one matmul of the data centred on the pool's mean, then the ``k``
+      nearest are ranked among the ``k + max(k, 32)`` best candidates by exact distance.
 
     Raises:
       ValueError: queries and pool that differ in example shape, an empty pool, NaN
@@ -756,8 +765,16 @@ def nearest_neighbours(
     if q == 0:
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
     flat_q = queries.reshape(q, -1)
-    flat_p = jnp.asarray(pool.reshape(n, -1))
-    pool_sq = jnp.sum(flat_p**2, axis=1)
+    flat_p = pool.reshape(n, -1)
+    # Centred on the pool's mean (in float64) for the candidates' expanded form, which then
+    # cancels less for data far from 0; the k nearest are ranked among k + max(k, 32)
+    # candidates by exact distances (neighbours the expanded form misranks by more than
+    # that many places, e.g. among near-ties, can still be missed).
+    mean = flat_p.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centred_p = jnp.asarray(flat_p - mean)
+    pool_sq = jnp.sum(centred_p**2, axis=1)
+    candidates = min(n, k + max(k, 32))
+    flat_p = jnp.asarray(flat_p)
     size = min(chunk_size, q)
     indices, dists = [], []
     for start in range(0, q, size):
@@ -766,7 +783,8 @@ def nearest_neighbours(
         pad = size - (stop - start)
         cq = np.pad(flat_q[start:stop], [(0, pad), (0, 0)])
         ce = np.pad(exclude[start:stop], (0, pad), constant_values=-1)
-        idx, dist = _nn_chunk(jnp.asarray(cq), flat_p, pool_sq, jnp.asarray(ce), k)
+        idx, dist = _nn_chunk(jnp.asarray(cq), flat_p, jnp.asarray(cq - mean), centred_p, pool_sq,
+                              jnp.asarray(ce), k, candidates)
         indices.append(np.asarray(idx)[: stop - start])
         dists.append(np.asarray(dist)[: stop - start])
     return np.concatenate(indices).astype(np.int32), np.concatenate(dists)

@@ -61,6 +61,17 @@ KINDS = ("iw", "elbo", "correct", "exact")
 _METHOD_OF_KIND = {"correct": "correct", "exact": "exact_log_prob"}
 
 
+def _per_example(values, method: str, c: int):
+    """A user model's ``method`` output as f32 ``[c]``: refused at trace time, naming the
+    method, unless it holds one value per example (``[c]``; ``[c, 1]`` is taken as that)."""
+    shape = tuple(np.shape(values))
+    if shape not in ((c,), (c, 1)):
+        raise ValueError(f"model.{method} must return one value per example, shape ({c},) for a batch of {c} "
+                         f"(docs/CONTRACTS.md), got {shape}" + (" (a sum over the example's dimensions missing?)"
+                                                                if len(shape) > 1 and shape[0] == c else ""))
+    return jnp.reshape(values, (c,)).astype(jnp.float32)
+
+
 def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_chunk):
     """One member's values, f32 ``[c]``, on one block of ``c`` examples."""
     model = nnx.merge(graphdef, state)
@@ -72,7 +83,7 @@ def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_ch
         name = _METHOD_OF_KIND[kind]
         if not hasattr(model, name):
             raise ValueError(f"kind={kind!r} needs a model with .{name}(), and {type(model).__name__} has none")
-        return getattr(model, name)(batch).astype(jnp.float32)
+        return _per_example(getattr(model, name)(batch), name, keys.shape[0])
     if not isinstance(model, LatentVariableModel):
         # Not a jaxmem VAE: the model's own method, all S samples in one call (a
         # classifier's log_prob is the exact log p(y|x)).
@@ -80,8 +91,8 @@ def _member_values(graphdef, state, batch, keys, *, kind, num_samples, sample_ch
             if not hasattr(model, "elbo"):
                 raise ValueError(f"kind='elbo' needs a model with .elbo(batch, keys, num_samples) "
                                  f"(docs/CONTRACTS.md), and {type(model).__name__} has none")
-            return model.elbo(batch, keys, num_samples).astype(jnp.float32)
-        return model.log_prob(batch, keys, num_samples).astype(jnp.float32)
+            return _per_example(model.elbo(batch, keys, num_samples), "elbo", keys.shape[0])
+        return _per_example(model.log_prob(batch, keys, num_samples), "log_prob", keys.shape[0])
 
     x, q = model.prepare(batch, keys)
     sc = min(sample_chunk, num_samples)

@@ -469,7 +469,8 @@ def memorization_scores(
         no in- or no out-model (named), or an option is out of range or of the wrong
         kind (each named: ``quantile`` not a real number in [0, 1], ``num_bootstrap``
         not a positive integer, ``key`` not a single PRNG key or None).
-      TypeError: ``ll`` is not floating or ``keep`` is not boolean.
+      TypeError: ``ll`` is not floating (a ``keep`` that is not boolean is a ValueError
+        that names ``.astype(bool)``).
 
     Examples:
       >>> import numpy as np, jaxmem

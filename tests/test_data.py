@@ -292,9 +292,29 @@ def test_nearest_neighbours_match_brute_force():
     )
     expected = np.argsort(d, axis=1)[:, :5]
     np.testing.assert_array_equal(idx, expected)
-    # float32 expansion |q|^2 - 2q.p + |p|^2 with |q|^2 ~ 5: absolute error in d^2
-    # ~1e-6, i.e. ~1e-6 relative on distances ~1; 1e-4 leaves ample margin.
-    np.testing.assert_allclose(dist, np.take_along_axis(d, expected, 1), rtol=1e-4)
+    # distances from float32 differences: ~1e-7 relative; 1e-5 leaves ample margin
+    np.testing.assert_allclose(dist, np.take_along_axis(d, expected, 1), rtol=1e-5)
+
+
+def test_nearest_neighbours_of_data_far_from_zero():
+    """8-bit pixels and table rows near 1e4: the expanded |q|^2 - 2q.p + |p|^2 alone cancelled
+    (distances 38-40 for a true 3.16; five queries all given row 0 at distance 0)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(200, 32 * 32 * 3)).astype(np.float32)
+    queries = pixels[:5].copy()
+    for j in range(5):
+        queries[j, rng.choice(queries.shape[1], 10, replace=False)] += 1  # 10 pixels one level up
+    rows = (1e4 + rng.normal(size=(50, 4))).astype(np.float32)
+    for pool, q, true in ((pixels, queries, np.sqrt(10)), (rows, rows[:5] + np.float32(0.01), None)):
+        idx, dist = nearest_neighbours(q, pool, k=2)
+        d = np.linalg.norm(q.reshape(5, 1, -1).astype(np.float64) - pool.reshape(1, len(pool), -1), axis=2)
+        np.testing.assert_array_equal(idx, np.argsort(d, axis=1)[:, :2])
+        assert idx[:, 0].tolist() == [0, 1, 2, 3, 4]
+        # float32 differences of values ~1e4 are exact to ~1e-3 absolute (eps * 1e4), ~1e-6
+        # relative on the pixel distances: tolerances to match
+        np.testing.assert_allclose(dist, np.take_along_axis(d, idx, 1), rtol=1e-5, atol=2e-3)
+        if true is not None:
+            np.testing.assert_allclose(dist[:, 0], true, rtol=1e-6)
 
 
 def test_nearest_neighbours_exclude_self():

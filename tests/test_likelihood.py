@@ -481,6 +481,33 @@ def test_kind_elbo_calls_the_elbo_of_a_model_that_is_not_a_jaxmem_vae():
         loglik_matrix(_GaussianLatentModelWithoutElbo(), data=x, kind="elbo", **kw)
 
 
+def test_a_user_models_values_of_another_shape_are_refused_by_name():
+    """log_prob/elbo of a user's model must give one value per example (CONTRACTS.md):
+    per-dimension values or one value for the batch raised a reshape TypeError deep in
+    the kernel; [B, 1] is read as [B]."""
+    class PerDim(_GaussianLatentModel):
+        def log_prob(self, batch, keys, num_samples):
+            return -0.5 * batch * batch  # the sum over the 3 coordinates forgotten
+
+    class OneValue(_GaussianLatentModel):
+        def elbo(self, batch, keys, num_samples=1):
+            return jnp.mean(super().elbo(batch, keys, num_samples))
+
+    class Column(_GaussianLatentModel):
+        def log_prob(self, batch, keys, num_samples):
+            return super().log_prob(batch, keys, num_samples)[:, None]
+
+    x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    kw = dict(key=KEY, num_samples=4, mesh=make_mesh(1), example_chunk=4)
+    with pytest.raises(ValueError, match=r"model.log_prob must return one value per example, shape \(4,\) for a "
+                                         r"batch of 4 \(docs/CONTRACTS.md\), got \(4, 3\) \(a sum over"):
+        loglik_matrix(PerDim(), data=x, **kw)
+    with pytest.raises(ValueError, match=r"model.elbo must return one value per example.*got \(\)"):
+        loglik_matrix(OneValue(), data=x, kind="elbo", **kw)
+    np.testing.assert_array_equal(np.asarray(loglik_matrix(Column(), data=x, **kw)),
+                                  np.asarray(loglik_matrix(_GaussianLatentModel(), data=x, **kw)))
+
+
 def test_the_state_of_an_ensemble_in_any_of_its_forms():
     """(graphdef, stacked state), (graphdef, (params, rest)) as ensemble.member takes, and
     (graphdef, EnsembleState) score alike. Regression: the last two failed (flax's

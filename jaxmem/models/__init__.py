@@ -5,7 +5,7 @@ Every model is a Flax NNX module with, per example and in nats:
 - ``loss(batch, key) -> f32[B]``: the training loss (negative ELBO, cross-entropy);
 - ``log_prob(batch, keys, num_samples) -> f32[B]``: importance-weighted log p(x)
   (exact log p(y|x) for the classifier), one PRNG key per example;
-- ``elbo(batch, keys) -> f32[B]``.
+- ``elbo(batch, keys, num_samples=1) -> f32[B]``.
 
 Build one from a JSON-serialisable configuration::
 
