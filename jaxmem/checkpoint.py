@@ -53,6 +53,17 @@ def latest_epoch(run_dir: str | os.PathLike) -> int | None:
     return max(_epochs_on_disk(run_dir), default=None)
 
 
+def incomplete_note(run_dir: str | os.PathLike, epoch: int) -> str:
+    """``""``, or a note for a message about checkpoint ``epoch`` of ``run_dir`` whose
+    folder lacks orbax's parts (an empty or partly copied folder, not a checkpoint)."""
+    path = os.path.join(os.fspath(run_dir), _STEPS_DIR, str(epoch))
+    missing = [part for part in ("state", "history") if not os.path.isdir(os.path.join(path, part))]
+    if not missing:
+        return ""
+    return (f" (but {path} holds no {' or '.join(missing)}: not a whole checkpoint; if it is an empty or "
+            "partly copied folder, delete it)")
+
+
 def _epochs_on_disk(run_dir: str | os.PathLike) -> list[int]:
     """Sorted epochs of the complete checkpoints in ``run_dir`` (directory listing only)."""
     root = os.path.join(run_dir, _STEPS_DIR)
@@ -146,6 +157,7 @@ class RunCheckpoints:
             raise ValueError(f"run_dir: cannot create directory {self.run_dir}: {e}") from e
         config = json.loads(json.dumps({"format": _FORMAT, **config}))  # normalise tuples etc.
         self.config = config
+        self._mutable = tuple(mutable)
         path = os.path.join(self.run_dir, "config.json")
         epochs = _epochs_on_disk(self.run_dir)
         if os.path.lexists(path):
@@ -168,22 +180,18 @@ class RunCheckpoints:
         self._manager = ocp.CheckpointManager(
             steps_dir,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "history": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "history": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
         )
 
-    def _check(self, stored: dict, config: dict, mutable: tuple[str, ...]) -> None:
-        old, new = _flatten(stored), _flatten(config)
-        diffs = [
-            f"{key}: stored {_short(old.get(key, '<missing>'))} vs now {_short(new.get(key, '<missing>'))}"
-            for key in sorted(set(old) | set(new))
-            if key.split(".")[0] not in mutable and old.get(key, "<missing>") != new.get(key, "<missing>")
-        ]
+    def _check(self, stored: dict, config: dict, mutable: tuple[str, ...], what: str = "") -> None:
+        diffs = _differences(stored, config, mutable)
         if diffs:
             more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
             raise ConfigMismatchError(
-                f"run directory {self.run_dir} was written with another configuration; "
-                "refusing to resume from it (use a new run directory). Differences:\n  "
-                + "\n  ".join(diffs[:12]) + more
+                (what or f"run directory {self.run_dir} was written with another configuration; "
+                 "refusing to resume from it (use a new run directory)")
+                + ". Differences:\n  " + "\n  ".join(diffs[:12]) + more
             )
 
     def latest_epoch(self) -> int | None:
@@ -194,13 +202,25 @@ class RunCheckpoints:
         """Start saving ``state`` (pytree of arrays) and ``history`` (JSON) as ``epoch``.
 
         Asynchronous: returns once the arrays are copied; call :meth:`wait` before
-        relying on the files.
+        relying on the files. The run's configuration is saved with it, and checked
+        against ``config.json`` first.
+
+        Raises:
+          ConfigMismatchError: ``config.json`` now holds another configuration (another
+            run replaced it while this one had no checkpoint): nothing is saved.
         """
+        self._check(_read_config(os.path.join(self.run_dir, "config.json")), self.config, self._mutable,
+                    what=f"run directory {self.run_dir} now holds another run's configuration (started there "
+                         f"while this run had no checkpoint?); refusing to save checkpoint {int(epoch)} under it "
+                         "(use a run directory per run)")
         self._manager.save(
             int(epoch),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_to_saveable(state)),
-                history=ocp.args.JsonSave(history),
+                # A copy: orbax writes the JSON in the background, while the caller goes on
+                # appending to its history (a checkpoint of epoch 1 held 2 epochs' rows).
+                history=ocp.args.JsonSave(json.loads(json.dumps(history))),
+                config=ocp.args.JsonSave(self.config),
             ),
         )
 
@@ -217,7 +237,8 @@ class RunCheckpoints:
 
         Raises:
           FileNotFoundError: there is no checkpoint.
-          ConfigMismatchError: the checkpoint holds other leaves or shapes than ``like``.
+          ConfigMismatchError: the checkpoint holds other leaves or shapes than ``like``,
+            or was saved under another configuration than this run's.
           CheckpointDamagedError: the checkpoint's files cannot be read back; it is left
             as it is (no older checkpoint is used in its place), and the message names
             the earlier checkpoint that deleting it would resume from.
@@ -233,8 +254,20 @@ class RunCheckpoints:
             _read_array_store(os.path.join(self._steps_dir, str(epoch), "state"))
             stored = self._manager.item_metadata(epoch)["state"]
             stored = {k: tuple(v.shape) for k, v in stored.items()}
+            # The configuration the checkpoint was saved under (checkpoints of jaxmem
+            # before it was saved with them have none: their config.json is all there is).
+            saved_under = None
+            if os.path.isdir(os.path.join(self._steps_dir, str(epoch), "config")):
+                saved_under = self._manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+                saved_under = saved_under["config"]
         except Exception as e:
             raise self._damaged(epoch, e) from e
+        if saved_under is not None:  # e.g. saved by another run that shared the directory
+            path = os.path.join(self._steps_dir, str(epoch))
+            self._check(saved_under, self.config, self._mutable,
+                        what=f"checkpoint {epoch} in {self.run_dir} was saved by a run of another configuration "
+                             f"than this one and {self.run_dir}/config.json (two runs in one directory?); "
+                             f"refusing to resume from it (delete {path}, or use a new run directory)")
         diffs = [
             f"{k}: stored {stored.get(k, '<missing>')} vs now {target[k].shape if k in target else '<missing>'}"
             for k in sorted(set(stored) | set(target))
@@ -304,6 +337,16 @@ def _read_array_store(state_dir: str) -> None:
     store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + os.sep}}).result()
     for key in store.list().result():
         store.read(key).result()
+
+
+def _differences(stored: dict, config: dict, mutable: tuple[str, ...]) -> list[str]:
+    """``"key: stored X vs now Y"`` for every flattened key that differs, ``mutable`` ones aside."""
+    old, new = _flatten(stored), _flatten(config)
+    return [
+        f"{key}: stored {_short(old.get(key, '<missing>'))} vs now {_short(new.get(key, '<missing>'))}"
+        for key in sorted(set(old) | set(new))
+        if key.split(".")[0] not in mutable and old.get(key, "<missing>") != new.get(key, "<missing>")
+    ]
 
 
 def _write_config(path: str, config: dict[str, Any]) -> None:

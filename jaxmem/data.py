@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import functools
 import glob
 import os
 import pathlib
@@ -667,21 +666,41 @@ def _binarize(x, mode, seed, meta, *, already_binary: bool) -> np.ndarray:
 # ------------------------------------------------------------- nearest neighbours
 
 
-@functools.partial(jax.jit, static_argnames=("k", "candidates"))
-def _nn_chunk(queries, pool, centred_q, centred_pool, pool_sq, exclude, k, candidates):
-    # Candidates by ||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2 of the centred data in full float32
-    # precision (no TF32): cheap (one matmul), but its terms cancel where distances are
-    # small against the data's norms (8-bit pixels, rows far from 0).
-    cross = jnp.matmul(centred_q, centred_pool.T, precision=jax.lax.Precision.HIGHEST)
-    d2 = jnp.sum(centred_q**2, axis=1, keepdims=True) - 2.0 * cross + pool_sq[None, :]
-    cols = jnp.arange(pool.shape[0])
-    skip = cols[None, :] == exclude[:, None]
-    _, cand = jax.lax.top_k(-jnp.where(skip, jnp.inf, d2), candidates)
-    # ... ranked by distances from the differences themselves: exact to float32 rounding.
-    diff = queries[:, None, :] - jnp.take(pool, cand, axis=0)
-    exact = jnp.where(cand == exclude[:, None], jnp.inf, jnp.sum(diff * diff, axis=-1))
-    neg, pos = jax.lax.top_k(-exact, k)
-    return jnp.take_along_axis(cand, pos, axis=1), jnp.sqrt(-neg)
+_NN_BLOCK_BYTES = 1 << 26  # float64 pool rows converted at a time (64 MiB)
+
+
+def _nn_chunk(queries, pool, mean, pool_sq, exclude, k):
+    """The ``k`` nearest pool rows of each query row (float32 ``[m, d]``): int ``[m, k]``
+    indices and float64 ``[m, k]`` squared distances, ties to the lower index.
+
+    ``||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2`` of the data centred on the pool's ``mean``,
+    in float64 (one matmul per block of pool rows): its rounding, ~1e-16 of the centred
+    squared norms, is far below any distance that float32 data can tell apart, wherever the
+    data lie (8-bit pixels, unscaled table columns, rows far from the mean in opposite
+    directions). float32 cancelled there: wrong neighbours at distance 0.
+    """
+    m, n = len(queries), len(pool)
+    q = queries.astype(np.float64) - mean
+    q_sq = np.einsum("ij,ij->i", q, q)
+    best_d = np.full((m, 0), np.inf)
+    best_i = np.zeros((m, 0), np.int64)
+    block = max(1, _NN_BLOCK_BYTES // (8 * max(1, pool.shape[1])))
+    rows = np.arange(m)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        p = pool[start:stop].astype(np.float64) - mean
+        d2 = q_sq[:, None] - 2.0 * (q @ p.T) + pool_sq[None, start:stop]
+        inside = (exclude >= start) & (exclude < stop)
+        d2[rows[inside], exclude[inside] - start] = np.inf
+        cand_d = np.concatenate([best_d, d2], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, stop), d2.shape)], axis=1)
+        keep = min(k, cand_d.shape[1])
+        if keep < cand_d.shape[1]:
+            part = np.argpartition(cand_d, keep - 1, axis=1)[:, :keep]
+            cand_d, cand_i = np.take_along_axis(cand_d, part, 1), np.take_along_axis(cand_i, part, 1)
+        best_d, best_i = cand_d, cand_i
+    order = np.lexsort((best_i, best_d), axis=1)  # by distance, then index
+    return np.take_along_axis(best_i, order, 1), np.take_along_axis(best_d, order, 1)
 
 
 def nearest_neighbours(
@@ -695,8 +714,8 @@ def nearest_neighbours(
     """The ``k`` nearest pool examples of every query, by Euclidean distance in pixels.
 
     Every query gets its own distances to the whole pool (no row of a batch stands in
-    for the others). Queries are processed ``chunk_size`` at a time, so memory is
-    ``O(chunk_size * len(pool))``.
+    for the others). Queries are processed ``chunk_size`` at a time and the pool in
+    blocks of 64 MiB (as float64), so memory is ``O(chunk_size * block)`` beside the data.
 
     Args:
       queries: ``[q, *example_shape]``, finite; ``q`` may be 0.
@@ -711,10 +730,11 @@ def nearest_neighbours(
     Returns:
       ``(indices, distances)``: int32 ``[q, k]`` pool indices, nearest first, and
       float32 ``[q, k]`` Euclidean distances in the data's units (empty ``[0, k]``
-      arrays for no queries), computed from the differences, so exact to float32
-      rounding also for data far from 0 (8-bit pixels, offset table rows). Candidates
-      are picked by one matmul of the data centred on the pool's mean, then the ``k``
-      nearest are ranked among the ``k + max(k, 32)`` best candidates by exact distance.
+      arrays for no queries), computed from the differences. Neighbours are found by
+      ``||q||^2 - 2 q.p + ||p||^2`` of the data centred on the pool's mean in float64 on
+      the host (a matmul per block of pool rows), whose rounding is far below any
+      distance float32 data can tell apart, wherever the data lie (8-bit pixels,
+      unscaled table columns); ties go to the lower pool index.
 
     Raises:
       ValueError: queries and pool that differ in example shape, an empty pool, NaN
@@ -766,25 +786,16 @@ def nearest_neighbours(
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
     flat_q = queries.reshape(q, -1)
     flat_p = pool.reshape(n, -1)
-    # Centred on the pool's mean (in float64) for the candidates' expanded form, which then
-    # cancels less for data far from 0; the k nearest are ranked among k + max(k, 32)
-    # candidates by exact distances (neighbours the expanded form misranks by more than
-    # that many places, e.g. among near-ties, can still be missed).
-    mean = flat_p.mean(axis=0, dtype=np.float64).astype(np.float32)
-    centred_p = jnp.asarray(flat_p - mean)
-    pool_sq = jnp.sum(centred_p**2, axis=1)
-    candidates = min(n, k + max(k, 32))
-    flat_p = jnp.asarray(flat_p)
-    size = min(chunk_size, q)
+    mean = flat_p.mean(axis=0, dtype=np.float64)
+    pool_sq = np.concatenate([
+        np.einsum("ij,ij->i", c, c) for c in
+        ((flat_p[s:s + 4096].astype(np.float64) - mean) for s in range(0, n, 4096))])
     indices, dists = [], []
-    for start in range(0, q, size):
-        stop = min(q, start + size)
-        # Pad the last chunk to the same shape: one compilation for all chunks.
-        pad = size - (stop - start)
-        cq = np.pad(flat_q[start:stop], [(0, pad), (0, 0)])
-        ce = np.pad(exclude[start:stop], (0, pad), constant_values=-1)
-        idx, dist = _nn_chunk(jnp.asarray(cq), flat_p, jnp.asarray(cq - mean), centred_p, pool_sq,
-                              jnp.asarray(ce), k, candidates)
-        indices.append(np.asarray(idx)[: stop - start])
-        dists.append(np.asarray(dist)[: stop - start])
+    for start in range(0, q, chunk_size):
+        stop = min(q, start + chunk_size)
+        idx, _ = _nn_chunk(flat_q[start:stop], flat_p, mean, pool_sq, exclude[start:stop], k)
+        # the distances of the k found, from the differences themselves (float64)
+        diff = flat_q[start:stop, None, :].astype(np.float64) - flat_p[idx]
+        indices.append(idx)
+        dists.append(np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)).astype(np.float32))
     return np.concatenate(indices).astype(np.int32), np.concatenate(dists)

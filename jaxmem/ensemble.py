@@ -956,12 +956,13 @@ def fit(
         ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",))
         latest = ckpt.latest_epoch()
         if latest is not None and latest > epochs:
-            from jaxmem.checkpoint import ConfigMismatchError
+            from jaxmem.checkpoint import ConfigMismatchError, incomplete_note
 
             ckpt.close()
             raise ConfigMismatchError(
                 f"{run_dir} holds a checkpoint of epoch {latest}, past the {epochs} epoch(s) "
                 f"asked for; ask for at least {latest} epochs, or use another run directory"
+                + incomplete_note(run_dir, latest)
             )
         if latest is not None:
             try:

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
-from jaxmem.checkpoint import ConfigMismatchError, latest_epoch
+from jaxmem.checkpoint import ConfigMismatchError, incomplete_note, latest_epoch
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int, _check_seed
 from jaxmem.mesh import as_mesh, make_mesh
@@ -587,6 +587,7 @@ def memorization(
             raise ConfigMismatchError(
                 f"{out_dir} holds a run trained for {trained} epochs, more than the {epochs} "
                 f"asked for; ask for at least {trained} epochs, or use another output directory"
+                + incomplete_note(_run_dir(out_dir), trained)
             )
         run_dir = _run_dir(out_dir)
     run_stated = out_dir is None

@@ -182,6 +182,44 @@ def test_configuration_without_checkpoints_is_replaced(tmp_path):
         RunCheckpoints(tmp_path / "empty", {"a": 2})
 
 
+def test_two_runs_in_one_directory_never_mix_their_states(tmp_path):
+    """A configuration with no checkpoint behind it is replaced, so a second run started in a
+    directory while the first has no checkpoint yet takes it over: the first run's next save
+    is refused (config.json is no longer its own), and a checkpoint saved under another
+    configuration anyway (the two raced) is refused on restore, not resumed from."""
+    a = RunCheckpoints(tmp_path, {"lr": 0.1})
+    b = RunCheckpoints(tmp_path, {"lr": 0.001})  # accepted: nothing behind the first's config
+    with pytest.raises(ConfigMismatchError, match=r"(?s)now holds another run's configuration .*refusing to save "
+                                                  r"checkpoint 1 under it .*lr: stored 0.001 vs now 0.1"):
+        a.save(1, {"w": jnp.full(3, 111.0)}, {})
+    a.close()
+    b.close()
+    assert latest_epoch(tmp_path) is None
+    # the race: a's save checked config.json just before b replaced it
+    a = RunCheckpoints(tmp_path / "race", {"lr": 0.1})
+    a.save(1, {"w": jnp.full(3, 111.0)}, {})
+    a.close()
+    (tmp_path / "race" / "config.json").write_text(json.dumps({"format": 1, "lr": 0.001}))
+    b = RunCheckpoints(tmp_path / "race", {"lr": 0.001})
+    with pytest.raises(ConfigMismatchError, match=r"(?s)checkpoint 1 in .* was saved by a run of another configuration "
+                                                  r".*delete .*/checkpoints/1.*lr: stored 0.1 vs now 0.001"):
+        b.restore({"w": jnp.zeros(3)})
+    b.close()
+
+
+def test_each_checkpoint_holds_the_history_of_its_own_epochs(tmp_path):
+    """orbax writes a checkpoint's history JSON in the background while fit appends the next
+    epochs to the same lists: checkpoints held the rows of later epochs (8 of 20 here on the
+    old code), which a resume then carried as extra epochs. Saved as a copy now."""
+    ensemble.fit(tiny, 1e-2, X, KEEP, epochs=6, batch_size=8, progress=False, run_dir=tmp_path,
+                 keep_checkpoints=10)
+    for epoch in range(1, 7):
+        (meta,) = glob.glob(f"{tmp_path}/checkpoints/{epoch}/history/metadata")
+        with open(meta) as f:
+            history = json.load(f)
+        assert [len(history[k]) for k in ("train_loss", "heldout_loss")] == [epoch, epoch]
+
+
 def _damage(step_dir, how):
     """Junk into a checkpoint's files: ``truncate`` the array data, or overwrite the ``manifest``."""
     pattern = "**/d/*" if how == "truncate" else "**/manifest.ocdbt"
@@ -215,6 +253,13 @@ def test_damaged_checkpoint_is_refused_and_kept(tmp_path):
     res = ensemble.fit(tiny, 1e-2, X, KEEP, epochs=2, run_dir=damaged, **kw)
     for a, b in zip(jax.tree.leaves(res.train_state.params), jax.tree.leaves(ref.train_state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # an empty folder of a later epoch (e.g. a partial copy) is not a checkpoint: said at once
+    os.makedirs(os.path.join(damaged, "checkpoints", "9"))
+    with pytest.raises(ConfigMismatchError, match=r"holds a checkpoint of epoch 9, past the 3 epoch\(s\) asked for.*"
+                                                  r"\(but .*/checkpoints/9 holds no state or history: not a whole "
+                                                  r"checkpoint; if it is an empty or partly copied folder, delete"):
+        ensemble.fit(tiny, 1e-2, X, KEEP, epochs=3, run_dir=damaged, **kw)
+    os.rmdir(os.path.join(damaged, "checkpoints", "9"))
     # the only checkpoint damaged; a checkpoint that reads but has other leaves is a mismatch
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.int32(7)}
     ck = RunCheckpoints(tmp_path / "one", {"a": 1})

@@ -305,7 +305,12 @@ def test_nearest_neighbours_of_data_far_from_zero():
     for j in range(5):
         queries[j, rng.choice(queries.shape[1], 10, replace=False)] += 1  # 10 pixels one level up
     rows = (1e4 + rng.normal(size=(50, 4))).astype(np.float32)
-    for pool, q, true in ((pixels, queries, np.sqrt(10)), (rows, rows[:5] + np.float32(0.01), None)):
+    # two groups far from the mean in opposite directions (an unscaled column): centring
+    # alone left the float32 expansion finding the true neighbour for 23% of rows
+    groups = rng.normal(size=(60, 4)).astype(np.float32)
+    groups[:, 0] += np.where(np.arange(60) < 30, 1e4, -1e4).astype(np.float32)
+    for pool, q, true in ((pixels, queries, np.sqrt(10)), (rows, rows[:5] + np.float32(0.01), None),
+                          (groups, groups[:5] + np.float32(0.01), None)):
         idx, dist = nearest_neighbours(q, pool, k=2)
         d = np.linalg.norm(q.reshape(5, 1, -1).astype(np.float64) - pool.reshape(1, len(pool), -1), axis=2)
         np.testing.assert_array_equal(idx, np.argsort(d, axis=1)[:, :2])
@@ -315,6 +320,23 @@ def test_nearest_neighbours_of_data_far_from_zero():
         np.testing.assert_allclose(dist, np.take_along_axis(d, idx, 1), rtol=1e-5, atol=2e-3)
         if true is not None:
             np.testing.assert_allclose(dist[:, 0], true, rtol=1e-6)
+
+
+def test_nearest_neighbours_over_blocks_of_the_pool(monkeypatch):
+    """The pool is read in blocks (here 7 rows of 16 values each, 43 blocks): the k best are
+    kept across blocks, ``exclude`` lands in the right block, ties go to the lower index."""
+    from jaxmem import data as data_module
+
+    monkeypatch.setattr(data_module, "_NN_BLOCK_BYTES", 7 * 16 * 8)
+    rng = np.random.default_rng(1)
+    pool = rng.random((300, 16)).astype(np.float32)
+    pool[150] = pool[10]  # a tie: the lower index first
+    idx, dist = nearest_neighbours(pool[:40], pool, k=4, exclude=np.arange(40), chunk_size=16)
+    d = np.linalg.norm(pool[:40, None, :].astype(np.float64) - pool[None], axis=2)
+    d[np.arange(40), np.arange(40)] = np.inf
+    np.testing.assert_array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :4])
+    assert idx[10, 0] == 150 and dist[10, 0] == 0.0  # its duplicate (itself excluded)
+    np.testing.assert_allclose(dist, np.take_along_axis(d, idx, 1), rtol=1e-6)
 
 
 def test_nearest_neighbours_exclude_self():
