@@ -669,7 +669,7 @@ def _binarize(x, mode, seed, meta, *, already_binary: bool) -> np.ndarray:
 _NN_BLOCK_BYTES = 1 << 26  # float64 pool rows converted at a time (64 MiB)
 
 
-def _nn_chunk(queries, pool, mean, pool_sq, exclude, k):
+def _nn_chunk(queries, pool, mean, exclude, k):
     """The ``k`` nearest pool rows of each query row (float32 ``[m, d]``): int ``[m, k]``
     indices and float64 ``[m, k]`` squared distances, ties to the lower index.
 
@@ -689,7 +689,7 @@ def _nn_chunk(queries, pool, mean, pool_sq, exclude, k):
     for start in range(0, n, block):
         stop = min(n, start + block)
         p = pool[start:stop].astype(np.float64) - mean
-        d2 = q_sq[:, None] - 2.0 * (q @ p.T) + pool_sq[None, start:stop]
+        d2 = q_sq[:, None] - 2.0 * (q @ p.T) + np.einsum("ij,ij->i", p, p)[None, :]
         inside = (exclude >= start) & (exclude < stop)
         d2[rows[inside], exclude[inside] - start] = np.inf
         cand_d = np.concatenate([best_d, d2], axis=1)
@@ -787,13 +787,10 @@ def nearest_neighbours(
     flat_q = queries.reshape(q, -1)
     flat_p = pool.reshape(n, -1)
     mean = flat_p.mean(axis=0, dtype=np.float64)
-    pool_sq = np.concatenate([
-        np.einsum("ij,ij->i", c, c) for c in
-        ((flat_p[s:s + 4096].astype(np.float64) - mean) for s in range(0, n, 4096))])
     indices, dists = [], []
     for start in range(0, q, chunk_size):
         stop = min(q, start + chunk_size)
-        idx, _ = _nn_chunk(flat_q[start:stop], flat_p, mean, pool_sq, exclude[start:stop], k)
+        idx, _ = _nn_chunk(flat_q[start:stop], flat_p, mean, exclude[start:stop], k)
         # the distances of the k found, from the differences themselves (float64)
         diff = flat_q[start:stop, None, :].astype(np.float64) - flat_p[idx]
         indices.append(idx)

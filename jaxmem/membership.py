@@ -220,7 +220,7 @@ class Plan:
         # "random": every model trains on round(rate * n) examples (random_subsets)
         if not (is_real and 0.0 < self.rate < 1.0):
             raise ValueError(f"a 'random' plan needs its rate, strictly between 0 and 1, got {self.rate!r}")
-        size = int(round(float(self.rate) * n))
+        size = _subset_size(float(self.rate), n)
         sizes = keep.sum(axis=1)
         off = np.flatnonzero(sizes != size)
         if off.size:
@@ -485,6 +485,11 @@ def kfold(n: int, k: int, repeats: int = 1, seed: int = 0) -> Plan:
     )
 
 
+def _subset_size(rate: float, n: int) -> int:
+    """Examples per model of a "random" plan of ``n`` examples: ``round(rate * n)``."""
+    return int(round(rate * n))
+
+
 def random_subsets(n: int, num_models: int, rate: float, seed: int = 0) -> Plan:
     """Each model trains on a uniformly random subset of exactly ``round(rate * n)`` examples.
 
@@ -511,7 +516,7 @@ def random_subsets(n: int, num_models: int, rate: float, seed: int = 0) -> Plan:
     rate = float(rate)
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be strictly between 0 and 1, got {rate}")
-    size = int(round(rate * n))
+    size = _subset_size(rate, n)
     if not 0 < size < n:
         raise ValueError(
             f"rate={rate} of n={n} examples rounds to {size} per model; each model needs "
