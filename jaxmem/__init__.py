@@ -29,6 +29,7 @@ from jaxmem import (
 from jaxmem.checkpoint import (
     CheckpointDamagedError as CheckpointDamagedError,
     ConfigMismatchError as ConfigMismatchError,
+    RunDirectoryBusyError as RunDirectoryBusyError,
 )
 from jaxmem.data import (
     Dataset as Dataset,

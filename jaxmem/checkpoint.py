@@ -19,13 +19,24 @@ one: nothing is skipped or overwritten silently.
 Saves are asynchronous (orbax writes in a background thread into a temporary directory
 and renames it when complete), so a process killed mid-save leaves the previous
 checkpoint as the latest one.
+
+A run holds its directory for as long as it works in it (:func:`run_lock`, an advisory
+``flock`` on ``DIR/.jaxmem-lock``): a second run started in the same directory meanwhile
+is refused with :class:`RunDirectoryBusyError` naming the holder, before it reads or writes
+anything. The kernel drops the lock when the holder's process ends, however it ends, so a
+killed run leaves no stale lock behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,13 +46,16 @@ import tensorstore as ts
 
 __all__ = [
     "RunCheckpoints", "ConfigMismatchError", "CheckpointDamagedError", "fingerprint_array", "describe_tree",
-    "latest_epoch",
+    "latest_epoch", "run_lock", "RunDirectoryBusyError",
 ]
 
 _FORMAT = 1
 
 # Where orbax keeps the numbered checkpoints inside a run directory.
 _STEPS_DIR = "checkpoints"
+
+# The lock file of a run directory (removed when the run releases it).
+LOCK_FILE = ".jaxmem-lock"
 
 
 def latest_epoch(run_dir: str | os.PathLike) -> int | None:
@@ -71,6 +85,90 @@ def _epochs_on_disk(run_dir: str | os.PathLike) -> list[int]:
         return []
     # orbax writes into a temporary name and renames to the bare step number when done
     return sorted(int(e.name) for e in os.scandir(root) if e.is_dir() and e.name.isdigit())
+
+
+class RunDirectoryBusyError(OSError):
+    """Another run, alive now, works in the run directory (an ``OSError``, as a busy file is)."""
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``directory/.jaxmem-lock``, or nothing where there is none."""
+
+    def __init__(self, directory: str, what: str):
+        self.path = os.path.join(directory, LOCK_FILE)
+        self.fd: int | None = None
+        self.directory = directory
+        self.created_dir = not os.path.lexists(directory)
+        os.makedirs(directory, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # Windows: runs are not locked there
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                self.release()
+                raise RunDirectoryBusyError(
+                    f"{what} {directory} is in use by another run ({holder}); wait for it to end, or use "
+                    "another directory (two runs in one directory would overwrite each other's work)") from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without flock
+                    return
+                raise
+            # The holder before us may have removed the file between our open and our lock:
+            # then the lock is on a file nobody else will open, and is taken again.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            # Removed before it is unlocked, so that nobody locks a file about to go.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+        if self.created_dir:  # a run refused before it wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)  # only if empty
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike, what: str = "run directory") -> Iterator[None]:
+    """Hold ``directory`` (created if missing) for one run; refuse it while another run holds it.
+
+    An advisory exclusive ``flock`` on ``directory/.jaxmem-lock``, which names the holder
+    (process id, host, start time). The kernel drops it when the holding process ends,
+    however it ends (``SIGKILL`` included), so no stale lock is ever left to clear. On
+    release the lock file is removed, and a directory that the lock created is removed
+    again if it is still empty. Where ``fcntl`` or ``flock`` is missing (Windows; some
+    network file systems), nothing is locked.
+
+    Args:
+      directory: the run (or results) directory.
+      what: how the error names it (e.g. ``"out_dir"``).
+
+    Raises:
+      RunDirectoryBusyError: another run (in this process or another) holds ``directory``.
+    """
+    lock = _Lock(os.path.abspath(os.fspath(directory)), what)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class ConfigMismatchError(ValueError):
@@ -121,6 +219,9 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 class RunCheckpoints:
     """Checkpoints of one training run in ``run_dir``, refusing other configurations.
 
+    The directory is held (:func:`run_lock`) from here until :meth:`close`, so a second
+    run cannot open it meanwhile.
+
     Args:
       run_dir: directory of the run (created if missing).
       config: JSON-serialisable description of the run. If ``run_dir`` already has a
@@ -132,6 +233,7 @@ class RunCheckpoints:
 
     Raises:
       ConfigMismatchError: ``run_dir`` holds checkpoints of a run of another configuration.
+      RunDirectoryBusyError: another run holds ``run_dir`` (it has not closed it).
       ValueError: ``run_dir`` or its ``checkpoints`` entry is not a directory; its
         ``config.json`` is not a JSON object; or it holds checkpoints but no
         ``config.json`` (they cannot be checked against this run). Raised before
@@ -155,6 +257,14 @@ class RunCheckpoints:
             os.makedirs(self.run_dir, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:  # a parent is a file
             raise ValueError(f"run_dir: cannot create directory {self.run_dir}: {e}") from e
+        self._lock = _Lock(self.run_dir, "run_dir")  # held until close()
+        try:
+            self._open(config, max_to_keep, mutable)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, config: dict[str, Any], max_to_keep: int, mutable: tuple[str, ...]) -> None:
         config = json.loads(json.dumps({"format": _FORMAT, **config}))  # normalise tuples etc.
         self.config = config
         self._mutable = tuple(mutable)
@@ -175,7 +285,7 @@ class RunCheckpoints:
             )
         else:
             _write_config(path, config)
-        self._steps_dir = steps_dir
+        self._steps_dir = steps_dir = os.path.join(self.run_dir, _STEPS_DIR)
         # Handlers named up front so that a checkpoint's metadata can be read before restoring.
         self._manager = ocp.CheckpointManager(
             steps_dir,
@@ -320,9 +430,12 @@ class RunCheckpoints:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release orbax's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish pending saves, release orbax's threads and the run directory."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        finally:
+            self._lock.release()
 
 
 def _read_array_store(state_dir: str) -> None:

@@ -24,6 +24,7 @@ results directory::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -40,7 +41,7 @@ import numpy as np
 import optax
 
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
-from jaxmem.checkpoint import ConfigMismatchError, incomplete_note, latest_epoch
+from jaxmem.checkpoint import LOCK_FILE, ConfigMismatchError, incomplete_note, latest_epoch, run_lock
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int, _check_seed
 from jaxmem.mesh import as_mesh, make_mesh
@@ -275,7 +276,7 @@ def _check_out_dir(directory: str) -> None:
         raise ValueError(f"out_dir {directory} is a file; give a folder (new or of a jaxmem run)")
     if os.path.isdir(directory) and os.listdir(directory) and not any(
             os.path.exists(os.path.join(directory, name))
-            for name in ("config.json", _RUN_CONFIG, "checkpoints", "result.npz")):
+            for name in ("config.json", _RUN_CONFIG, "checkpoints", "result.npz", LOCK_FILE)):
         entries = sorted(os.listdir(directory))
         raise ValueError(f"out_dir {directory} holds files that are not a jaxmem run ({', '.join(entries[:5])}"
                          f"{', ...' if len(entries) > 5 else ''}); results would overwrite them: give a new or "
@@ -574,163 +575,168 @@ def memorization(
                     "track_epochs": tracked, "track_samples": track_samples,
                     "matmul_dtype": matmul_dtype},
     }
-    run_dir = None
-    trained = None
-    replaces = False  # the directory's configuration has nothing behind it
-    if out_dir is not None:
-        out_dir = os.fspath(out_dir)
-        _check_out_dir(out_dir)
-        trained = _latest_checkpoint(out_dir)
-        replaces = _check_config(out_dir, config, trained)
-        if trained is not None and trained > epochs:
-            # Resuming would restore that checkpoint and score it as `epochs` epochs.
-            raise ConfigMismatchError(
-                f"{out_dir} holds a run trained for {trained} epochs, more than the {epochs} "
-                f"asked for; ask for at least {trained} epochs, or use another output directory"
-                + incomplete_note(_run_dir(out_dir), trained)
+    # The directory is held from its first look to the result (run_lock): a second run
+    # started in it meanwhile is refused, not mixed with this one.
+    with contextlib.ExitStack() as hold:
+        run_dir = None
+        trained = None
+        replaces = False  # the directory's configuration has nothing behind it
+        if out_dir is not None:
+            out_dir = os.fspath(out_dir)
+            _check_out_dir(out_dir)
+            hold.enter_context(run_lock(out_dir, "out_dir"))
+            trained = _latest_checkpoint(out_dir)
+            replaces = _check_config(out_dir, config, trained)
+            if trained is not None and trained > epochs:
+                # Resuming would restore that checkpoint and score it as `epochs` epochs.
+                raise ConfigMismatchError(
+                    f"{out_dir} holds a run trained for {trained} epochs, more than the {epochs} "
+                    f"asked for; ask for at least {trained} epochs, or use another output directory"
+                    + incomplete_note(_run_dir(out_dir), trained)
+                )
+            run_dir = _run_dir(out_dir)
+        run_stated = out_dir is None
+
+        def state_run():
+            """Write this run's configuration (run.json), once training has accepted the
+            directory (its checkpoints check the data and the training options): a refused
+            rerun leaves the directory as it was. config.json stays the result's until the
+            result is saved."""
+            nonlocal run_stated
+            if run_stated:
+                return
+            os.makedirs(out_dir, exist_ok=True)
+            if replaces:  # a stopped run's configuration and scores, with no checkpoint behind them
+                for stale in ("config.json", "tracked.npz"):
+                    if os.path.exists(os.path.join(out_dir, stale)):
+                        os.remove(os.path.join(out_dir, stale))
+            _write_json(os.path.join(out_dir, _RUN_CONFIG), config)
+            run_stated = True
+
+        # The plan's default number of steps: the full model (n examples) must not add steps
+        # to the plan's members, whose scores would then depend on whether it is trained.
+        plan_steps = -(-int(keep.sum(axis=1).max()) // batch_size)
+        data = _model_data(model_cfg, x, y)
+        score_mesh = mesh if mesh is not None else make_mesh()
+        score_key = jax.random.fold_in(jax.random.key(seed), 0x5C0)
+
+        def plan_members(state):
+            return jax.tree.map(lambda a: a[:num_plan], state)
+
+        # Scores over epochs: computed in the training callback, persisted as they come so a
+        # resumed run keeps the epochs scored before it was interrupted. Those of the last
+        # epoch, at the final sample count, are the final scores: computed once, at the end.
+        track_path = os.path.join(out_dir, "tracked.npz") if out_dir else None
+        last_is_final = track_samples == num_samples
+        M_by_epoch: dict[int, np.ndarray] = {}
+        if track_path and not replaces and os.path.exists(track_path):
+            try:
+                with np.load(track_path) as z:
+                    M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
+            except Exception as err:  # noqa: BLE001 - numpy raises several kinds for a damaged file
+                raise ValueError(f"{track_path} is damaged ({type(err).__name__}: {err}); delete it to "
+                                 "recompute the tracked epochs' scores, or use another output directory") from None
+            if any(np.shape(v) != (n,) for v in M_by_epoch.values()):
+                raise ValueError(f"{track_path} holds scores of another number of examples than {n}")
+        # Epochs restored from the checkpoints are not trained again, so a tracked epoch before
+        # the newest checkpoint can be scored only if an earlier run did (its states are not
+        # kept). Said, and left out of the configuration, which lists the epochs scored. The
+        # newest checkpoint's epoch is the state restored: scored from it if an earlier run
+        # stopped before scoring it.
+        unscored = [e for e in tracked if trained is not None and e < trained and e not in M_by_epoch]
+        tracked = [e for e in tracked if e not in unscored]
+        rescore = trained is not None and trained < epochs and trained in tracked and trained not in M_by_epoch
+        config["scoring"]["track_epochs"] = sorted(set(tracked) | set(M_by_epoch))
+
+        def record(epoch, M):
+            M_by_epoch[epoch] = np.asarray(M)
+            if track_path:
+                es = sorted(M_by_epoch)
+                _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
+
+        def score_epoch(epoch, members):
+            ll_e = loglik_matrix(graphdef, members, data, key=score_key,
+                                 num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
+            record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
+
+        def callback(epoch, state, metrics):
+            state_run()
+            if epoch in tracked and not (epoch == epochs and last_is_final):
+                score_epoch(epoch, plan_members(_ensemble._merged_state(state)))
+            if on_epoch is not None:
+                on_epoch(epoch)
+
+        factory = lambda s: _models.from_config(model_cfg, seed=s)  # noqa: E731
+        graphdef = _ensemble._graphdef_of(factory)
+        tx = optimizer or optax.adam(learning_rate)
+
+        def train(upto, **kw):
+            return _ensemble.fit(
+                factory, tx, data, train_keep, epochs=upto, batch_size=batch_size, seed=seed, run_dir=run_dir,
+                checkpoint_every=checkpoint_every, mesh=train_mesh, steps_per_epoch=plan_steps if full_model else None,
+                config={"model": model_cfg, "learning_rate": float(learning_rate)}, **kw,
             )
-        run_dir = _run_dir(out_dir)
-    run_stated = out_dir is None
 
-    def state_run():
-        """Write this run's configuration (run.json), once training has accepted the
-        directory (its checkpoints check the data and the training options): a refused
-        rerun leaves the directory as it was. config.json stays the result's until the
-        result is saved."""
-        nonlocal run_stated
-        if run_stated:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        if replaces:  # a stopped run's configuration and scores, with no checkpoint behind them
-            for stale in ("config.json", "tracked.npz"):
-                if os.path.exists(os.path.join(out_dir, stale)):
-                    os.remove(os.path.join(out_dir, stale))
-        _write_json(os.path.join(out_dir, _RUN_CONFIG), config)
-        run_stated = True
-
-    # The plan's default number of steps: the full model (n examples) must not add steps
-    # to the plan's members, whose scores would then depend on whether it is trained.
-    plan_steps = -(-int(keep.sum(axis=1).max()) // batch_size)
-    data = _model_data(model_cfg, x, y)
-    score_mesh = mesh if mesh is not None else make_mesh()
-    score_key = jax.random.fold_in(jax.random.key(seed), 0x5C0)
-
-    def plan_members(state):
-        return jax.tree.map(lambda a: a[:num_plan], state)
-
-    # Scores over epochs: computed in the training callback, persisted as they come so a
-    # resumed run keeps the epochs scored before it was interrupted. Those of the last
-    # epoch, at the final sample count, are the final scores: computed once, at the end.
-    track_path = os.path.join(out_dir, "tracked.npz") if out_dir else None
-    last_is_final = track_samples == num_samples
-    M_by_epoch: dict[int, np.ndarray] = {}
-    if track_path and not replaces and os.path.exists(track_path):
-        try:
-            with np.load(track_path) as z:
-                M_by_epoch = {int(e): z["M"][j] for j, e in enumerate(z["epochs"])}
-        except Exception as err:  # noqa: BLE001 - numpy raises several kinds for a damaged file
-            raise ValueError(f"{track_path} is damaged ({type(err).__name__}: {err}); delete it to "
-                             "recompute the tracked epochs' scores, or use another output directory") from None
-        if any(np.shape(v) != (n,) for v in M_by_epoch.values()):
-            raise ValueError(f"{track_path} holds scores of another number of examples than {n}")
-    # Epochs restored from the checkpoints are not trained again, so a tracked epoch before
-    # the newest checkpoint can be scored only if an earlier run did (its states are not
-    # kept). Said, and left out of the configuration, which lists the epochs scored. The
-    # newest checkpoint's epoch is the state restored: scored from it if an earlier run
-    # stopped before scoring it.
-    unscored = [e for e in tracked if trained is not None and e < trained and e not in M_by_epoch]
-    tracked = [e for e in tracked if e not in unscored]
-    rescore = trained is not None and trained < epochs and trained in tracked and trained not in M_by_epoch
-    config["scoring"]["track_epochs"] = sorted(set(tracked) | set(M_by_epoch))
-
-    def record(epoch, M):
-        M_by_epoch[epoch] = np.asarray(M)
-        if track_path:
-            es = sorted(M_by_epoch)
-            _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
-
-    def score_epoch(epoch, members):
-        ll_e = loglik_matrix(graphdef, members, data, key=score_key,
-                             num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
-        record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
-
-    def callback(epoch, state, metrics):
+        if on_stage:
+            on_stage("train")
+        if unscored:
+            warnings.warn(
+                f"track_epochs {unscored} are not scored: {out_dir} holds a run already trained for {trained} "
+                "epochs without scoring them, and the states of epochs before its newest checkpoint are not kept "
+                "(a new out_dir trains from scratch and scores them); tracked epochs: "
+                f"{config['scoring']['track_epochs']}",
+                UserWarning, stacklevel=2)
+        if rescore:
+            # Restores that checkpoint (checking it) and trains nothing; training then resumes
+            # from the same checkpoint, as after any stop.
+            restored = train(trained, progress=False)
+            state_run()
+            score_epoch(trained, plan_members(restored.state))
+            del restored
+        fitted = train(epochs, progress=progress, callback=callback)
+        state = fitted.state
         state_run()
-        if epoch in tracked and not (epoch == epochs and last_is_final):
-            score_epoch(epoch, plan_members(_ensemble._merged_state(state)))
-        if on_epoch is not None:
-            on_epoch(epoch)
 
-    factory = lambda s: _models.from_config(model_cfg, seed=s)  # noqa: E731
-    graphdef = _ensemble._graphdef_of(factory)
-    tx = optimizer or optax.adam(learning_rate)
+        if on_stage:
+            on_stage("likelihood")
+        ll_all = np.asarray(loglik_matrix(graphdef, state, data, key=score_key,
+                                          num_samples=num_samples, mesh=score_mesh, progress=progress,
+                                          matmul_dtype=matmul_dtype))
+        ll = ll_all[:num_plan]
+        logp_full = ll_all[num_plan] if full_model else None
 
-    def train(upto, **kw):
-        return _ensemble.fit(
-            factory, tx, data, train_keep, epochs=upto, batch_size=batch_size, seed=seed, run_dir=run_dir,
-            checkpoint_every=checkpoint_every, mesh=train_mesh, steps_per_epoch=plan_steps if full_model else None,
-            config={"model": model_cfg, "learning_rate": float(learning_rate)}, **kw,
+        if on_stage:
+            on_stage("scores")
+        s = memorization_scores(ll, keep, quantile=quantile, mesh=score_mesh)
+        if epochs in tracked and last_is_final:
+            record(epochs, s.M)
+        elif epochs in tracked and epochs not in M_by_epoch:  # all epochs restored: not scored in the callback
+            score_epoch(epochs, plan_members(state))
+        label_mem = None
+        if model_cfg["name"] == "classifier":
+            correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
+                                    kind="correct", mesh=score_mesh, matmul_dtype=matmul_dtype)
+            label_mem = np.asarray(feldman_zhang(np.asarray(correct) > 0.5, keep, mesh=score_mesh).mem)
+        lev = _leverage_baseline(x) if linear_baseline else None
+        fold = np.full(n, -1, np.int32)
+        if plan.fold is not None:
+            fold = np.asarray(plan.fold)[0].astype(np.int32)
+        es = sorted(M_by_epoch)
+        config["scoring"]["track_epochs"] = es  # what the result holds, and nothing else
+        result = MemorizationResult(
+            U=np.asarray(s.U), V=np.asarray(s.V), M=np.asarray(s.M), stderr=np.asarray(s.stderr),
+            dof=np.asarray(s.dof), n_in=np.asarray(s.n_in), n_out=np.asarray(s.n_out),
+            highly_memorized=np.asarray(s.highly_memorized), threshold=float(s.threshold),
+            ll=ll, keep=keep, fold=fold,
+            labels=None if y is None else y.astype(np.int32),
+            logp_full=logp_full, leverage=lev, label_memorization=label_mem,
+            tracked_epochs=np.asarray(es, np.int32),
+            M_by_epoch=np.stack([M_by_epoch[e] for e in es]) if es else np.zeros((0, n), np.float32),
+            history={k: v[:, :num_plan] for k, v in fitted.history.items()},
+            config=config,
         )
-
-    if on_stage:
-        on_stage("train")
-    if unscored:
-        warnings.warn(
-            f"track_epochs {unscored} are not scored: {out_dir} holds a run already trained for {trained} "
-            "epochs without scoring them, and the states of epochs before its newest checkpoint are not kept "
-            f"(a new out_dir trains from scratch and scores them); tracked epochs: {config['scoring']['track_epochs']}",
-            UserWarning, stacklevel=2)
-    if rescore:
-        # Restores that checkpoint (checking it) and trains nothing; training then resumes
-        # from the same checkpoint, as after any stop.
-        restored = train(trained, progress=False)
-        state_run()
-        score_epoch(trained, plan_members(restored.state))
-        del restored
-    fitted = train(epochs, progress=progress, callback=callback)
-    state = fitted.state
-    state_run()
-
-    if on_stage:
-        on_stage("likelihood")
-    ll_all = np.asarray(loglik_matrix(graphdef, state, data, key=score_key,
-                                      num_samples=num_samples, mesh=score_mesh, progress=progress,
-                                      matmul_dtype=matmul_dtype))
-    ll = ll_all[:num_plan]
-    logp_full = ll_all[num_plan] if full_model else None
-
-    if on_stage:
-        on_stage("scores")
-    s = memorization_scores(ll, keep, quantile=quantile, mesh=score_mesh)
-    if epochs in tracked and last_is_final:
-        record(epochs, s.M)
-    elif epochs in tracked and epochs not in M_by_epoch:  # all epochs restored: not scored in the callback
-        score_epoch(epochs, plan_members(state))
-    label_mem = None
-    if model_cfg["name"] == "classifier":
-        correct = loglik_matrix(graphdef, plan_members(state), data, key=score_key,
-                                kind="correct", mesh=score_mesh, matmul_dtype=matmul_dtype)
-        label_mem = np.asarray(feldman_zhang(np.asarray(correct) > 0.5, keep, mesh=score_mesh).mem)
-    lev = _leverage_baseline(x) if linear_baseline else None
-    fold = np.full(n, -1, np.int32)
-    if plan.fold is not None:
-        fold = np.asarray(plan.fold)[0].astype(np.int32)
-    es = sorted(M_by_epoch)
-    config["scoring"]["track_epochs"] = es  # what the result holds, and nothing else
-    result = MemorizationResult(
-        U=np.asarray(s.U), V=np.asarray(s.V), M=np.asarray(s.M), stderr=np.asarray(s.stderr),
-        dof=np.asarray(s.dof), n_in=np.asarray(s.n_in), n_out=np.asarray(s.n_out),
-        highly_memorized=np.asarray(s.highly_memorized), threshold=float(s.threshold),
-        ll=ll, keep=keep, fold=fold,
-        labels=None if y is None else y.astype(np.int32),
-        logp_full=logp_full, leverage=lev, label_memorization=label_mem,
-        tracked_epochs=np.asarray(es, np.int32),
-        M_by_epoch=np.stack([M_by_epoch[e] for e in es]) if es else np.zeros((0, n), np.float32),
-        history={k: v[:, :num_plan] for k, v in fitted.history.items()},
-        config=config,
-    )
-    if out_dir is not None:
-        result.save(out_dir)
-        if os.path.exists(os.path.join(out_dir, _RUN_CONFIG)):  # config.json now states the run
-            os.remove(os.path.join(out_dir, _RUN_CONFIG))
-    return result
+        if out_dir is not None:
+            result.save(out_dir)
+            if os.path.exists(os.path.join(out_dir, _RUN_CONFIG)):  # config.json now states the run
+                os.remove(os.path.join(out_dir, _RUN_CONFIG))
+        return result

@@ -21,8 +21,10 @@ from jaxmem.checkpoint import (
     CheckpointDamagedError,
     ConfigMismatchError,
     RunCheckpoints,
+    RunDirectoryBusyError,
     fingerprint_array,
     latest_epoch,
+    run_lock,
 )
 from jaxmem.mesh import make_mesh
 
@@ -183,17 +185,19 @@ def test_configuration_without_checkpoints_is_replaced(tmp_path):
 
 
 def test_two_runs_in_one_directory_never_mix_their_states(tmp_path):
-    """A configuration with no checkpoint behind it is replaced, so a second run started in a
-    directory while the first has no checkpoint yet takes it over: the first run's next save
-    is refused (config.json is no longer its own), and a checkpoint saved under another
-    configuration anyway (the two raced) is refused on restore, not resumed from."""
+    """A second run is refused while the first holds the directory (the lock test below).
+    Where nothing is locked (no flock), a configuration with no checkpoint behind it is
+    replaced, so a second run started in a directory while the first has no checkpoint yet
+    takes it over: the first run's next save is refused (config.json is no longer its own),
+    and a checkpoint saved under another configuration anyway (the two raced) is refused on
+    restore, not resumed from."""
     a = RunCheckpoints(tmp_path, {"lr": 0.1})
-    b = RunCheckpoints(tmp_path, {"lr": 0.001})  # accepted: nothing behind the first's config
+    # the second run, as it would write config.json without the lock
+    (tmp_path / "config.json").write_text(json.dumps({"format": 1, "lr": 0.001}))
     with pytest.raises(ConfigMismatchError, match=r"(?s)now holds another run's configuration .*refusing to save "
                                                   r"checkpoint 1 under it .*lr: stored 0.001 vs now 0.1"):
         a.save(1, {"w": jnp.full(3, 111.0)}, {})
     a.close()
-    b.close()
     assert latest_epoch(tmp_path) is None
     # the race: a's save checked config.json just before b replaced it
     a = RunCheckpoints(tmp_path / "race", {"lr": 0.1})
@@ -205,6 +209,43 @@ def test_two_runs_in_one_directory_never_mix_their_states(tmp_path):
                                                   r".*delete .*/checkpoints/1.*lr: stored 0.1 vs now 0.001"):
         b.restore({"w": jnp.zeros(3)})
     b.close()
+
+
+def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path):
+    """Two live runs in one directory (two terminals, two jobs of an array) used to share
+    it until one's save or restore failed on the other's configuration, or, in the window
+    between a save's check and another run's replacement of config.json, never. Now the
+    second is refused up front, naming the holder; a killed holder leaves no stale lock."""
+    run = tmp_path / "run"
+    a = RunCheckpoints(run, {"lr": 0.1})
+    with pytest.raises(RunDirectoryBusyError, match=rf"run_dir {run} is in use by another run \(pid {os.getpid()} on "):
+        RunCheckpoints(run, {"lr": 0.1})
+    with pytest.raises(RunDirectoryBusyError, match="in use by another run"):  # fit opens it the same way
+        ensemble.fit(tiny, 1e-2, X, KEEP, epochs=1, batch_size=8, progress=False, run_dir=run)
+    a.close()
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]  # the lock file goes with the lock
+    RunCheckpoints(run, {"lr": 0.1}).close()
+    # a run refused before it wrote anything leaves no folder; one that existed stays
+    for d in (tmp_path / "new", run):
+        with pytest.raises(KeyError), run_lock(d):
+            raise KeyError
+    assert not (tmp_path / "new").exists() and run.is_dir()
+    # the holder killed with SIGKILL: the kernel drops its lock with the process
+    held = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom jaxmem.checkpoint import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)", str(held)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryBusyError, match=f"pid {proc.pid} on "):
+            RunCheckpoints(held, {"lr": 0.1})
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (held / ".jaxmem-lock").exists()  # left behind by the killed run, but held by nobody
+    RunCheckpoints(held, {"lr": 0.1}).close()
+    assert not (held / ".jaxmem-lock").exists()
 
 
 def test_each_checkpoint_holds_the_history_of_its_own_epochs(tmp_path):

@@ -564,3 +564,22 @@ def test_multi_process_run_is_refused_before_training(monkeypatch, tmp_path):
         jaxmem.memorization(x, model="mlp_vae", folds=2, epochs=1, out_dir=tmp_path / "out", on_epoch=epochs.append,
                             progress=False)
     assert epochs == [] and not (tmp_path / "out").exists()
+
+
+def test_second_run_in_a_directory_in_use_is_refused(digits, tmp_path):
+    """A second memorization() in the out_dir of a run still in progress (another terminal,
+    another job) used to read its half-written files and replace or extend them under the
+    first; it is refused, naming the holder, and the first run ends as it would alone."""
+    x, out = digits.x[:60], tmp_path / "run"
+    refused = []
+
+    def second_run(epoch):
+        if epoch == 1:
+            with pytest.raises(jaxmem.RunDirectoryBusyError) as err:
+                jaxmem.memorization(x, epochs=3, out_dir=out, **SMALL)
+            refused.append(str(err.value))
+
+    r = jaxmem.memorization(x, epochs=2, out_dir=out, on_epoch=second_run, **SMALL)
+    assert len(refused) == 1 and refused[0].startswith(f"out_dir {out} is in use by another run (pid ")
+    assert r.config["training"]["epochs"] == 2 and not (out / ".jaxmem-lock").exists()
+    np.testing.assert_array_equal(jaxmem.load_result(out).M, r.M)
