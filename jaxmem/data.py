@@ -14,15 +14,21 @@ Sources:
   ``mnist``, ``fashion_mnist``, ``binarized_mnist``, ``cifar10``, ``celeb_a``.
 - The user's own ``.npy`` (``x`` only), ``.npz`` (keys ``x`` and optional ``y``) or
   ``.csv`` (numeric columns; an optional header, names quoted or not, whose ``y`` or
-  ``label`` column holds labels; a column without a name, such as the row index of
-  pandas' ``to_csv()``, is refused) files.
+  ``label`` column holds labels (both is refused as ambiguous); pandas' numbered header
+  ``0,1,...`` is a header; a column without a name, such as the row index of pandas'
+  ``to_csv()``, is refused) files.
 
 Preprocessing follows van den Burg & Williams (2021):
 
-- 8-bit images are stored as ``k / 255`` for ``k`` in 0..255. ``metadata["levels"]``
+- 8-bit images are stored as ``k / 255`` for ``k`` in 0..255; a user's uint8 file whose
+  values are all 0 or 1 holds binary images and is kept as 0/1 (levels 2), and one whose
+  largest value is below 128 is warned of (levels 0..16 saved as bytes would otherwise
+  pass as nearly black 8-bit images). ``metadata["levels"]``
   records how many intensity levels the stored values take (``x = k / (levels - 1)``:
   256 for 8-bit images, 17 for the embedded digits, 2 after static binarization, None
-  for real-valued data); it describes the data and is not read by the models. The
+  for real-valued data and after ``resize_to`` interpolates the digits or a file's
+  images, whose values then lie between levels; TFDS images are resized as 8-bit images
+  and keep 256); it describes the data and is not read by the models. The
   convolutional VAE (:mod:`jaxmem.models`) always assumes 8-bit pixels: it dequantizes
   ``(round(255 x) + u) / 256`` with ``u ~ U[0, 1)``, drawn by the model (per-key
   randomness, see CONTRACTS.md), whatever ``levels`` says; ``jaxmem run`` warns when it
@@ -47,7 +53,9 @@ import dataclasses
 import glob
 import os
 import pathlib
+import re
 import tempfile
+import warnings
 import zipfile
 from typing import Any, Literal
 
@@ -84,7 +92,8 @@ class Dataset:
         was preprocessed: ``source``, ``split``, ``preprocessing`` (list of steps),
         ``binarization`` (None, ``"static"``, ``"dynamic"`` or ``"fixed"``),
         ``levels`` (number of quantization levels of the stored intensities, or
-        None for real-valued data) and ``num_classes`` (or None).
+        None for real-valued data, also after an interpolating resize) and
+        ``num_classes`` (or None).
     """
 
     x: np.ndarray
@@ -162,10 +171,12 @@ def load_dataset(
       pad_to: zero-pad images symmetrically to ``pad_to`` x ``pad_to`` pixels (the
         paper pads 28x28 MNIST-like images to 32).
       resize_to: resize images to ``resize_to`` x ``resize_to`` pixels (after the
-        CelebA crop; default 64 for ``celeb_a``, no resize otherwise).
+        CelebA crop; default 64 for ``celeb_a``, no resize otherwise). TFDS images are
+        resized as 8-bit images (Pillow); the digits and files' images are interpolated
+        as floats, so their ``metadata["levels"]`` becomes None.
       seed: seed of static binarization, a non-negative integer.
       data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``).
+        ``~/tensorflow_datasets``); a leading ``~`` is expanded to the home directory.
 
     Returns:
       A :class:`Dataset` with float32 ``x`` ``[n, *example_shape]``.
@@ -180,8 +191,9 @@ def load_dataset(
         (a subclass) when a TFDS data set is not prepared locally. The message says
         how to prepare it. Nothing is ever downloaded.
       ValueError: an unknown name, a malformed file (wrong shape, empty, not real
-        numbers (e.g. complex), NaN or inf, with the first offending example's index) or
-        invalid options (``limit``,
+        numbers (e.g. complex), NaN or inf, labels that are not integers in
+        ``0..2**31 - 1`` (int32), a CSV with both a ``y`` and a ``label`` column; the first
+        offending example's index named) or invalid options (``limit``,
         ``pad_to`` or ``resize_to`` not a positive integer or None, ``seed`` not a
         non-negative integer).
     """
@@ -194,6 +206,9 @@ def load_dataset(
             f"binarize must be None, 'static' or 'dynamic', got {binarize!r}"
         )
     seed = _check_seed(seed)
+    if data_dir is not None:
+        # "~/..." from Python, or `--data-dir=~/...`, which the shell does not expand
+        data_dir = os.path.expanduser(os.fspath(data_dir))
 
     key = os.fspath(name_or_path)
     if key == "digits":
@@ -433,8 +448,20 @@ def _load_file(path: pathlib.Path):
     _check_real(x, f"{path}: x", bool_ok=True)
     _check_x(x, f"{path}: x")
     meta = _meta(f"file:{path.resolve()}", "train", levels=None, num_classes=None)
-    if x.dtype == np.uint8:
+    if x.dtype == np.uint8 and x.size and int(x.max()) <= 1:
+        # 0/1 bytes are binary images (how binarized MNIST is usually saved), not 8-bit
+        # intensities: divided by 255 they would be near-black {0, 1/255}.
+        x = x.astype(np.float32)
+        meta["levels"] = 2
+        meta["preprocessing"].append("uint8 0/1 values read as binary pixels")
+    elif x.dtype == np.uint8:
         # 8-bit pixels: scaled like the TFDS images so models see [0, 1].
+        top = int(x.max())
+        if top < 128:
+            warnings.warn(
+                f"{path}: x is uint8 with a largest value of {top}, read as 8-bit intensities k/255 (so its "
+                f"brightest pixel becomes {top / 255:.3g}); if its values are levels 0..{top} (e.g. the 17 of "
+                f"8x8 digits), save x / {top} as float32 instead", UserWarning, stacklevel=3)
         x = x.astype(np.float32) / 255.0
         meta["levels"] = 256
         meta["preprocessing"].append("8-bit intensities divided by 255")
@@ -460,6 +487,11 @@ def _read_csv(path: pathlib.Path):
     table, names, _ = read_table(path)
     y = None
     label_cols = [i for i, c in enumerate(names) if c.lower() in ("y", "label")]
+    if len(label_cols) > 1:
+        # the other would silently stay a feature (a copy of the labels, or other labels)
+        found = ", ".join(f"{names[i]!r} (column {i})" for i in label_cols)
+        raise ValueError(f"{path}: {len(label_cols)} columns can hold the labels: {found}; keep one "
+                         "named 'y' or 'label' (rename or drop the others)")
     if label_cols:
         col = label_cols[0]
         y = table[:, col]
@@ -470,9 +502,11 @@ def _read_csv(path: pathlib.Path):
 def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """A numeric table from a ``.csv`` (optional header), ``.npz`` (``x`` and optional ``y``) or ``.npy`` file.
 
-    A CSV's first line is a header when any of its cells is not a number. Cells may be
-    quoted (``"a","b","label"``, as R's ``write.csv`` writes names, or quoted numbers):
-    the quotes are removed.
+    A CSV's first line is a header when any of its cells is not a number, or when it is
+    ``0,1,...,d-1`` (``,0,1,...`` with a row index): the column names that pandas'
+    ``to_csv()`` writes for a numpy matrix, read back as names ``"0", "1", ...``, as
+    pandas reads them. Cells may be quoted (``"a","b","label"``, as R's ``write.csv``
+    writes names, or quoted numbers): the quotes are removed.
 
     Returns:
       ``(table, columns, y)``: float64 ``[rows, columns]``; the column names (from the CSV
@@ -484,7 +518,8 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
       that is not 2-D, not real numbers (complex, strings...; also an ``.npz`` ``y``) or has
       no rows, a header whose length differs from the rows', a header with an empty name
       (the row index that pandas' ``to_csv()`` and R's ``write.csv`` write by default:
-      refused rather than used as a feature).
+      refused rather than used as a feature), a first row ``0`` or ``0,1`` above integer
+      rows (pandas' column names or data: name the columns).
     """
     path = pathlib.Path(path)
     _existing_file(path, "table", ".csv, .npz or .npy")
@@ -492,14 +527,15 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
     y = None
     if suffix == ".csv":
         with open(path, encoding="utf-8") as f:
-            first = f.readline()
+            first, second = f.readline(), f.readline()
         if not first.strip():
             raise ValueError(f"{path} is empty (no rows)")
         # csv.reader unquotes cells as R's write.csv quotes them ("a","b","label").
         cells = [c.strip() for c in next(csv.reader([first]))]
         # A first row of numbers with empty cells is data with missing values (loadtxt names
-        # them), not a header of nameless columns.
-        has_header = not all(_is_number(c) for c in cells if c)
+        # them), not a header of nameless columns; pandas' numbered column names are a header.
+        has_header = (not all(_is_number(c) for c in cells if c)
+                      or _pandas_numbered_header(path, cells, second))
         if has_header and "" in cells:
             j = cells.index("")
             raise ValueError(
@@ -548,6 +584,25 @@ def _check_real(a: np.ndarray, what: str, *, bool_ok: bool = False) -> None:
                          "imaginary parts as separate features")
     if not (a.dtype.kind in "iuf" or (bool_ok and a.dtype.kind == "b")):
         raise ValueError(f"{what} must be numeric (real numbers), got dtype {a.dtype}")
+
+
+def _pandas_numbered_header(path: pathlib.Path, cells: list[str], second: str) -> bool:
+    """Whether a CSV's first row ``cells`` is the header pandas' ``to_csv()`` writes for a
+    numpy matrix: its column names ``0, 1, ..., d-1``, after an empty cell for the row index
+    unless ``index=False``. With one or two columns and integers in the next row (``second``),
+    where ``0`` or ``0,1`` is as likely a data row, it is refused rather than guessed."""
+    index = bool(cells) and cells[0] == ""
+    names = cells[int(index):]
+    if not names or names != [str(j) for j in range(len(names))]:
+        return False
+    below = [c.strip() for c in next(csv.reader([second]), [])]
+    if index or len(names) > 2 or not all(re.fullmatch(r"[+-]?\d+", c) for c in below):
+        return True
+    raise ValueError(
+        f"{path}: the first row {','.join(cells)!r} is either a data row or the column names "
+        "pandas' to_csv() gives a numpy matrix; add a header row of column names (pandas: "
+        "pd.DataFrame(x, columns=[...]).to_csv(path, index=False))"
+    )
 
 
 def _is_number(text: str) -> bool:
@@ -605,6 +660,13 @@ def _check_y(y: np.ndarray, n: int, where: str = "y") -> np.ndarray:
     if (y < 0).any():
         raise ValueError(f"{where} must be non-negative; example {int(np.argmax(y < 0))} is "
                          f"{y[np.argmax(y < 0)]}")
+    # Labels are stored as int32: a larger one would wrap to another class (2**32 + 1 -> 1).
+    top = np.iinfo(np.int32).max
+    if (y > top).any():
+        first = int(np.argmax(y > top))
+        raise ValueError(f"{where} must hold class labels 0..{top} (int32); example {first} is "
+                         f"{y[first]}: number the classes 0, 1, ... (e.g. np.unique(y, "
+                         "return_inverse=True)[1])")
     return y.astype(np.int32)
 
 
@@ -638,7 +700,9 @@ def _resize(x: np.ndarray, size: int, meta: dict) -> np.ndarray:
     shape = (len(x), size, size, *x.shape[3:])
     out = np.asarray(jax.image.resize(jnp.asarray(x), shape, "linear", antialias=True))
     meta["preprocessing"].append(f"resize to {size}x{size} (linear, antialiased)")
-    return np.clip(out, 0.0, 1.0) if meta.get("levels") else out
+    out = np.clip(out, 0.0, 1.0) if meta.get("levels") else out
+    meta["levels"] = None  # interpolated values lie between the source's levels
+    return out
 
 
 def _binarize(x, mode, seed, meta, *, already_binary: bool) -> np.ndarray:
@@ -669,38 +733,75 @@ def _binarize(x, mode, seed, meta, *, already_binary: bool) -> np.ndarray:
 _NN_BLOCK_BYTES = 1 << 26  # float64 pool rows converted at a time (64 MiB)
 
 
+def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances of matching rows of ``a`` and ``b`` (``[r, d]`` -> float64
+    ``[r]``), from the differences: exact for integer-valued data (8-bit pixels), so exact
+    ties stay ties."""
+    diff = a.astype(np.float64) - b
+    return np.einsum("ij,ij->i", diff, diff)
+
+
 def _nn_chunk(queries, pool, mean, exclude, k):
     """The ``k`` nearest pool rows of each query row (float32 ``[m, d]``): int ``[m, k]``
-    indices and float64 ``[m, k]`` squared distances, ties to the lower index.
+    indices and float64 ``[m, k]`` squared distances from the differences, nearest first,
+    ties to the lower index.
 
-    ``||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2`` of the data centred on the pool's ``mean``,
-    in float64 (one matmul per block of pool rows): its rounding, ~1e-16 of the centred
-    squared norms, is far below any distance that float32 data can tell apart, wherever the
-    data lie (8-bit pixels, unscaled table columns, rows far from the mean in opposite
-    directions). float32 cancelled there: wrong neighbours at distance 0.
+    Candidates come from ``||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2`` of the data centred on
+    the pool's ``mean``, in float64 (one matmul per block of pool rows; float32 cancelled
+    for data far from 0): the ``k + max(k, 32)`` lowest. They are ranked by distances from
+    the differences, ties by index (the expansion's rounding orders exact ties at random).
+    A query for which a row outside its candidates could still tie with or beat its k-th
+    neighbour (the expansion's error bound, about ``2e-15 * d`` of the centred squared
+    norms, reaches past the last candidate: many near-ties) gets distances from the
+    differences to the whole pool instead.
     """
     m, n = len(queries), len(pool)
+    d = pool.shape[1]
     q = queries.astype(np.float64) - mean
     q_sq = np.einsum("ij,ij->i", q, q)
+    width = min(n, k + max(k, 32))
     best_d = np.full((m, 0), np.inf)
     best_i = np.zeros((m, 0), np.int64)
-    block = max(1, _NN_BLOCK_BYTES // (8 * max(1, pool.shape[1])))
+    block = max(1, _NN_BLOCK_BYTES // (8 * max(1, d)))
     rows = np.arange(m)
+    p_sq_max = 0.0
     for start in range(0, n, block):
         stop = min(n, start + block)
         p = pool[start:stop].astype(np.float64) - mean
-        d2 = q_sq[:, None] - 2.0 * (q @ p.T) + np.einsum("ij,ij->i", p, p)[None, :]
+        p_sq = np.einsum("ij,ij->i", p, p)
+        p_sq_max = max(p_sq_max, float(p_sq.max()))
+        d2 = q_sq[:, None] - 2.0 * (q @ p.T) + p_sq[None, :]
         inside = (exclude >= start) & (exclude < stop)
         d2[rows[inside], exclude[inside] - start] = np.inf
         cand_d = np.concatenate([best_d, d2], axis=1)
         cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, stop), d2.shape)], axis=1)
-        keep = min(k, cand_d.shape[1])
-        if keep < cand_d.shape[1]:
-            part = np.argpartition(cand_d, keep - 1, axis=1)[:, :keep]
+        if width < cand_d.shape[1]:
+            part = np.argpartition(cand_d, width - 1, axis=1)[:, :width]
             cand_d, cand_i = np.take_along_axis(cand_d, part, 1), np.take_along_axis(cand_i, part, 1)
         best_d, best_i = cand_d, cand_i
-    order = np.lexsort((best_i, best_d), axis=1)  # by distance, then index
-    return np.take_along_axis(best_i, order, 1), np.take_along_axis(best_d, order, 1)
+    # every row left out has an expansion >= the largest kept one, best_d.max(1)
+    exact = np.stack([_sq_dist(pool[best_i[:, j]], queries) for j in range(width)], axis=1)
+    exact[best_i == exclude[:, None]] = np.inf
+    order = np.lexsort((best_i, exact), axis=1)[:, :k]  # by distance, then index
+    idx, dist = np.take_along_axis(best_i, order, 1), np.take_along_axis(exact, order, 1)
+    if width < n:
+        # Rounding of the expansion and of both exact sums: a generous multiple of the
+        # textbook bound (d + 2) * eps * (|q|^2 + |p|^2) for the centred vectors.
+        tol = 8.0 * (d + 8) * np.finfo(np.float64).eps * (q_sq + p_sq_max)
+        for i in np.flatnonzero(best_d.max(axis=1) - tol <= dist[:, -1]):
+            idx[i], dist[i] = _nn_brute_force(queries[i], pool, int(exclude[i]), k, block)
+    return idx, dist
+
+
+def _nn_brute_force(query, pool, exclude, k, block):
+    """The ``k`` nearest pool rows of one query ``[d]`` by distances from the differences to
+    every pool row (``block`` rows at a time), ties to the lower index."""
+    d2 = np.concatenate([_sq_dist(pool[s:s + block], query[None, :]) for s in range(0, len(pool), block)])
+    if exclude >= 0:
+        d2[exclude] = np.inf
+    near = np.flatnonzero(d2 <= np.partition(d2, k - 1)[k - 1])  # ascending index, ties kept
+    top = near[np.lexsort((near, d2[near]))[:k]]
+    return top, d2[top]
 
 
 def nearest_neighbours(
@@ -725,16 +826,20 @@ def nearest_neighbours(
       exclude: optional integer ``[q]``: the pool index in ``[0, n)`` to skip for each
         query (its own position when the queries are pool members), or ``-1`` to skip
         nothing for that query.
-      chunk_size: queries per jitted call, a positive integer.
+      chunk_size: queries processed at a time, a positive integer.
 
     Returns:
       ``(indices, distances)``: int32 ``[q, k]`` pool indices, nearest first, and
       float32 ``[q, k]`` Euclidean distances in the data's units (empty ``[0, k]``
-      arrays for no queries), computed from the differences. Neighbours are found by
+      arrays for no queries), computed from the differences. Candidates are found by
       ``||q||^2 - 2 q.p + ||p||^2`` of the data centred on the pool's mean in float64 on
-      the host (a matmul per block of pool rows), whose rounding is far below any
-      distance float32 data can tell apart, wherever the data lie (8-bit pixels,
-      unscaled table columns); ties go to the lower pool index.
+      the host (a matmul per block of pool rows), wherever the data lie (8-bit pixels,
+      unscaled table columns), and ranked by the distances from the differences (exact
+      for integer-valued data); ties (equal distances) go to the lower pool index, as a
+      stable sort of the exact distances orders them. A query with more ties or
+      near-ties (within the expansion's rounding) at its ``k``-th neighbour than the
+      ``k + max(k, 32)`` candidates hold is ranked over the whole pool by distances
+      from the differences instead (slower, same result).
 
     Raises:
       ValueError: queries and pool that differ in example shape, an empty pool, NaN
@@ -790,9 +895,7 @@ def nearest_neighbours(
     indices, dists = [], []
     for start in range(0, q, chunk_size):
         stop = min(q, start + chunk_size)
-        idx, _ = _nn_chunk(flat_q[start:stop], flat_p, mean, exclude[start:stop], k)
-        # the distances of the k found, from the differences themselves (float64)
-        diff = flat_q[start:stop, None, :].astype(np.float64) - flat_p[idx]
+        idx, d2 = _nn_chunk(flat_q[start:stop], flat_p, mean, exclude[start:stop], k)
         indices.append(idx)
-        dists.append(np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)).astype(np.float32))
+        dists.append(np.sqrt(d2).astype(np.float32))
     return np.concatenate(indices).astype(np.int32), np.concatenate(dists)

@@ -263,7 +263,7 @@ _MUTABLE = ("training.epochs", "scoring.track_epochs", "format")
 # those runs had: an older directory reads as that value and still resumes. Other keys
 # added later (training.devices: how many an older run trained on is not known) are
 # refused, named, in a directory written without them.
-_ADDED_LATER = {"scoring.matmul_dtype": "float32"}
+_ADDED_LATER = {"scoring.matmul_dtype": "float32", "scoring.preprocess_draws": 1}
 
 # The configuration of a run that has not saved its result yet; config.json is the result's.
 _RUN_CONFIG = "run.json"
@@ -382,6 +382,12 @@ def _model_data(model_cfg: dict[str, Any], x: np.ndarray, y: np.ndarray | None) 
     return jnp.asarray(x)
 
 
+def _random_preprocessing(model_cfg: dict[str, Any]) -> bool:
+    """Whether the model's preprocessing draws noise (the seeded draw scoring shares)."""
+    return ((model_cfg["name"] == "mlp_vae" and model_cfg.get("binarize") == "dynamic")
+            or (model_cfg["name"] == "conv_vae" and model_cfg.get("dequantize") == "uniform"))
+
+
 def _leverage_baseline(x: np.ndarray) -> np.ndarray | None:
     """Leverage of ``[1, x]`` (flattened features), or None when there are too few examples."""
     from jaxmem.linear import leverage
@@ -407,6 +413,7 @@ def memorization(
     learning_rate: float = 1e-3,
     optimizer: optax.GradientTransformation | None = None,
     num_samples: int = 256,
+    preprocess_draws: int = 1,
     matmul_dtype: str | None = None,
     seed: int = 0,
     quantile: float = 0.95,
@@ -443,6 +450,16 @@ def memorization(
         (e.g. with a schedule). It cannot be recorded in the configuration, so a
         resumed run must be given the same one.
       num_samples: importance samples per likelihood (the paper: 256 on MNIST).
+      preprocess_draws: draws of the model's random preprocessing over which each
+        ``ll[m, i]`` is averaged (a mean of log-likelihoods, each draw with its own
+        ``num_samples`` importance samples; the first draw is the one a single draw
+        takes). With ``mlp_vae``'s dynamic binarization every example is scored as one
+        random binarization of it, shared by all members, so ``M`` is that binarization's
+        score: its spread over draws is not in ``stderr`` (the jackknife is over models)
+        and shrinks as ``1/sqrt(preprocess_draws)``; the same holds, less, for
+        ``conv_vae``'s dequantization noise. Refused (``> 1``) for a model whose
+        preprocessing draws nothing (raise ``num_samples`` there). Costs
+        ``preprocess_draws`` times the scoring time.
       matmul_dtype: ``None``/``"float32"`` (default) or ``"bfloat16"``: the matmul
         inputs of every likelihood evaluation (training is float32 either way); see
         :func:`jaxmem.likelihood.loglik_matrix`, which states what bf16 changes.
@@ -533,6 +550,7 @@ def memorization(
     batch_size = _check_int("batch_size", batch_size, 1)
     num_samples = _check_int("num_samples", num_samples, 1)
     track_samples = num_samples if track_samples is None else _check_int("track_samples", track_samples, 1)
+    preprocess_draws = _check_int("preprocess_draws", preprocess_draws, 1)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     learning_rate = _ensemble.check_learning_rate(learning_rate)
     quantile = _check_quantile(quantile)
@@ -547,6 +565,13 @@ def memorization(
         raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
     plan.validate()
     model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
+    if preprocess_draws > 1 and not _random_preprocessing(model_cfg):
+        options = {k: v for k, v in model_cfg.items() if k in ("binarize", "dequantize")}
+        raise ValueError(
+            f"preprocess_draws={preprocess_draws} averages over draws of a model's random preprocessing "
+            f"(mlp_vae's dynamic binarization, conv_vae's uniform dequantization), and {model_cfg['name']}"
+            f"{' with ' + str(options) if options else ''} draws none: leave preprocess_draws at 1 "
+            "(num_samples sets the importance samples)")
     y = _models.check_data(model_cfg, x, y)  # value ranges: before anything is trained
     tracked = sorted({_check_int("track_epochs entries", e, 1) for e in track_epochs})
     outside = [e for e in tracked if e > epochs]
@@ -571,7 +596,8 @@ def memorization(
                      "optimizer": "adam" if optimizer is None else "custom",
                      "full_model": bool(full_model), "seed": int(seed),
                      "devices": int(train_mesh.size)},
-        "scoring": {"num_samples": int(num_samples), "quantile": float(quantile),
+        "scoring": {"num_samples": int(num_samples), "preprocess_draws": preprocess_draws,
+                    "quantile": float(quantile),
                     "track_epochs": tracked, "track_samples": track_samples,
                     "matmul_dtype": matmul_dtype},
     }
@@ -648,6 +674,18 @@ def memorization(
         rescore = trained is not None and trained < epochs and trained in tracked and trained not in M_by_epoch
         config["scoring"]["track_epochs"] = sorted(set(tracked) | set(M_by_epoch))
 
+        def loglik(members, samples, progress=False):
+            """``ll [members, n]``, averaged over ``preprocess_draws`` draws of the preprocessing."""
+            if preprocess_draws == 1:
+                return loglik_matrix(graphdef, members, data, key=score_key, num_samples=samples,
+                                     mesh=score_mesh, progress=progress, matmul_dtype=matmul_dtype)
+            total = 0.0
+            for d in range(preprocess_draws):
+                total = total + np.asarray(loglik_matrix(
+                    graphdef, members, data, key=score_key if d == 0 else jax.random.fold_in(score_key, d),
+                    num_samples=samples, mesh=score_mesh, progress=progress, matmul_dtype=matmul_dtype), np.float64)
+            return (total / preprocess_draws).astype(np.float32)
+
         def record(epoch, M):
             M_by_epoch[epoch] = np.asarray(M)
             if track_path:
@@ -655,8 +693,7 @@ def memorization(
                 _atomic_npz(track_path, {"epochs": np.asarray(es), "M": np.stack([M_by_epoch[e] for e in es])})
 
         def score_epoch(epoch, members):
-            ll_e = loglik_matrix(graphdef, members, data, key=score_key,
-                                 num_samples=track_samples, mesh=score_mesh, matmul_dtype=matmul_dtype)
+            ll_e = loglik(members, track_samples)
             record(epoch, memorization_scores(ll_e, keep, quantile=quantile, mesh=score_mesh).M)
 
         def callback(epoch, state, metrics):
@@ -699,9 +736,7 @@ def memorization(
 
         if on_stage:
             on_stage("likelihood")
-        ll_all = np.asarray(loglik_matrix(graphdef, state, data, key=score_key,
-                                          num_samples=num_samples, mesh=score_mesh, progress=progress,
-                                          matmul_dtype=matmul_dtype))
+        ll_all = np.asarray(loglik(state, num_samples, progress=progress))
         ll = ll_all[:num_plan]
         logp_full = ll_all[num_plan] if full_model else None
 

@@ -2,6 +2,7 @@
 
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -58,6 +59,43 @@ def test_dynamic_binarization_keeps_intensities_and_padding():
     grey = load_dataset("digits", limit=4)
     np.testing.assert_array_equal(d.x[:, 2:10, 2:10], grey.x)
     assert d.x[:, :2].sum() == 0 and d.x[:, 10:].sum() == 0
+
+
+def test_levels_after_an_interpolating_resize(tmp_path):
+    """resize_to interpolates the digits and files' images as floats: metadata["levels"] said
+    17 or 256 although the values are off that grid (jaxmem run's conv_vae warning reads it)."""
+    digits = load_dataset("digits", limit=5, resize_to=16)
+    k = digits.x * 16
+    assert digits.x.shape == (5, 16, 16, 1) and not np.allclose(k, np.round(k), atol=1e-5)
+    assert digits.metadata["levels"] is None
+    assert load_dataset("digits", limit=5, resize_to=8).metadata["levels"] == 17  # no resize
+    np.save(tmp_path / "bytes.npy", np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), np.uint8))
+    assert load_dataset(tmp_path / "bytes.npy", resize_to=14).metadata["levels"] is None
+    with tfds.testing.mock_data(num_examples=2):  # Pillow resizes the bytes: still 8-bit
+        mnist = load_dataset("mnist", resize_to=14)
+    assert mnist.metadata["levels"] == 256
+    # k / 255 in float32 times 255 is k to within float32 rounding (~1e-5 at k = 255)
+    np.testing.assert_allclose(mnist.x * 255, np.round(mnist.x * 255), atol=1e-4)
+
+
+def test_uint8_files_of_binary_or_few_levels(tmp_path):
+    """uint8 0/1 images (how binarized MNIST is usually saved) were divided by 255 into
+    near-black {0, 1/255}: dynamic binarization then saw 0.08 'on' pixels per image
+    instead of ~19, and jaxmem run finished without a word. Read as binary now; a uint8
+    file whose largest value is far below 255 (levels 0..16 saved as bytes) is warned of."""
+    binary = np.random.default_rng(0).integers(0, 2, (3, 28, 28, 1), np.uint8)
+    np.save(tmp_path / "binary.npy", binary)
+    d = load_dataset(tmp_path / "binary.npy")
+    np.testing.assert_array_equal(d.x, binary.astype(np.float32))
+    assert d.metadata["levels"] == 2
+    np.save(tmp_path / "levels16.npy", (binary * 16).astype(np.uint8))
+    with pytest.warns(UserWarning, match=r"largest value of 16, read as 8-bit intensities k/255 .* save x / 16"):
+        d = load_dataset(tmp_path / "levels16.npy")
+    np.testing.assert_allclose(d.x, binary * 16 / 255.0, rtol=1e-6)  # still read as documented
+    np.save(tmp_path / "bytes.npy", np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 8-bit images reaching 255: no warning
+        assert load_dataset(tmp_path / "bytes.npy").metadata["levels"] == 256
 
 
 def test_bad_options():
@@ -158,6 +196,22 @@ def test_tfds_not_prepared_gives_instructions_without_download(tmp_path, monkeyp
     assert not any(data_dir.iterdir())  # nothing downloaded or written
 
 
+def test_tfds_data_dir_expands_home(tmp_path, monkeypatch):
+    """data_dir="~/..." (and `--data-dir=~/...`, which bash leaves unexpanded after '=') was
+    passed to TFDS as it was: a prepared data set reported as not prepared."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = []
+    images = np.zeros((3, 28, 28, 1), np.uint8)
+
+    def data_source(name, *, split, data_dir, download):
+        seen.append(data_dir)
+        return [{"image": im, "label": 4} for im in images]
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    d = load_dataset("mnist", data_dir="~/tensorflow_datasets")
+    assert seen == [str(tmp_path / "tensorflow_datasets")] and d.y.tolist() == [4, 4, 4]
+
+
 # ---------------------------------------------------------------------- user files
 
 
@@ -211,6 +265,56 @@ def test_csv_headers_as_r_and_pandas_write_them(tmp_path):
     (tmp_path / "gap.csv").write_text("1,,2\n3,4,5\n")
     with pytest.raises(ValueError, match="not a numeric CSV table"):
         read_table(tmp_path / "gap.csv")
+
+
+def test_csv_of_a_numpy_matrix_as_pandas_writes_it(tmp_path):
+    """pd.DataFrame(x).to_csv(path, index=False) names the columns 0, 1, ...: that header was
+    read as an extra example [0, 1, 2]; with the row index (",0,1,2") loadtxt's "could not
+    convert string ''" came instead of the message naming pandas' index."""
+    x = np.array([[0.5, 1.0, 2.25], [3.0, 4.0, 5.0]])
+    for name, text, names in [("floats.csv", "0,1,2\n0.5,1.0,2.25\n3.0,4.0,5.0\n", ["0", "1", "2"]),
+                              ("ints.csv", "0,1,2\n0,1,2\n3,4,5\n", ["0", "1", "2"]),  # data of ints
+                              ("two.csv", "0,1\n0.5,1.0\n3.0,4.0\n", ["0", "1"])]:
+        (tmp_path / name).write_text(text)
+        table, columns, _ = read_table(tmp_path / name)
+        assert columns == names and table.shape == (2, len(names))
+        np.testing.assert_array_equal(load_dataset(tmp_path / name).x, table.astype(np.float32))
+    np.testing.assert_array_equal(read_table(tmp_path / "floats.csv")[0], x)
+    (tmp_path / "index.csv").write_text(",0,1,2\n0,0.5,1.0,2.25\n1,3.0,4.0,5.0\n")
+    with pytest.raises(ValueError, match=r"column 0 of the header has no name; pandas' to_csv\(\) "
+                                         r"writes its row index this way .* index=False"):
+        load_dataset(tmp_path / "index.csv")
+    # "0,1" above integer rows is as likely data: refused, not guessed
+    (tmp_path / "pairs.csv").write_text("0,1\n1,0\n1,1\n")
+    with pytest.raises(ValueError, match=r"pairs.csv: the first row '0,1' is either a data row or "
+                                         r"the column names pandas' to_csv\(\) gives"):
+        read_table(tmp_path / "pairs.csv")
+    # other numbers stay data
+    (tmp_path / "data.csv").write_text("0,2,1\n3,4,5\n")
+    assert read_table(tmp_path / "data.csv")[0].tolist() == [[0, 2, 1], [3, 4, 5]]
+
+
+def test_csv_with_both_y_and_label_columns_is_refused(tmp_path):
+    """The 'y' column was taken as the labels and 'label' silently kept as a feature."""
+    (tmp_path / "both.csv").write_text("a,y,label\n1.5,0,1\n-1,1,0\n")
+    with pytest.raises(ValueError, match=r"both.csv: 2 columns can hold the labels: 'y' \(column 1\), "
+                                         r"'label' \(column 2\); keep one"):
+        load_dataset(tmp_path / "both.csv")
+    assert read_table(tmp_path / "both.csv")[1] == ["a", "y", "label"]  # the leverage command's --target
+
+
+def test_labels_beyond_int32_are_refused_with_their_value(tmp_path):
+    """Labels are int32: 2**32 + 1 became class 1 silently, 2**31 was refused as -2147483648."""
+    x = np.zeros((4, 3), np.float32)
+    for y, value in [(np.array([0, 1, 2**32 + 1, 5]), "4294967297"),
+                     (np.array([0, 1, 2, 2**31]), "2147483648"),
+                     (np.array([0.0, 1e10, 2.0, 3.0]), "10000000000.0")]:
+        np.savez(tmp_path / "big.npz", x=x, y=y)
+        with pytest.raises(ValueError, match=rf"y must hold class labels 0..2147483647 \(int32\); example "
+                                             rf"{np.argmax(y > 2**31 - 1)} is {value}: number the classes"):
+            load_dataset(tmp_path / "big.npz")
+    np.savez(tmp_path / "top.npz", x=x, y=np.array([0, 1, 2, 2**31 - 1]))
+    assert load_dataset(tmp_path / "top.npz").y.tolist() == [0, 1, 2, 2**31 - 1]
 
 
 @pytest.mark.parametrize(
@@ -337,6 +441,31 @@ def test_nearest_neighbours_over_blocks_of_the_pool(monkeypatch):
     np.testing.assert_array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :4])
     assert idx[10, 0] == 150 and dist[10, 0] == 0.0  # its duplicate (itself excluded)
     np.testing.assert_allclose(dist, np.take_along_axis(d, idx, 1), rtol=1e-6)
+
+
+def test_nearest_neighbours_exact_ties_go_to_the_lower_index(monkeypatch):
+    """Integer pixels tie exactly; the float64 expansion's rounding ordered the ties at random
+    (for a query with ten rows at squared distance 1, rows 207, 220, 265, ... instead of the
+    lowest 9, 143, 167, ...). More tied rows than the k + 32 candidates: the whole pool."""
+    from jaxmem import data as data_module
+
+    calls = []
+    whole_pool = data_module._nn_brute_force
+    monkeypatch.setattr(data_module, "_nn_brute_force", lambda *a: calls.append(a[2]) or whole_pool(*a))
+    rng = np.random.default_rng(0)
+    few = rng.integers(0, 3, (300, 5)).astype(np.float32)  # ~10 rows at each small distance
+    many = rng.integers(0, 2, (400, 4)).astype(np.float32)  # 16 patterns, ~25 copies of each
+    for pool, k, whole in ((few, 7, False), (many, 30, True)):
+        calls.clear()
+        q = pool[:20]
+        idx, dist = nearest_neighbours(q, pool, k, exclude=np.arange(20), chunk_size=8)
+        # exact squared distances (small integers) and a stable sort: ties by index
+        d2 = ((q[:, None, :].astype(np.float64) - pool[None]) ** 2).sum(-1)
+        d2[np.arange(20), np.arange(20)] = np.inf
+        ref = np.argsort(d2, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(idx, ref)
+        np.testing.assert_array_equal(dist, np.sqrt(np.take_along_axis(d2, ref, 1)).astype(np.float32))
+        assert bool(calls) == whole and len(set(calls)) == len(calls)  # each query at most once
 
 
 def test_nearest_neighbours_exclude_self():

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -583,3 +584,31 @@ def test_second_run_in_a_directory_in_use_is_refused(digits, tmp_path):
     assert len(refused) == 1 and refused[0].startswith(f"out_dir {out} is in use by another run (pid ")
     assert r.config["training"]["epochs"] == 2 and not (out / ".jaxmem-lock").exists()
     np.testing.assert_array_equal(jaxmem.load_result(out).M, r.M)
+
+
+def test_preprocess_draws_average_the_loglik_over_binarizations(digits):
+    """With dynamic binarization each example is scored as one random binarization of it
+    (shared by all members): M's spread over draws is not in the jackknife stderr.
+    preprocess_draws=B averages each ll[m, i] over B draws; checked against B separate
+    loglik_matrix calls (their mean, then memorization_scores) on the same trained states."""
+    x = digits.x[:60]
+    kw = {**SMALL, "num_samples": 4}
+    r1 = jaxmem.memorization(x, epochs=1, **kw)
+    r3 = jaxmem.memorization(x, epochs=1, preprocess_draws=3, **kw)
+    assert r3.config["scoring"]["preprocess_draws"] == 3 and r1.config["scoring"]["preprocess_draws"] == 1
+    # the same training; the reference ll from the three draws' keys
+    fitted = jaxmem.ensemble.fit(lambda s: jaxmem.models.from_config(r1.config["model"], seed=s),
+                                 optax.adam(1e-3), x, r1.keep, epochs=1, batch_size=16, seed=0, progress=False)
+    graphdef = fitted.graphdef
+    key = jax.random.fold_in(jax.random.key(0), 0x5C0)
+    draws = [np.asarray(jaxmem.loglik_matrix(graphdef, fitted.state, x, key=k, num_samples=4), np.float64)
+             for k in (key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2))]
+    np.testing.assert_array_equal(r1.ll, draws[0].astype(np.float32))  # the first draw is the single draw's
+    # float32 rounding of a mean of three float64 values of ~-40 nats: 1e-5 relative
+    np.testing.assert_allclose(r3.ll, np.mean(draws, axis=0), rtol=1e-5)
+    ref = jaxmem.memorization_scores(np.mean(draws, axis=0).astype(np.float32), r1.keep)
+    np.testing.assert_allclose(r3.M, ref.M, atol=1e-4)
+    assert np.abs(r3.M - r1.M).max() > 0.05  # the draws differ: averaging them moved M
+    with pytest.raises(ValueError, match=r"preprocess_draws=2 averages over draws .* and mlp_vae with "
+                                         r"\{'binarize': 'none'\} draws none"):
+        jaxmem.memorization(x, epochs=1, preprocess_draws=2, **{**kw, "model_options": {"binarize": "none"}})
