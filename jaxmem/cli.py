@@ -26,6 +26,7 @@ import csv
 import logging
 import os
 import pathlib
+import shlex
 import signal
 import sys
 import time
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("scoring")
     g.add_argument("--samples", type=_positive_int, default=128,
                    help="importance samples per log-likelihood (the paper: 256 on MNIST)")
+    g.add_argument("--preprocess-draws", type=_positive_int, default=1,
+                   help="draws of the model's random preprocessing (dynamic binarization, "
+                        "dequantization) over which each log-likelihood is averaged: with one, M "
+                        "is the score of one seeded binarization of each example, whose spread "
+                        "over draws the stderr leaves out; B draws shrink it by sqrt(B), for B "
+                        "times the scoring time")
     g.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="matmul inputs of the log-likelihoods: bfloat16 scores MLP models faster "
                         "on hardware that multiplies bf16 (accelerators, CPUs with AMX; slower on "
@@ -206,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser(
         "report", formatter_class=fmt, help="regenerate the figures and summary of a results directory",
-        description="Regenerate every figure and summary.md from DIR/result.npz.",
+        description="Regenerate every figure and summary.md from DIR/result.npz. The example "
+                    "grid is redrawn from the run's images, reloaded (TFDS data: pass --data-dir "
+                    "again); when they cannot be, the grid the run drew is kept.",
     )
     rep.add_argument("directory", metavar="DIR", help="a results directory of `jaxmem run`")
     rep.add_argument("--data-dir", default=None,
-                     help="TFDS data directory, to reload images for the example grid")
+                     help="TFDS data directory of the run, to reload images for the example grid")
     rep.set_defaults(func=_cmd_report)
 
     lev = sub.add_parser(
@@ -452,7 +461,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = memorization(
             ds.x, ds.y, model=args.model, model_options=options, folds=args.folds,
             repeats=args.repeats, epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.lr, num_samples=args.samples, matmul_dtype=args.matmul_dtype, seed=args.seed,
+            learning_rate=args.lr, num_samples=args.samples, preprocess_draws=args.preprocess_draws,
+            matmul_dtype=args.matmul_dtype, seed=args.seed,
             quantile=args.quantile, full_model=args.full_model, track_epochs=tracked,
             track_samples=args.track_samples, out_dir=out,
             data_info={"name": ds.name, **spec, "sha256": _fingerprint(ds.x)},
@@ -471,6 +481,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from jaxmem.data import KNOWN_DATASETS
     from jaxmem.pipeline import load_result
     from jaxmem.report import _drawable_shape, write_report
 
@@ -480,16 +491,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     result = load_result(directory)
     data = result.config.get("data", {})
     ds = None
+    missing = None  # why the scored images are not at hand
     if _drawable_shape(data.get("example_shape", ())) and "source" in data:
         seed = int(result.config.get("training", {}).get("seed", 0))
         try:
             ds = _load(data, seed=seed, data_dir=args.data_dir)
         except (ValueError, FileNotFoundError) as err:
-            _info(f"note: no example grid, the images could not be reloaded ({err})")
+            missing = f"the images could not be reloaded ({err})"
         if ds is not None and data.get("sha256") and _fingerprint(ds.x) != data["sha256"]:
-            _info(f"note: no example grid: {data['source']} no longer holds the scored images")
+            missing = f"{data['source']} no longer holds the scored images"
             ds = None
-    report = write_report(result, directory, dataset=ds)
+    # The grid drawn by the run is kept (config.json does not record --data-dir, so that a
+    # moved data folder does not block a resume): only a grid of other scores is deleted.
+    report = write_report(result, directory, dataset=ds, keep_examples=missing is not None)
+    if missing is not None:
+        source = data["source"]
+        if source in KNOWN_DATASETS:
+            hint = (f"pass the TFDS data folder the run read: `jaxmem report {shlex.quote(directory)} "
+                    "--data-dir FOLDER`")
+        else:
+            hint = f"put the run's data back at {source} and run `jaxmem report {shlex.quote(directory)}` again"
+        kept = report["kept"].get("examples")
+        if kept is not None:
+            _info(f"note: {kept.name} is kept from the run: {missing}; to redraw it, {hint}")
+        else:
+            _info(f"note: no example grid: {missing}; to draw it, {hint}")
     print(report["markdown"], end="")
     print(f"\nWrote {', '.join(p.name for p in report['files'].values())} in {os.path.abspath(directory)}")
     return 0

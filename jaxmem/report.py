@@ -246,8 +246,22 @@ def summary(
     return out
 
 
-def summary_markdown(s: dict[str, Any], *, title: str = "Memorization summary") -> str:
-    """Renders a :func:`summary` dict as a short markdown report."""
+def _logp_name(conditional: bool) -> str:
+    """What ``U`` is called in texts: a density model's log p, or a classifier's log p(y|x)."""
+    return "log p(y|x)" if conditional else "log p"
+
+
+def summary_markdown(s: dict[str, Any], *, title: str = "Memorization summary",
+                     conditional: bool = False) -> str:
+    """Renders a :func:`summary` dict as a short markdown report.
+
+    Args:
+      s: a :func:`summary` dict.
+      title: the report's heading.
+      conditional: ``U`` is a classifier's log p(y|x) (label memorization), not a
+        density log p(x): the central-90% line names log p(y|x) and is not compared with
+        the paper, whose finding (more than half) is about densities.
+    """
     lines = [f"## {title}", "", f"{s['n']} examples; memorization score M in nats.", ""]
     lines += ["| quantile | " + " | ".join(s["quantiles"]) + " |",
               "|---|" + "---|" * len(s["quantiles"]),
@@ -262,8 +276,8 @@ def summary_markdown(s: dict[str, Any], *, title: str = "Memorization summary") 
         lo, hi = s["central_90_logp"]
         verdict = "more than half, as in the paper" if share > 0.5 else "not more than half"
         lines.append(
-            f"- share of highly memorized examples inside the central 90% of log p "
-            f"([{lo:.2f}, {hi:.2f}] nats): {100 * share:.1f}% ({verdict})"
+            f"- share of highly memorized examples inside the central 90% of {_logp_name(conditional)} "
+            f"([{lo:.2f}, {hi:.2f}] nats): {100 * share:.1f}%" + ("" if conditional else f" ({verdict})")
         )
     if s["spearman_leverage"] is not None:
         lines.append(f"- Spearman rank correlation of M with leverage: {s['spearman_leverage']:.3f}")
@@ -297,14 +311,37 @@ def figure3_bins(logp, highly_memorized, bins: int = 20):
 
 
 @contextlib.contextmanager
-def _figure(path, figsize):
+def _figure(path, figsize, metadata: dict[str, str] | None = None):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with mpl.rc_context(_STYLE):
         fig = Figure(figsize=figsize, layout="constrained")
         FigureCanvasAgg(fig)
         yield fig
-        fig.savefig(path)
+        fig.savefig(path, metadata=metadata)
+
+
+# PNG text chunk of the example grid: the sha256 of the scores it shows, by which
+# write_report(keep_examples=True) tells a grid of the same scores from an older one.
+_GRID_SCORES_KEY = "jaxmem M sha256"
+
+
+def _scores_fingerprint(M: np.ndarray) -> str:
+    from jaxmem.checkpoint import fingerprint_array  # orbax: only when a grid is drawn or kept
+
+    return fingerprint_array(np.asarray(M, dtype=np.float64))
+
+
+def _grid_shows(path: pathlib.Path, M: np.ndarray) -> bool:
+    """Whether the example grid at ``path`` was drawn from the scores ``M`` ``[n]``."""
+    from PIL import Image  # matplotlib's own dependency
+
+    try:
+        with Image.open(path) as img:
+            recorded = getattr(img, "text", {}).get(_GRID_SCORES_KEY)
+    except (OSError, ValueError):  # unreadable, not a PNG
+        return False
+    return recorded == _scores_fingerprint(M)
 
 
 def plot_score_distribution(M, path: str | os.PathLike, *, quantile: float = 0.95,
@@ -338,7 +375,7 @@ def plot_score_distribution(M, path: str | os.PathLike, *, quantile: float = 0.9
 
 
 def plot_figure3(logp, highly_memorized, path: str | os.PathLike, *,
-                 bins: int = 20) -> pathlib.Path:
+                 bins: int = 20, conditional: bool = False) -> pathlib.Path:
     """The paper's Figure 3: highly memorized vs regular examples across log p.
 
     Panel (a): counts of highly memorized and regular examples per bin of log p
@@ -352,6 +389,8 @@ def plot_figure3(logp, highly_memorized, path: str | os.PathLike, *,
       highly_memorized: bool ``[n]``.
       path: the PNG to write.
       bins: equal-width bins of log p.
+      conditional: ``logp`` is a classifier's log p(y|x) (label memorization), not a
+        density log p(x); the axes and titles say which.
 
     Returns:
       ``path`` as a ``pathlib.Path``.
@@ -364,17 +403,20 @@ def plot_figure3(logp, highly_memorized, path: str | os.PathLike, *,
     share = inside[mask].mean() if mask.any() else None
     centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     total = high + regular
+    name = _logp_name(conditional)
+    xlabel = ("log p(y|x) under models trained on (x, y), U (nats)" if conditional else
+              "log p(x) under models trained on x, U (nats)")
     with _figure(path, (12, 4.8)) as fig:
         ax_a, ax_b = fig.subplots(1, 2)
         for ax in (ax_a, ax_b):
-            ax.axvspan(lo, hi, color="0.9", zorder=0, label="central 90% of log p")
-            ax.set_xlabel("log p(x) under models trained on x, U (nats)")
+            ax.axvspan(lo, hi, color="0.9", zorder=0, label=f"central 90% of {name}")
+            ax.set_xlabel(xlabel)
         ax_a.bar(centers - width / 4, regular, width / 2, color=_REGULAR_COLOR, label="regular")
         ax_a.bar(centers + width / 4, high, width / 2, color=_HIGH_COLOR,
                  label="highly memorized")
         ax_a.set_yscale("log")
         ax_a.set_ylabel("number of examples (log scale)")
-        ax_a.set_title("(a) counts per bin of log p")
+        ax_a.set_title(f"(a) counts per bin of {name}")
         ax_a.legend(loc="upper left")
         with np.errstate(invalid="ignore", divide="ignore"):
             prop = np.where(total > 0, high / total, np.nan)
@@ -388,7 +430,7 @@ def plot_figure3(logp, highly_memorized, path: str | os.PathLike, *,
         ax_b.set_ylabel("proportion highly memorized")
         ax_b.set_title("(b) proportion highly memorized per bin")
         ax_b.legend(loc="upper left")
-        fig.suptitle(f"Highly memorized examples across log p: {100 * share:.1f}% of them "
+        fig.suptitle(f"Highly memorized examples across {name}: {100 * share:.1f}% of them "
                      f"lie in the central 90% (n = {len(logp)})" if share is not None else
                      f"No highly memorized examples (n = {len(logp)})")
     return pathlib.Path(path)
@@ -437,7 +479,8 @@ def plot_examples_grid(
         examples): leave each example out of its own neighbours. Needs ``n == N``.
 
     Returns:
-      ``path`` as a ``pathlib.Path``.
+      ``path`` as a ``pathlib.Path``. The PNG records the sha256 of ``M`` (text chunk
+      ``"jaxmem M sha256"``), by which :func:`write_report` knows a grid of the same scores.
 
     Raises:
       ValueError: ``images`` or ``train_images`` are not images of 1, 3 or 4 channels
@@ -475,7 +518,8 @@ def plot_examples_grid(
     vmin, vmax = (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi)
 
     rows, cols = len(chosen), neighbours + 1
-    with _figure(path, (1.25 * cols + 1.4, 1.3 * rows + 0.9)) as fig:
+    with _figure(path, (1.25 * cols + 1.4, 1.3 * rows + 0.9),
+                 metadata={_GRID_SCORES_KEY: _scores_fingerprint(M)}) as fig:
         subfigs = fig.subfigures(len(groups), 1, hspace=0.02)
         r = 0
         for sub, (label, idx) in zip(subfigs, groups):
@@ -558,7 +602,7 @@ def plot_scores_over_epochs(epochs: Sequence[int], M_by_epoch, path: str | os.Pa
         _vector(Mt[e], f"M_by_epoch[{e}]")
     q = np.quantile(Mt, [0.05, 0.5, 0.95, 0.995], axis=1)
     top = np.argsort(Mt[-1])[::-1][:track]
-    with _figure(path, (8, 5)) as fig:
+    with _figure(path, (9.5, 5)) as fig:
         ax = fig.add_subplot()
         ax.fill_between(epochs, q[0], q[2], color=_REGULAR_COLOR, alpha=0.2,
                         label="5%-95% of examples")
@@ -571,7 +615,9 @@ def plot_scores_over_epochs(epochs: Sequence[int], M_by_epoch, path: str | os.Pa
         ax.set_xlabel("epoch")
         ax.set_ylabel("memorization score M (nats)")
         ax.set_title(f"Memorization scores during training (n = {Mt.shape[1]})")
-        ax.legend(loc="upper left")
+        # The top trajectories run along the top and the band and median fill the rest, at
+        # any epoch: the legend goes beside the axes, out of the way of every line.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return pathlib.Path(path)
 
 
@@ -694,18 +740,21 @@ def _dataset_images(dataset, n: int, config: dict[str, Any]) -> np.ndarray | Non
     return images
 
 
-def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str, Any]:
+def write_report(result, directory: str | os.PathLike, dataset=None, *,
+                 keep_examples: bool = False) -> dict[str, Any]:
     """Every figure and the summary of a memorization result, written into ``directory``.
 
     Writes (names in :data:`REPORT_FILES`): the distribution of ``M`` with its
-    quantile; the paper's Figure 3a/3b over ``U``; the most, median and least memorized
-    examples beside their nearest training neighbours (image data, when ``dataset`` is
-    given, with up to 5 neighbours, fewer when there are fewer other examples); ``M``
+    quantile; the paper's Figure 3a/3b over ``U`` (named log p(y|x) for a classifier,
+    ``config["model"]["name"]``, whose summary is then not compared with the paper's
+    densities); the most, median and least memorized examples beside their nearest
+    training neighbours (image data, when ``dataset`` is given, with up to 5
+    neighbours, fewer when there are fewer other examples); ``M``
     against the linear baseline's leverage (when the result has it); ``M`` over epochs
     (when it was tracked); ``summary.md`` and ``summary.json``. A file of that list that
     this report does not write (left by an earlier report of the same directory) is
     deleted, so that every figure in ``directory`` belongs to this summary; other files
-    are left alone.
+    are left alone. The one exception is ``keep_examples``.
 
     Args:
       result: a :class:`jaxmem.pipeline.MemorizationResult` (fields ``M``, ``U``,
@@ -715,9 +764,17 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
       dataset: optional :class:`jaxmem.data.Dataset` (or an array ``[n, H, W(, C)]``,
         1, 3 or 4 channels) holding the scored examples in the same order; needed for
         the image grid.
+      keep_examples: when ``dataset`` is None, keep the example grid that an earlier
+        report drew in ``directory`` (e.g. ``jaxmem run``'s, whose images cannot be
+        reloaded now) instead of deleting it, provided it shows these very scores (the
+        sha256 of ``M`` that :func:`plot_examples_grid` records in the PNG); a grid of
+        other scores, or one without that record, is deleted all the same. A kept grid
+        is listed in ``summary.md`` as kept.
 
     Returns:
-      ``{"files": {kind: path}, "summary": summary dict, "markdown": str}``.
+      ``{"files": {kind: path}, "kept": {kind: path}, "summary": summary dict,
+      "markdown": str}``: ``files`` the files written, ``kept`` those kept as they were
+      (``{"examples": ...}`` or empty).
       ``summary.json`` is strict JSON: a value that is not a finite number (Spearman's
       rho of a constant leverage, NaN in the dict) is written as null.
 
@@ -736,6 +793,7 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
                          f"this {type(result).__name__} has no {', '.join(lacking)}")
     config = getattr(result, "config", None) or {}
     quantile = _check_quantile(config.get("scoring", {}).get("quantile", 0.95))
+    conditional = config.get("model", {}).get("name") == "classifier"  # U is log p(y|x)
     M = _vector(result.M, "M")
     images = _dataset_images(dataset, len(M), config)
     leverage = getattr(result, "leverage", None)
@@ -751,7 +809,7 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
     files["distribution"] = plot_score_distribution(
         M, directory / REPORT_FILES["distribution"], quantile=quantile)
     files["figure3"] = plot_figure3(result.U, np.asarray(result.highly_memorized),
-                                    directory / REPORT_FILES["figure3"])
+                                    directory / REPORT_FILES["figure3"], conditional=conditional)
     if images is not None and len(images) >= 2:  # one image has no neighbour to show
         files["examples"] = plot_examples_grid(images, M, images,
                                                directory / REPORT_FILES["examples"])
@@ -767,7 +825,7 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         lm = label_mem
         s["label_memorization"] = {"mean": float(lm.mean()), "max": float(lm.max()),
                                    "num_above_0.5": int((lm > 0.5).sum())}
-    lines = [summary_markdown(s).rstrip("\n"), ""]
+    lines = [summary_markdown(s, conditional=conditional).rstrip("\n"), ""]
     if label_mem is not None:
         lm = s["label_memorization"]
         lines += [f"- Feldman & Zhang label memorization: mean {lm['mean']:.3f}, "
@@ -776,6 +834,11 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
         lines += ["### Run", "", *_run_description(config), ""]
     lines += ["### Files", "", "- `scores.csv`, `result.npz`: every score of every example"]
     lines += [f"- `{p.name}`" for p in files.values()]
+    kept: dict[str, pathlib.Path] = {}
+    grid = directory / REPORT_FILES["examples"]
+    if keep_examples and "examples" not in files and grid.is_file() and _grid_shows(grid, M):
+        kept["examples"] = grid
+        lines.append(f"- `{grid.name}` (kept from an earlier report of these scores)")
     markdown = "\n".join(lines) + "\n"
     for kind, text in (("summary", markdown), ("summary_json", _json_text(s))):
         path = directory / REPORT_FILES[kind]
@@ -787,9 +850,9 @@ def write_report(result, directory: str | os.PathLike, dataset=None) -> dict[str
     # leverage...) would look current beside this summary, which does not list it.
     for kind, name in REPORT_FILES.items():
         stale = directory / name
-        if kind not in files and stale.is_file():
+        if kind not in files and kind not in kept and stale.is_file():
             stale.unlink()
-    return {"files": files, "summary": s, "markdown": markdown}
+    return {"files": files, "kept": kept, "summary": s, "markdown": markdown}
 
 
 def _json_text(obj: Any) -> str:

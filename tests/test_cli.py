@@ -9,6 +9,7 @@ hat matrix.
 import contextlib
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -426,3 +427,69 @@ def test_conv_vae_warns_about_data_that_are_not_8_bit(tmp_path, capsys):
         assert len(warnings) == (1 if levels else 0), err
         if levels:
             assert f"digits has {levels}" in warnings[0]
+
+
+def test_report_keeps_the_run_grid_when_its_images_cannot_be_reloaded(small_runs, tmp_path):
+    run, _ = small_runs["five"]
+    out = tmp_path / "five"
+    shutil.copytree(run, out)
+    grid = out / "examples_nearest_neighbours.png"
+    drawn = grid.read_bytes()
+    data = run.parent / "five.npy"  # where config.json says the scored images are
+    moved = tmp_path / "five.npy"
+    shutil.move(data, moved)
+    try:
+        code, stdout, err = _run_quietly("report", out)
+    finally:
+        shutil.move(moved, data)
+    assert code == 0, err
+    assert grid.read_bytes() == drawn  # not deleted, not redrawn
+    note = err.strip().splitlines()[-1]
+    assert note.startswith("jaxmem: note: examples_nearest_neighbours.png is kept from the run: the images "
+                           "could not be reloaded ("), note
+    assert note.endswith(f"; to redraw it, put the run's data back at {data} and run `jaxmem report {out}` "
+                         "again"), note
+    assert "(kept from an earlier report of these scores)" in (out / "summary.md").read_text()
+    # With the data back, the grid is drawn again and nothing is noted.
+    code, stdout, err = _run_quietly("report", out)
+    assert code == 0 and "note" not in err, err
+    assert grid.is_file() and "examples_nearest_neighbours.png" in stdout.splitlines()[-1]
+
+
+def test_report_of_tfds_data_without_data_dir_keeps_the_grid_and_names_data_dir(small_runs, tmp_path):
+    import dataclasses
+
+    from jaxmem import load_result, write_report
+
+    # The "five" result as if its 5 images came from TFDS's mnist, which `jaxmem report`
+    # cannot find without the run's --data-dir (config.json does not record it).
+    run, _ = small_runs["five"]
+    result = load_result(run)
+    data = {**result.config["data"], "source": "mnist", "limit": 5}
+    result = dataclasses.replace(result, config={**result.config, "data": data})
+    out = tmp_path / "mnist"
+    result.save(out)
+    grid = write_report(result, out, dataset=np.load(run.parent / "five.npy"))["files"]["examples"]
+    drawn = grid.read_bytes()
+    code, _, err = _run_quietly("report", out)
+    assert code == 0, err
+    assert grid.read_bytes() == drawn
+    note = err.strip().splitlines()[-1]
+    assert note.startswith("jaxmem: note: examples_nearest_neighbours.png is kept from the run: "), note
+    assert note.endswith(f"to redraw it, pass the TFDS data folder the run read: `jaxmem report {out} "
+                         "--data-dir FOLDER`"), note
+
+
+def test_preprocess_draws_reach_the_scores(tmp_path):
+    """--preprocess-draws B averages each log-likelihood over B binarizations (the numbers
+    are checked in test_pipeline); here: it is recorded, and refused, before training, for
+    a model whose preprocessing draws nothing."""
+    quick = ["--limit", "40", "--folds", "2", "--repeats", "1", "--epochs", "1", "--samples", "2", "--hidden", "8",
+             "--latent", "2", "--batch-size", "16", "--track-epochs", "none", "--no-progress", "--devices", "1"]
+    code, _, err = _run_quietly("run", *quick, "--preprocess-draws", "2", "--out", tmp_path / "two")
+    assert code == 0, err
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["scoring"]["preprocess_draws"] == 2
+    code, _, err = _run_quietly("run", *quick, "--binarize", "static", "--preprocess-draws", "2",
+                                "--out", tmp_path / "static")
+    assert_one_line_error(code, err, "preprocess_draws=2 averages over draws", "draws none")
+    assert not (tmp_path / "static").exists()

@@ -285,3 +285,76 @@ def test_run_description_says_what_was_run():
     lines = report._run_description(config)
     assert "- log p(y|x): exact (classifier)" in lines and "- plan: 2 folds x 1 repeat(s), 2 models" in lines
     assert not any("importance" in line or "binarize" in line for line in lines)
+
+
+def _drawn_figures(monkeypatch):
+    """{file name: Figure} of every figure saved while the returned dict is in use."""
+    from matplotlib.figure import Figure
+
+    figures, save = {}, Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        figures[str(path).rsplit("/", 1)[-1]] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def test_a_classifier_report_names_log_p_of_y_given_x_and_is_not_compared_with_the_paper(tmp_path, monkeypatch):
+    figures = _drawn_figures(monkeypatch)
+    result = _fake_result(n=40)  # 2 of 40 highly memorized, both inside the central 90% of U
+    result.U = -np.abs(result.M - 20.0)
+    result.config["model"] = {"name": "classifier", "num_classes": 10}
+    out = report.write_report(result, tmp_path / "cls")
+    fig3 = figures["figure3_logp.png"]
+    assert [ax.get_xlabel() for ax in fig3.axes] == ["log p(y|x) under models trained on (x, y), U (nats)"] * 2
+    assert "log p(y|x)" in fig3.axes[0].get_title() and "log p(y|x)" in fig3.get_suptitle()
+    line = next(line for line in out["markdown"].splitlines() if "central 90%" in line)
+    assert "central 90% of log p(y|x) (" in line and line.endswith("nats): 100.0%"), line  # no verdict
+    assert "paper" not in out["markdown"] and "more than half" not in out["markdown"]
+    # A density model keeps log p(x) and the paper's comparison.
+    result.config["model"] = {"name": "mlp_vae"}
+    out = report.write_report(result, tmp_path / "vae")
+    assert figures["figure3_logp.png"].axes[0].get_xlabel() == "log p(x) under models trained on x, U (nats)"
+    assert "central 90% of log p ([" in out["markdown"]
+    assert "100.0% (more than half, as in the paper)" in out["markdown"]
+    M, logp, _ = _synthetic()
+    s = summary(M, logp=logp)
+    assert summary_markdown(s, conditional=True) == summary_markdown(s).replace(
+        " (more than half, as in the paper)", "").replace("of log p (", "of log p(y|x) (")
+
+
+def test_the_epochs_legend_covers_no_line(tmp_path, monkeypatch):
+    figures = _drawn_figures(monkeypatch)
+    epochs = np.arange(1, 6)
+    # The 5 most memorized examples are high from the first epoch on, where an upper-left
+    # legend would sit.
+    M = np.r_[np.linspace(0, 1, 95), np.full(5, 10.0)]
+    report.plot_scores_over_epochs(epochs, np.tile(M, (5, 1)), tmp_path / "epochs.png")
+    fig = figures["epochs.png"]
+    fig.canvas.draw()  # at the figure's own dpi
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    box, legend = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(box), (legend, box)  # beside the axes: over no line or band
+    assert fig.bbox.contains(legend.x1 - 1, legend.y0 + 1)  # and inside the saved figure
+
+
+def test_write_report_keeps_the_grid_of_these_scores_when_asked(tmp_path):
+    x = load_dataset("digits", limit=6).x
+    result = _fake_result(n=6)
+    grid = report.write_report(result, tmp_path, dataset=x)["files"]["examples"]
+    drawn = grid.read_bytes()
+    # The images cannot be loaded again (`jaxmem report` of TFDS data without --data-dir):
+    # the grid drawn from these very scores stays, listed as kept, not as written.
+    out = report.write_report(result, tmp_path, keep_examples=True)
+    assert out["kept"] == {"examples": grid} and "examples" not in out["files"]
+    assert grid.read_bytes() == drawn
+    assert f"- `{grid.name}` (kept from an earlier report of these scores)" in out["markdown"]
+    out = report.write_report(result, tmp_path, keep_examples=True)  # and again
+    assert out["kept"] == {"examples": grid} and grid.read_bytes() == drawn
+    # A grid of other scores (the result changed since, e.g. more epochs) is deleted all the same.
+    result.M = result.M[::-1].copy()
+    out = report.write_report(result, tmp_path, keep_examples=True)
+    assert out["kept"] == {} and not grid.exists() and grid.name not in out["markdown"]

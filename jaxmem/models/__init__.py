@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -257,7 +258,9 @@ def check_model_data(model: nnx.Module, data: Any) -> None:
     options are read) the value ranges of :func:`check_data`; nothing for other models,
     whose contracts jaxmem does not know. For all four of jaxmem's models also the
     data's layout and type: one floating-point array ``x`` for the VAEs, ``(x, y)``
-    with floating-point ``x`` for the classifier. :func:`jaxmem.ensemble.fit` and
+    with floating-point ``x`` for the classifier (float16 and bfloat16 included: the
+    models compute in float32 from them, the same numbers as float32 ``x`` holding the
+    same values). :func:`jaxmem.ensemble.fit` and
     :func:`jaxmem.likelihood.loglik_matrix` call it, so data out of range is refused
     there too, not only by :func:`jaxmem.memorization`.
 
@@ -281,7 +284,7 @@ def check_model_data(model: nnx.Module, data: Any) -> None:
     else:
         x = data
     dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):  # np.issubdtype says no to ml_dtypes' bfloat16
         raise ValueError(f"{name} takes floating-point x (e.g. x.astype(np.float32)), got dtype {dtype}")
     if isinstance(model, MLPVAE):
         check_data({"name": "mlp_vae", "binarize": model.binarize}, x)

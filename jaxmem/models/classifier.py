@@ -25,7 +25,7 @@ class Classifier(nnx.Module):
     Args:
       example_shape: shape of one input.
       num_classes: number of labels.
-      hidden: hidden layer sizes.
+      hidden: hidden layer sizes, each positive (none: a linear classifier).
       activation: hidden activation name.
       rngs: parameter initialisation.
     """
@@ -41,6 +41,8 @@ class Classifier(nnx.Module):
     ):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"sizes must be positive, got hidden={hidden}")
         activation_fn(activation)
         self.example_shape = tuple(int(s) for s in example_shape)
         self.num_classes = int(num_classes)

@@ -97,22 +97,42 @@ class LinearGaussianVAE(LatentVariableModel):
         return jnp.dot(w, w.T, precision=_HI) + jnp.exp(2.0 * self.log_sigma[...]) * jnp.eye(d)
 
     def exact_log_prob(self, x: jax.Array) -> jax.Array:
-        """Exact ``log p(x) = log N(x; b, W W^T + sigma^2 I)`` via a Cholesky factor.
+        """Exact ``log p(x) = log N(x; b, W W^T + sigma^2 I)``, through the k x k posterior.
+
+        With ``G = W^T W + sigma^2 I_k`` (``sigma^2`` times the posterior precision) and
+        the posterior mean ``mu = G^{-1} W^T (x - b)``, the Woodbury identity and the
+        matrix determinant lemma give
+
+        .. math::
+
+            (x - b)^T C^{-1} (x - b) = \\|x - b - W \\mu\\|^2 / \\sigma^2 + \\|\\mu\\|^2, \\quad
+            \\log\\det C = 2 (d - k) \\log\\sigma + \\log\\det G, \\quad C = W W^T + \\sigma^2 I_d.
+
+        Only a k x k Cholesky factor is taken, and the quadratic form is minimal at
+        ``mu``, so an error in ``mu`` changes it only to second order: the value keeps
+        float32 accuracy (~1e-7 relative) even where ``W W^T`` dwarfs ``sigma^2``
+        (``sigma = 1e-3``, ``|W| ~ 100``): a d x d Cholesky of ``C`` formed in float32
+        loses every digit there, or gives NaN.
 
         Args:
           x: f32 ``[B, d]``.
 
         Returns:
-          f32 ``[B]``, nats per example (float64 for float64 ``x`` when x64 is enabled).
+          f32 ``[B]``, nats per example. With x64 enabled and float64 ``x``, float64,
+          computed in float64 throughout (the parameters are cast to it).
         """
         if x.ndim != 2 or x.shape[1] != self.example_shape[0]:
             raise ValueError(f"exact_log_prob expects [B, {self.example_shape[0]}], got {x.shape}")
-        d = self.example_shape[0]
-        chol = jnp.linalg.cholesky(self.marginal_covariance())
-        r = (x - self.b[...]).T  # [d, B]
-        white = jax.scipy.linalg.solve_triangular(chol, r, lower=True)
-        maha = jnp.sum(white * white, axis=0)
-        log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+        d, k = self.example_shape[0], self.latent_dim
+        dtype = jnp.result_type(x.dtype, self.W[...].dtype)  # float64 only for float64 x under x64
+        w, b, log_sigma = (p[...].astype(dtype) for p in (self.W, self.b, self.log_sigma))
+        sigma2 = jnp.exp(2.0 * log_sigma)
+        r = x.astype(dtype) - b  # [B, d]
+        chol = jnp.linalg.cholesky(jnp.dot(w.T, w, precision=_HI) + sigma2 * jnp.eye(k, dtype=dtype))
+        mu = jax.scipy.linalg.cho_solve((chol, True), jnp.dot(w.T, r.T, precision=_HI)).T  # [B, k]
+        res = r - jnp.dot(mu, w.T, precision=_HI)
+        maha = jnp.sum(res * res, axis=-1) / sigma2 + jnp.sum(mu * mu, axis=-1)
+        log_det = 2.0 * (d - k) * log_sigma + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
         return -0.5 * (maha + log_det + d * LOG_2PI)
 
     def exact_posterior(self) -> tuple[jax.Array, jax.Array, jax.Array]:
