@@ -762,7 +762,10 @@ def _nn_chunk(queries, pool, mean, exclude, k):
     width = min(n, k + max(k, 32))
     best_d = np.full((m, 0), np.inf)
     best_i = np.zeros((m, 0), np.int64)
-    block = max(1, _NN_BLOCK_BYTES // (8 * max(1, d)))
+    # Pool rows per block: the block's float64 rows [block, d] and its distances to the
+    # chunk's queries [m, block] (with the candidates' distances and indices beside them)
+    # are at most 64 MiB each, whatever d and m are (a table of 8 columns took 1.6 GB).
+    block = max(1, _NN_BLOCK_BYTES // (8 * max(1, d, m)))
     rows = np.arange(m)
     p_sq_max = 0.0
     for start in range(0, n, block):
@@ -816,7 +819,10 @@ def nearest_neighbours(
 
     Every query gets its own distances to the whole pool (no row of a batch stands in
     for the others). Queries are processed ``chunk_size`` at a time and the pool in
-    blocks of 64 MiB (as float64), so memory is ``O(chunk_size * block)`` beside the data.
+    blocks of rows sized so that each float64 array of a block (its rows, and its
+    distances to the chunk's queries) is at most 64 MiB: memory beside the data is a
+    few such arrays (about 0.3 GiB at most), whatever the example size and the number
+    of pool rows.
 
     Args:
       queries: ``[q, *example_shape]``, finite; ``q`` may be 0.

@@ -527,3 +527,30 @@ def test_nearest_neighbours_bad_inputs_are_named():
     # no queries: empty [0, k] results, not a reshape error
     idx, dist = nearest_neighbours(pool[:0], pool, 3)
     assert idx.shape == dist.shape == (0, 3) and idx.dtype == np.int32 and dist.dtype == np.float32
+
+
+def test_nearest_neighbours_memory_is_bounded_for_narrow_tables(monkeypatch):
+    """The pool was read in blocks of 64 MiB of rows, so a chunk's [chunk_size, block]
+    distance matrices grew with chunk_size / d: 1.6 GB beside a 6 MiB table of 8 columns.
+    Blocks now bound those matrices too. Measured with tracemalloc (numpy reports its
+    allocations to it) at a 1 MiB budget: the old blocks' matrices alone took ~40 MB."""
+    import tracemalloc
+
+    from jaxmem import data
+
+    monkeypatch.setattr(data, "_NN_BLOCK_BYTES", 1 << 20)
+    pool = np.random.default_rng(0).normal(size=(20_000, 4)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        idx, dist = nearest_neighbours(pool[:256], pool, 3, exclude=np.arange(256), chunk_size=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # a few 1 MiB arrays per block, plus the pool's float64 copy-free centring: far below 40 MB
+    assert peak < 12 << 20, peak
+    d2 = ((pool[:256, None, :].astype(np.float64) - pool[None, :, :]) ** 2).sum(-1)
+    d2[np.arange(256), np.arange(256)] = np.inf
+    ref = np.argsort(d2, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(idx, ref)
+    # float32 distances from the float64 exact ones: rounding only
+    np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(d2, ref, 1)), rtol=1e-6)
