@@ -731,7 +731,8 @@ def memorization(
             score_epoch(trained, plan_members(restored.state))
             del restored
         fitted = train(epochs, progress=progress, callback=callback)
-        state = fitted.state
+        state, history = fitted.state, fitted.history
+        del fitted  # its ensemble holds the training copy of the data on the devices
         state_run()
 
         if on_stage:
@@ -767,7 +768,7 @@ def memorization(
             logp_full=logp_full, leverage=lev, label_memorization=label_mem,
             tracked_epochs=np.asarray(es, np.int32),
             M_by_epoch=np.stack([M_by_epoch[e] for e in es]) if es else np.zeros((0, n), np.float32),
-            history={k: v[:, :num_plan] for k, v in fitted.history.items()},
+            history={k: v[:, :num_plan] for k, v in history.items()},
             config=config,
         )
         if out_dir is not None:
