@@ -12,6 +12,10 @@ classifiers — computed by ONE jitted program that
   (without the ``models`` factor on CPUs), while every matmul is
   ``[example_chunk * sample_chunk, width]``-sized,
 - is sharded over examples with :func:`jaxmem.mesh.shard_examples`,
+- is compiled once for many n: the rows go in at most 20 calls of one shape (with or
+  without a progress bar), a block holds ``example_chunk`` examples per device, or for
+  fewer the next power of two (at most twice the work), and S counts only where
+  something is sampled (not for ``kind="exact"``/``"correct"`` nor jaxmem's classifier),
 - is compiled with XLA's default options on every platform. (Until the twelfth session
   it was compiled on CPUs with XLA's Eigen matmuls instead of YNNPACK's; on two CPU
   devices of one process that program returned wrong values for about 5% of the pairs
@@ -219,7 +223,7 @@ def _member_class_and_options(graphdef, stacked_state):
     return nnx.merge(graphdef, jax.eval_shape(lambda s: jax.tree.map(lambda a: a[0], s), stacked_state))
 
 
-def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state):
+def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, member):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     for name, v in [("num_samples", num_samples), ("example_chunk", example_chunk),
@@ -239,8 +243,24 @@ def _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, graphdef
             raise ValueError(f"data has non-finite values in example(s) {bad[:10].tolist()}")
     # Value ranges (pixels in [0, 1], classifier labels): out of range, jaxmem's models give
     # silently wrong log-likelihoods (e.g. 8-bit pixels all binarise to 1).
-    _models.check_model_data(_member_class_and_options(graphdef, stacked_state), data)
+    _models.check_model_data(member, data)
     return n
+
+
+def _samples_drawn(member, kind, num_samples):
+    """S as the kernel takes it (its static ``num_samples``): 1 where nothing is sampled,
+    so that S neither shrinks the default ``example_chunk`` nor compiles a program of its
+    own for the same values: ``kind="exact"`` or ``"correct"``, and a jaxmem
+    :class:`~jaxmem.models.Classifier` (its ``log_prob`` and ``elbo`` are the exact
+    log p(y|x), S unused) unless a subclass overrides them. Otherwise ``num_samples``
+    as given (a user's own module may sample in its ``log_prob``; an invalid value is
+    left for :func:`_check_inputs` to report)."""
+    if kind in _METHOD_OF_KIND:
+        return 1
+    if kind in ("iw", "elbo") and all(getattr(type(member), name, None) is getattr(_models.Classifier, name)
+                                      for name in ("log_prob", "elbo")):
+        return 1
+    return num_samples
 
 
 #: Default target of ``example_chunk * min(S, sample_chunk)``: rows of each matmul.
@@ -253,6 +273,21 @@ def _default_chunk(example_chunk, num_samples, sample_chunk):
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         return 1  # _check_inputs reports it
     return int(min(1024, max(16, ROWS_PER_BLOCK // min(num_samples, max(1, sample_chunk)))))
+
+
+def _block_examples(example_chunk, per_device):
+    """Examples per block for ``per_device`` (>= 1) examples per device: ``example_chunk``,
+    or, for fewer, the next power of two at or above ``per_device``. Every n below the
+    chunk then compiles one of at most ``log2(example_chunk) + 1`` programs (not one per
+    n), for at most twice the work of that block. Values as with any other chunk, to
+    float32 rounding (each example's randomness comes from its own index; padding rows
+    are dropped)."""
+    return min(example_chunk, 1 << (per_device - 1).bit_length())
+
+
+#: At most this many calls of the kernel per :func:`loglik_matrix`, all of one compiled
+#: program (``rows`` a multiple of ``devices * chunk``): the progress bar's steps.
+_CALLS = 20
 
 
 def _key_parts(key):
@@ -318,7 +353,10 @@ def loglik_matrix(
       data: the batch pytree of all n examples (docs/CONTRACTS.md): ``x [n, ...]``, or
         ``(x, y)`` for classifiers.
       key: base PRNG key; example i uses ``fold_in(key, i)``.
-      num_samples: S, importance samples per (member, example).
+      num_samples: S, importance samples per (member, example). Taken as 1 (the same
+        values, and the same compiled program, whatever S) where nothing is sampled:
+        ``kind="exact"`` or ``"correct"``, and a :class:`~jaxmem.models.Classifier`'s
+        exact log p(y|x). A user's own module gets S as given.
       kind: ``"iw"`` (importance-weighted log p(x); a classifier's exact log p(y|x)),
         ``"elbo"`` (the mean of the same S log-weights, so ``iw >= elbo`` example by
         example), ``"correct"`` (classifiers: 1.0 where the prediction is right) or
@@ -331,11 +369,14 @@ def loglik_matrix(
       example_chunk: examples per block (per device); with sample_chunk it bounds the
         memory, ``O(models * example_chunk * min(S, sample_chunk) * width)``. Default:
         ``ROWS_PER_BLOCK // min(S, sample_chunk)`` (in [16, 1024]), so every matmul has
-        ~2048 rows per member (measured fastest on CPU for the paper's MNIST VAE).
+        ~2048 rows per member (measured fastest on CPU for the paper's MNIST VAE). With
+        fewer examples per device, a block holds the next power of two at or above
+        their number (so n below the chunk shares a few compiled programs).
       sample_chunk: importance samples per block. Neither chunk size changes the values
         beyond float32 rounding.
-      progress: show a progress bar (the work is then split into ~20 calls of the same
-        compiled program).
+      progress: show a progress bar. The work is split into at most 20 calls of one
+        compiled program with or without it (the bar counts them), so both give the same
+        numbers, bit for bit, from one compile.
       loop_members: ``True``: score one member after another (``lax.map``); ``False``:
         all members at once (``vmap``). ``None`` (default): loop on CPUs, where it keeps
         one member's activations in cache and was measured faster, vmap on accelerators.
@@ -370,8 +411,10 @@ def loglik_matrix(
     loop_members = _loop_members(loop_members)
     matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
     _latent.warn_if_bf16_is_slow(matmul_dtype)
-    example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
-    n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state)
+    member = _member_class_and_options(graphdef, stacked_state)
+    samples = _samples_drawn(member, kind, num_samples)
+    example_chunk = _default_chunk(example_chunk, samples, sample_chunk)
+    n = _check_inputs(data, kind, num_samples, example_chunk, sample_chunk, member)
     if jax.process_count() > 1:
         raise ValueError("with several processes, use loglik_matrix_multihost (each process feeds its rows)")
     if n == 0:
@@ -382,14 +425,16 @@ def loglik_matrix(
     stacked_state = _mesh.replicate(stacked_state, mesh)
     ndev = mesh.devices.size
     key_data, key_impl = _key_parts(key)
-    chunk = min(example_chunk, -(-n // ndev))  # do not pad a small n up to a large chunk
+    chunk = _block_examples(example_chunk, -(-n // ndev))  # do not pad a small n up to a large chunk
     unit = ndev * chunk
-    pieces = 20 if progress else 1
-    rows = unit * -(-n // (unit * pieces))  # rows per call, a multiple of unit
+    # Rows per call, a multiple of unit: at most _CALLS calls, with or without progress,
+    # so that both run one compiled program (the last call's padding is under 1/_CALLS of
+    # the blocks), as does every n up to _CALLS * unit.
+    rows = unit * -(-n // (unit * _CALLS))
     data = _as_numpy(data)
     call = functools.partial(
         _kernel, graphdef, stacked_state, key_data=key_data, mesh=mesh, kind=kind,
-        num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
+        num_samples=int(samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
         key_impl=key_impl, loop_members=loop_members, matmul_dtype=matmul_dtype,
     )
     starts = range(0, n, rows)
@@ -551,9 +596,11 @@ def loglik_matrix_multihost(
         matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)
         _latent.warn_if_bf16_is_slow(matmul_dtype)
         chunk_asked = example_chunk
-        example_chunk = _default_chunk(example_chunk, num_samples, sample_chunk)
+        member = _member_class_and_options(graphdef, stacked_state)
+        samples = _samples_drawn(member, kind, num_samples)
+        example_chunk = _default_chunk(example_chunk, samples, sample_chunk)
         local_idx = _mesh.host_local_rows(num_examples).astype(np.int32)
-        n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk, graphdef, stacked_state)
+        n_local = _check_inputs(local_data, kind, num_samples, example_chunk, sample_chunk, member)
         if n_local != local_idx.size:
             raise ValueError(
                 f"process {jax.process_index()} must feed rows {local_idx[:1].tolist()}..{local_idx[-1:].tolist()} "
@@ -587,7 +634,7 @@ def loglik_matrix_multihost(
         return np.zeros((num_models, 0), np.float32)
     mesh = _mesh.make_mesh()  # devices of all processes, process by process
     block = -(-num_examples // nproc)  # rows per process before padding
-    chunk = min(example_chunk, -(-block // ndev_local))
+    chunk = _block_examples(example_chunk, -(-block // ndev_local))
     rows = ndev_local * chunk * -(-block // (ndev_local * chunk))  # per process, padded
     if n_local == 0:  # more processes than examples: feed padding only (dropped below)
         local_data = jax.tree.map(lambda a: np.zeros((1, *np.shape(a)[1:]), np.asarray(a).dtype), local_data)
@@ -609,7 +656,7 @@ def loglik_matrix_multihost(
     out = _kernel(
         graphdef, jax.tree.map(global_replicated, stacked_state, host_state), jax.tree.map(global_rows, data),
         global_rows(idx), global_replicated(key_data, np.asarray(key_data)), mesh=mesh, kind=kind,
-        num_samples=int(num_samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
+        num_samples=int(samples), example_chunk=chunk, sample_chunk=int(sample_chunk),
         key_impl=key_impl, loop_members=loop_members, matmul_dtype=matmul_dtype,
     )
     full = np.asarray(multihost_utils.process_allgather(out, tiled=True))  # [models, rows * nproc]

@@ -1,5 +1,6 @@
 """The log-likelihood matrix: the linear-Gaussian oracle, invariances, classifiers, memory."""
 
+import logging
 import math
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxmem import models
-from jaxmem.likelihood import _kernel, _key_parts, loglik_matrix
+from jaxmem.likelihood import _block_examples, _kernel, _key_parts, loglik_matrix
 from jaxmem.mesh import make_mesh
 
 KEY = jax.random.key(5)
@@ -564,3 +565,88 @@ def test_values_do_not_depend_on_the_x64_flag():
     for a, b in zip(jax.tree.leaves(nnx.state(lin64)), jax.tree.leaves(nnx.state(lin32))):
         assert a.dtype == b.dtype == jnp.float32
         np.testing.assert_array_equal(a, b)
+
+
+def _kernel_compiles(caplog, fn):
+    """``(fn(), number of kernel programs it compiled)``: JAX logs "Compiling
+    jit(_kernel_impl) ..." for each program not yet in this process's cache (a
+    persistent-cache hit included), nothing for a reused one. Each test below uses model
+    sizes of its own, so that no other test has compiled its programs."""
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        out = fn()
+        jax.block_until_ready(out)
+    return out, sum(r.getMessage().startswith("Compiling jit(_kernel_impl)") for r in caplog.records)
+
+
+def test_progress_runs_the_same_program_as_without(caplog):
+    """progress=True and False split the rows into the same calls of one program:
+    regression, progress=True made ~20 calls of ceil(n / 20) rows and progress=False one
+    call of all rows, two compiles of the kernel per `jaxmem run` (5.6 s + 4.4 s)."""
+    members = [models.create("mlp_vae", (3, 5), seed=s, hidden=[8], latent_dim=2) for s in range(2)]
+    graphdef, state = _stack(members)
+    x = np.random.default_rng(0).uniform(size=(100, 3, 5)).astype(np.float32)
+    mesh = make_mesh(1)
+    kw = dict(key=KEY, num_samples=3, example_chunk=8, mesh=mesh)  # 13 blocks of 8 examples
+    plain, compiles = _kernel_compiles(caplog, lambda: loglik_matrix(graphdef, state, x, **kw))
+    shown, more = _kernel_compiles(caplog, lambda: loglik_matrix(graphdef, state, x, progress=True, **kw))
+    assert (compiles, more) == (1, 0)
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(plain))
+    # Bit for bit what the kernel gives in one call over all rows (the program that
+    # progress=False ran before): the calls only cut the loop over blocks into pieces.
+    key_data, impl = _key_parts(KEY)
+    rows = np.concatenate([x, x[:4]])
+    whole = _kernel(graphdef, state, rows, np.arange(104, dtype=np.int32), key_data, mesh=mesh, kind="iw",
+                    num_samples=3, example_chunk=8, sample_chunk=128, key_impl=impl, matmul_dtype="float32")
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(whole)[:, :100])
+
+
+def test_what_does_not_sample_compiles_one_program_whatever_s(caplog):
+    """S is taken as 1 where nothing is sampled (a classifier's exact log p(y|x), kinds
+    "correct" and "exact"): the same numbers and one program whatever S. Regression: S
+    shrank the default example chunk (S = 256: 16 examples per block instead of 1024,
+    3.3x slower for a classifier on 20,000 examples) and compiled a program per S."""
+    clf = [models.create("classifier", (7,), seed=s, hidden=[6], num_classes=4) for s in range(2)]
+    rng = np.random.default_rng(0)
+    xy = (rng.standard_normal((40, 7)).astype(np.float32), (np.arange(40) % 4).astype(np.int32))
+    for kind in ("iw", "correct"):
+        (one, many), compiles = _kernel_compiles(caplog, lambda: [
+            loglik_matrix(clf, data=xy, key=KEY, num_samples=s, kind=kind, mesh=make_mesh(1)) for s in (1, 256)])
+        assert compiles == 1, kind
+        np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
+    lin = models.create("linear_gaussian_vae", (5,), seed=0, latent_dim=2)
+    x = rng.standard_normal((30, 5)).astype(np.float32)
+    (one, many), compiles = _kernel_compiles(caplog, lambda: [
+        loglik_matrix(lin, data=x, key=KEY, num_samples=s, kind="exact", mesh=make_mesh(1)) for s in (1, 16)])
+    assert compiles == 1
+    np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
+    # A user's own module may sample in its log_prob: it still gets S
+    user = _GaussianLatentModel()
+    few, more = (np.asarray(loglik_matrix(user, data=x[:, :3], key=KEY, num_samples=s, mesh=make_mesh(1)))
+                 for s in (2, 16))
+    assert not np.allclose(few, more)
+
+
+def test_n_below_the_chunk_shares_a_few_programs(caplog):
+    """A block holds the next power of two of examples at or above n / devices when that
+    is below example_chunk: regression, every such n compiled a program of its own
+    (600, 601, 602, 700: 4 compiles of 2.6 s). Values are each example's own, whatever n."""
+    members = [models.create("mlp_vae", (5, 3), seed=s, hidden=[8], latent_dim=2) for s in range(2)]
+    graphdef, state = _stack(members)
+    x = np.random.default_rng(0).uniform(size=(700, 5, 3)).astype(np.float32)
+    sizes = (600, 601, 602, 700)  # S = 1: example_chunk 1024
+    lls, compiles = _kernel_compiles(caplog, lambda: [
+        loglik_matrix(graphdef, state, x[:n], key=KEY, num_samples=1, mesh=make_mesh(1)) for n in sizes])
+    assert compiles == 1
+    for n, ll in zip(sizes, lls):  # one program: bit for bit the same numbers for the same examples
+        np.testing.assert_array_equal(np.asarray(ll), np.asarray(lls[-1])[:, :n])
+    # and each member's own log_prob on fold_in(KEY, i) (float32 rounding of ~10-nat sums)
+    keys = jax.vmap(lambda i: jax.random.fold_in(KEY, i))(jnp.arange(700))
+    direct = jax.jit(lambda st: nnx.merge(graphdef, st).log_prob(jnp.asarray(x), keys, 1))
+    for m in range(2):
+        np.testing.assert_allclose(np.asarray(lls[-1])[m], np.asarray(direct(jax.tree.map(lambda a: a[m], state))),
+                                   rtol=1e-5, atol=1e-5)
+    # at most log2(chunk) + 1 block sizes below the chunk, none over twice n / devices
+    sizes = [_block_examples(1024, p) for p in range(1, 2049)]
+    assert len(set(sizes)) == 11 and max(sizes) == 1024
+    assert all(p <= b < 2 * p for p, b in enumerate(sizes, 1) if p <= 1024)
