@@ -290,6 +290,16 @@ def _block_examples(example_chunk, per_device):
 _CALLS = 20
 
 
+def _units_per_call(units: int) -> int:
+    """Blocks per call for ``units`` blocks of examples: of the splits into at most
+    ``_CALLS`` calls of at most ``ceil(units / (_CALLS / 2))`` blocks, the one that pads the
+    last call least (469 blocks: 10 calls of 47, one block padded, where 20 calls of 24
+    padded 11: 2.3% more work). Up to ``_CALLS`` blocks: calls of one block."""
+    lo = -(-units // _CALLS)
+    hi = max(lo, -(-units // (_CALLS // 2)))
+    return min(range(lo, hi + 1), key=lambda u: (-(-units // u) * u - units, u))
+
+
 def _key_parts(key):
     if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key), str(jax.random.key_impl(key))
@@ -427,10 +437,9 @@ def loglik_matrix(
     key_data, key_impl = _key_parts(key)
     chunk = _block_examples(example_chunk, -(-n // ndev))  # do not pad a small n up to a large chunk
     unit = ndev * chunk
-    # Rows per call, a multiple of unit: at most _CALLS calls, with or without progress,
-    # so that both run one compiled program (the last call's padding is under 1/_CALLS of
-    # the blocks), as does every n up to _CALLS * unit.
-    rows = unit * -(-n // (unit * _CALLS))
+    # Rows per call, a multiple of unit, the same with or without progress, so that both
+    # run one compiled program, as does every n up to _CALLS * unit.
+    rows = unit * _units_per_call(-(-n // unit))
     data = _as_numpy(data)
     call = functools.partial(
         _kernel, graphdef, stacked_state, key_data=key_data, mesh=mesh, kind=kind,
