@@ -30,6 +30,7 @@ from jaxmem.checkpoint import (
     CheckpointDamagedError as CheckpointDamagedError,
     ConfigMismatchError as ConfigMismatchError,
     RunDirectoryBusyError as RunDirectoryBusyError,
+    run_lock as run_lock,
 )
 from jaxmem.data import (
     Dataset as Dataset,

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,7 +56,7 @@ _FORMAT = 1
 _STEPS_DIR = "checkpoints"
 
 # The lock file of a run directory (removed when the run releases it).
-LOCK_FILE = ".jaxmem-lock"
+_LOCK_FILE = ".jaxmem-lock"
 
 
 def latest_epoch(run_dir: str | os.PathLike) -> int | None:
@@ -92,56 +93,95 @@ class RunDirectoryBusyError(OSError):
 
 
 class _Lock:
-    """An exclusive ``flock`` on ``directory/.jaxmem-lock``, or nothing where there is none."""
+    """An exclusive ``flock`` on ``directory/.jaxmem-lock``, or nothing where there is none.
+
+    Re-entrant within a thread (a caller holding the directory may call what takes it
+    again: the CLI holds it around ``memorization`` and the report); another thread or
+    process is refused.
+    """
+
+    _held: dict[str, list] = {}  # lock file -> [owning thread's ident, depth]
+    _guard = threading.Lock()
 
     def __init__(self, directory: str, what: str):
-        self.path = os.path.join(directory, LOCK_FILE)
+        self.path = os.path.join(directory, _LOCK_FILE)
         self.fd: int | None = None
+        self.nested = False
         self.directory = directory
         self.created_dir = not os.path.lexists(directory)
         os.makedirs(directory, exist_ok=True)
+        me = threading.get_ident()
+        with _Lock._guard:
+            held = _Lock._held.get(self.path)
+            if held is not None and held[0] == me:
+                held[1] += 1
+                self.nested = True
+                return
         try:
             import fcntl
         except ImportError:  # Windows: runs are not locked there
             return
+        try:
+            self.fd = self._acquire(fcntl, what)
+        except BaseException:
+            self.release()  # e.g. Ctrl-C between the lock and this point: never left held
+            raise
+        if self.fd is not None:
+            with _Lock._guard:
+                _Lock._held[self.path] = [me, 1]
+
+    def _acquire(self, fcntl: Any, what: str) -> int | None:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    mine = holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},")
+                    raise RunDirectoryBusyError(
+                        f"{what} {self.directory} is in use by another run ({holder}"
+                        f"{': another thread of this process' if mine else ''}); wait for it to end, or use "
+                        "another directory (two runs in one directory would overwrite each other's work)") from None
+                except OSError as e:
+                    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without flock
+                        os.close(fd)
+                        return None
+                    raise
+                # The holder before us may have removed the file between our open and our
+                # lock: then the lock is on a file nobody else will open, and is taken again.
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                   f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
+                    return fd
+            except BaseException:
                 os.close(fd)
-                self.release()
-                raise RunDirectoryBusyError(
-                    f"{what} {directory} is in use by another run ({holder}); wait for it to end, or use "
-                    "another directory (two runs in one directory would overwrite each other's work)") from None
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without flock
-                    return
                 raise
-            # The holder before us may have removed the file between our open and our lock:
-            # then the lock is on a file nobody else will open, and is taken again.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
             os.close(fd)
-        self.fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
 
     def release(self) -> None:
+        if self.nested:
+            with _Lock._guard:
+                held = _Lock._held.get(self.path)
+                if held is not None:  # (None: the outer hold was released first)
+                    held[1] -= 1
+            self.nested = False
+            return
         if self.fd is not None:
+            with _Lock._guard:
+                _Lock._held.pop(self.path, None)
             # Removed before it is unlocked, so that nobody locks a file about to go.
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
             os.close(self.fd)
             self.fd = None
         if self.created_dir:  # a run refused before it wrote anything leaves no folder behind
+            self.created_dir = False
             with contextlib.suppress(OSError):
                 os.rmdir(self.directory)  # only if empty
 
@@ -152,17 +192,20 @@ def run_lock(directory: str | os.PathLike, what: str = "run directory") -> Itera
 
     An advisory exclusive ``flock`` on ``directory/.jaxmem-lock``, which names the holder
     (process id, host, start time). The kernel drops it when the holding process ends,
-    however it ends (``SIGKILL`` included), so no stale lock is ever left to clear. On
-    release the lock file is removed, and a directory that the lock created is removed
-    again if it is still empty. Where ``fcntl`` or ``flock`` is missing (Windows; some
-    network file systems), nothing is locked.
+    however it ends (``SIGKILL`` included), so no stale lock is ever left to clear (a
+    child forked while it is held shares it until the child ends too). On release the
+    lock file is removed, and a directory that the lock created is removed again if it
+    is still empty. Re-entrant within a thread: code that holds the directory may call
+    what takes it again (``jaxmem run`` holds it around ``memorization`` and the report);
+    another thread or process is refused. Where ``fcntl`` or ``flock`` is missing
+    (Windows; some network file systems), nothing is locked.
 
     Args:
       directory: the run (or results) directory.
       what: how the error names it (e.g. ``"out_dir"``).
 
     Raises:
-      RunDirectoryBusyError: another run (in this process or another) holds ``directory``.
+      RunDirectoryBusyError: another run (in another thread or process) holds ``directory``.
     """
     lock = _Lock(os.path.abspath(os.fspath(directory)), what)
     try:

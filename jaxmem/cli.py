@@ -404,7 +404,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{ds.name} has " + (f"{levels} intensity levels" if levels else "real values")
               + ": its log p is a density on that 256-level grid, not on the data's own values")
 
-    from jaxmem.pipeline import _latest_checkpoint, memorization
+    from jaxmem.checkpoint import run_lock
+    from jaxmem.pipeline import _check_out_dir, _latest_checkpoint, memorization
     from jaxmem.report import _drawable, write_report
 
     # What the report can draw is decided now, not after training.
@@ -457,7 +458,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 _info(f"resuming from the checkpoint of epoch {latest} in {out}")
         _info(stages.get(stage, stage))
 
-    with interrupts:
+    _check_out_dir(out)  # before the lock, which creates the folder
+    # Held from training to the last figure: a second run in the same folder is refused
+    # until this one's report is written (memorization takes the same lock again).
+    with interrupts, run_lock(out, "out_dir"):
         result = memorization(
             ds.x, ds.y, model=args.model, model_options=options, folds=args.folds,
             repeats=args.repeats, epochs=args.epochs, batch_size=args.batch_size,
@@ -481,13 +485,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from jaxmem.data import KNOWN_DATASETS
-    from jaxmem.pipeline import load_result
-    from jaxmem.report import _drawable_shape, write_report
+    from jaxmem.checkpoint import run_lock
 
     directory = args.directory
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"results directory not found: {directory}")
+    with run_lock(directory, "results directory"):  # not while a run writes it
+        return _report(args, directory)
+
+
+def _report(args: argparse.Namespace, directory: str) -> int:
+    from jaxmem.data import KNOWN_DATASETS
+    from jaxmem.pipeline import load_result
+    from jaxmem.report import _drawable_shape, write_report
+
     result = load_result(directory)
     data = result.config.get("data", {})
     ds = None

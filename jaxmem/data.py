@@ -821,8 +821,9 @@ def nearest_neighbours(
     for the others). Queries are processed ``chunk_size`` at a time and the pool in
     blocks of rows sized so that each float64 array of a block (its rows, and its
     distances to the chunk's queries) is at most 64 MiB: memory beside the data is a
-    few such arrays (about 0.3 GiB at most), whatever the example size and the number
-    of pool rows.
+    few such arrays (about 0.3 GiB), the chunk's queries in float64 (``8 * chunk_size *
+    d`` bytes, a few times over), and one byte per value of the pool for its finiteness
+    check, whatever the number of pool rows.
 
     Args:
       queries: ``[q, *example_shape]``, finite; ``q`` may be 0.

@@ -893,7 +893,8 @@ def _history_problem(restored: Any, names: Any, epochs: int, members: int) -> st
         if not isinstance(rows, list) or len(rows) != epochs:
             got = f"{len(rows)} rows" if isinstance(rows, list) else "no rows" if rows is None else type(rows).__name__
             return f"its history holds {got} of {k} for the {epochs} epoch(s) it was saved at (one row per epoch)"
-        bad = [i for i, row in enumerate(rows) if not isinstance(row, list) or len(row) != members]
+        bad = [i for i, row in enumerate(rows) if not isinstance(row, list) or len(row) != members
+               or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)]
         if bad:
             return f"its history's {k} row {bad[0]} does not hold one number per member ({members})"
     return None
@@ -1003,41 +1004,42 @@ def fit(
 
         cfg = _run_config(ens, model, tx_config, data, state, seed=seed, epochs=epochs, user=config)
         ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",))
-        latest = ckpt.latest_epoch()
-        if latest is not None and latest > epochs:
-            from jaxmem.checkpoint import ConfigMismatchError, incomplete_note
+        try:
+            latest = ckpt.latest_epoch()
+            if latest is not None and latest > epochs:
+                from jaxmem.checkpoint import ConfigMismatchError, incomplete_note
 
-            ckpt.close()
-            raise ConfigMismatchError(
-                f"{run_dir} holds a checkpoint of epoch {latest}, past the {epochs} epoch(s) "
-                f"asked for; ask for at least {latest} epochs, or use another run directory"
-                + incomplete_note(run_dir, latest)
-            )
-        if latest is not None:
-            try:
+                raise ConfigMismatchError(
+                    f"{run_dir} holds a checkpoint of epoch {latest}, past the {epochs} epoch(s) "
+                    f"asked for; ask for at least {latest} epochs, or use another run directory"
+                    + incomplete_note(run_dir, latest)
+                )
+            if latest is not None:
                 state, restored = ckpt.restore(state, latest)
-            except BaseException:
-                ckpt.close()  # a damaged or mismatched checkpoint: release orbax's threads, keep the files
-                raise
-            problem = _history_problem(restored, history, latest, num_members)
-            if problem:  # e.g. a hand-edited or partly copied history: it would misnumber the epochs
-                ckpt.close()
-                raise ckpt._damaged(latest, ValueError(problem))
-            history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
-            log.info("resumed %s from epoch %d", run_dir, latest)
+                problem = _history_problem(restored, history, latest, num_members)
+                if problem:  # e.g. a hand-edited or partly copied history: it would misnumber the epochs
+                    raise ckpt._damaged(latest, ValueError(problem))
+                history = {k: [list(map(float, row)) for row in restored[k]] for k in history}
+                log.info("resumed %s from epoch %d", run_dir, latest)
+        except BaseException:
+            # A refused or damaged checkpoint, or Ctrl-C: release orbax's threads and the
+            # directory (its lock), keep the files.
+            ckpt.close()
+            raise
 
     start = int(state.epoch)
     saved = start if ckpt is not None and start > 0 else None  # the last checkpointed epoch
+    bar = None
     try:
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=num_members * max(epochs, start), initial=num_members * start,
-            disable=not progress, unit="member-epoch", desc="ensemble",
-        )
-    except ImportError:  # tqdm is a dependency; keep training without it anyway
-        bar = None
-    try:
+            bar = tqdm(
+                total=num_members * max(epochs, start), initial=num_members * start,
+                disable=not progress, unit="member-epoch", desc="ensemble",
+            )
+        except ImportError:  # tqdm is a dependency; keep training without it anyway
+            pass
         for e in range(start, epochs):
             state, metrics = ens.epoch(state, data)
             metrics = {k: np.asarray(v) for k, v in metrics.items()}

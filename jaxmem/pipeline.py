@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
-from jaxmem.checkpoint import LOCK_FILE, ConfigMismatchError, incomplete_note, latest_epoch, run_lock
+from jaxmem.checkpoint import _LOCK_FILE, ConfigMismatchError, incomplete_note, latest_epoch, run_lock
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int, _check_seed
 from jaxmem.mesh import as_mesh, make_mesh
@@ -276,7 +276,7 @@ def _check_out_dir(directory: str) -> None:
         raise ValueError(f"out_dir {directory} is a file; give a folder (new or of a jaxmem run)")
     if os.path.isdir(directory) and os.listdir(directory) and not any(
             os.path.exists(os.path.join(directory, name))
-            for name in ("config.json", _RUN_CONFIG, "checkpoints", "result.npz", LOCK_FILE)):
+            for name in ("config.json", _RUN_CONFIG, "checkpoints", "result.npz", _LOCK_FILE)):
         entries = sorted(os.listdir(directory))
         raise ValueError(f"out_dir {directory} holds files that are not a jaxmem run ({', '.join(entries[:5])}"
                          f"{', ...' if len(entries) > 5 else ''}); results would overwrite them: give a new or "
@@ -601,16 +601,16 @@ def memorization(
                     "track_epochs": tracked, "track_samples": track_samples,
                     "matmul_dtype": matmul_dtype},
     }
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        _check_out_dir(out_dir)
     # The directory is held from its first look to the result (run_lock): a second run
     # started in it meanwhile is refused, not mixed with this one.
-    with contextlib.ExitStack() as hold:
+    with run_lock(out_dir, "out_dir") if out_dir is not None else contextlib.nullcontext():
         run_dir = None
         trained = None
         replaces = False  # the directory's configuration has nothing behind it
         if out_dir is not None:
-            out_dir = os.fspath(out_dir)
-            _check_out_dir(out_dir)
-            hold.enter_context(run_lock(out_dir, "out_dir"))
             trained = _latest_checkpoint(out_dir)
             replaces = _check_config(out_dir, config, trained)
             if trained is not None and trained > epochs:

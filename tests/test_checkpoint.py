@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -211,25 +212,43 @@ def test_two_runs_in_one_directory_never_mix_their_states(tmp_path):
     b.close()
 
 
+def _in_thread(fn):
+    """fn() in another thread: what it raised (or None)."""
+    out = []
+
+    def target():
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            out.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    return out[0]
+
+
 def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path):
     """Two live runs in one directory (two terminals, two jobs of an array) used to share
     it until one's save or restore failed on the other's configuration, or, in the window
     between a save's check and another run's replacement of config.json, never. Now the
-    second is refused up front, naming the holder; a killed holder leaves no stale lock."""
+    second is refused up front, naming the holder; a killed holder leaves no stale lock.
+    Within a thread the lock is re-entrant (jaxmem run holds it around memorization)."""
     run = tmp_path / "run"
     a = RunCheckpoints(run, {"lr": 0.1})
-    with pytest.raises(RunDirectoryBusyError, match=rf"run_dir {run} is in use by another run \(pid {os.getpid()} on "):
-        RunCheckpoints(run, {"lr": 0.1})
-    with pytest.raises(RunDirectoryBusyError, match="in use by another run"):  # fit opens it the same way
-        ensemble.fit(tiny, 1e-2, X, KEEP, epochs=1, batch_size=8, progress=False, run_dir=run)
+    err = _in_thread(lambda: RunCheckpoints(run, {"lr": 0.1}))
+    assert isinstance(err, RunDirectoryBusyError), err
+    assert str(err).startswith(f"run_dir {run} is in use by another run (pid {os.getpid()} on ")
+    assert "another thread of this process" in str(err)
+    err = _in_thread(lambda: ensemble.fit(tiny, 1e-2, X, KEEP, epochs=1, batch_size=8, progress=False, run_dir=run))
+    assert isinstance(err, RunDirectoryBusyError), err  # fit opens it the same way
+    with run_lock(run):  # the same thread: nested, and the outer hold stays
+        pass
+    assert (run / ".jaxmem-lock").exists()
     a.close()
     assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]  # the lock file goes with the lock
-    RunCheckpoints(run, {"lr": 0.1}).close()
-    # a run refused before it wrote anything leaves no folder; one that existed stays
-    for d in (tmp_path / "new", run):
-        with pytest.raises(KeyError), run_lock(d):
-            raise KeyError
-    assert not (tmp_path / "new").exists() and run.is_dir()
+    assert _in_thread(lambda: RunCheckpoints(run, {"lr": 0.1}).close()) is None
     # the holder killed with SIGKILL: the kernel drops its lock with the process
     held = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -246,6 +265,26 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path):
     assert (held / ".jaxmem-lock").exists()  # left behind by the killed run, but held by nobody
     RunCheckpoints(held, {"lr": 0.1}).close()
     assert not (held / ".jaxmem-lock").exists()
+
+
+def test_a_refused_resume_releases_the_directory(tmp_path):
+    """fit opened the run directory (taking its lock) before the checks of its checkpoint,
+    and closed it only on some of their errors: a history holding a non-number (it passed
+    the row check) left the directory held for the rest of the process, and every later
+    run there was refused as busy, naming the caller's own pid."""
+    ensemble.fit(tiny, 1e-2, X, KEEP, epochs=1, batch_size=8, progress=False, run_dir=tmp_path)
+    (history_file,) = glob.glob(f"{tmp_path}/checkpoints/1/history/metadata")  # as in the test below
+    with open(history_file) as f:
+        history = json.load(f)
+    history["train_loss"][0][0] = "oops"
+    with open(history_file, "w") as f:
+        json.dump(history, f)
+    for _ in range(2):  # the second time is not refused as busy
+        with pytest.raises(CheckpointDamagedError, match="row 0 does not hold one number per member"):
+            ensemble.fit(tiny, 1e-2, X, KEEP, epochs=2, batch_size=8, progress=False, run_dir=tmp_path)
+    assert not (tmp_path / ".jaxmem-lock").exists()
+    assert _in_thread(lambda: RunCheckpoints(tmp_path, json.loads((tmp_path / "config.json").read_text()),
+                                             mutable=("epochs",)).close()) is None
 
 
 def test_each_checkpoint_holds_the_history_of_its_own_epochs(tmp_path):

@@ -493,3 +493,22 @@ def test_preprocess_draws_reach_the_scores(tmp_path):
                                 "--out", tmp_path / "static")
     assert_one_line_error(code, err, "preprocess_draws=2 averages over draws", "draws none")
     assert not (tmp_path / "static").exists()
+
+
+def test_report_waits_for_the_run_that_holds_the_folder(small_runs):
+    """`jaxmem report DIR` rewrote and deleted figures while a run was still writing DIR;
+    it is refused while another process holds the folder, and runs once it is free."""
+    out, _ = small_runs["five"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom jaxmem.checkpoint import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        code, _, err = _run_quietly("report", out)
+        assert_one_line_error(code, err, f"results directory {out} is in use by another run (pid {proc.pid} on ")
+    finally:
+        proc.kill()
+        proc.wait()
+    code, _, err = _run_quietly("report", out)
+    assert code == 0, err

@@ -442,6 +442,18 @@ def test_linear_gaussian_exact_log_prob_where_sigma_is_small_next_to_w():
             # float64 throughout: only the reference's conditioning limits the agreement
             # (2.6e-7 for |W| ~ 100, 4e-13 at cond 8e4, where float32 would give 1e-7)
             np.testing.assert_allclose(got, ref, rtol=2e-6 if i < 2 else 1e-11)
+    # x drawn from the model (near its subspace): float32 is as uncertain as its input,
+    # eps * d * |x - b| * |residual| / sigma^2 nats (the docstring's bound); x64 is exact
+    model, _, _ = cases[2]  # d = 5, k = 2, sigma = 1e-2, cond(C) ~ 1e4
+    w, b = np.float64(model.W[...]), np.float64(model.b[...])
+    sigma = math.exp(np.float64(model.log_sigma[...]))
+    x = b + rng.normal(size=(4, 2)) @ w.T + sigma * rng.normal(size=(4, 5))
+    ref = _float64_log_normal(w, b, sigma, x)
+    bound = 6e-8 * 5 * np.linalg.norm(x - b, axis=1) * (sigma * math.sqrt(5)) / sigma**2
+    got = np.asarray(call(model, "exact_log_prob", jnp.asarray(x, jnp.float32)))
+    assert np.all(np.abs(got - ref) <= 4 * bound + 1e-5 * np.abs(ref)), (got - ref, bound)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(np.asarray(call(model, "exact_log_prob", jnp.asarray(x))), ref, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name,shape,kw,match", [

@@ -569,21 +569,34 @@ def test_multi_process_run_is_refused_before_training(monkeypatch, tmp_path):
 
 def test_second_run_in_a_directory_in_use_is_refused(digits, tmp_path):
     """A second memorization() in the out_dir of a run still in progress (another terminal,
-    another job) used to read its half-written files and replace or extend them under the
-    first; it is refused, naming the holder, and the first run ends as it would alone."""
+    another job, another thread) used to read its half-written files and replace or extend
+    them under the first; it is refused, naming the holder, before it writes anything, and
+    the first run ends as it would alone. A run refused after taking a new out_dir leaves
+    no folder behind."""
+    import threading
+
     x, out = digits.x[:60], tmp_path / "run"
     refused = []
 
     def second_run(epoch):
         if epoch == 1:
-            with pytest.raises(jaxmem.RunDirectoryBusyError) as err:
-                jaxmem.memorization(x, epochs=3, out_dir=out, **SMALL)
-            refused.append(str(err.value))
+            before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+            t = threading.Thread(target=lambda: refused.append(
+                pytest.raises(jaxmem.RunDirectoryBusyError, jaxmem.memorization, x, epochs=3, out_dir=out, **SMALL)))
+            t.start()
+            t.join()
+            assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
     r = jaxmem.memorization(x, epochs=2, out_dir=out, on_epoch=second_run, **SMALL)
-    assert len(refused) == 1 and refused[0].startswith(f"out_dir {out} is in use by another run (pid ")
+    assert len(refused) == 1
+    assert str(refused[0].value).startswith(f"out_dir {out} is in use by another run (pid ")
     assert r.config["training"]["epochs"] == 2 and not (out / ".jaxmem-lock").exists()
     np.testing.assert_array_equal(jaxmem.load_result(out).M, r.M)
+    # refused once the folder is held (the model is built there): no folder is left
+    with pytest.raises(ValueError, match="channels must name at least one convolution"):
+        jaxmem.memorization(x, model="conv_vae", model_options={"channels": []}, epochs=1, folds=2,
+                            out_dir=tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_preprocess_draws_average_the_loglik_over_binarizations(digits):
