@@ -104,12 +104,13 @@ class _Lock:
     _guard = threading.Lock()
 
     def __init__(self, directory: str, what: str):
-        self.path = os.path.join(directory, _LOCK_FILE)
         self.fd: int | None = None
         self.nested = False
         self.directory = directory
         self.created_dir = not os.path.lexists(directory)
         os.makedirs(directory, exist_ok=True)
+        # One name per folder, however it is reached (symlinks, '..'): the nesting key.
+        self.path = os.path.join(os.path.realpath(directory), _LOCK_FILE)
         me = threading.get_ident()
         with _Lock._guard:
             held = _Lock._held.get(self.path)

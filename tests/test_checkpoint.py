@@ -243,8 +243,10 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path):
     assert "another thread of this process" in str(err)
     err = _in_thread(lambda: ensemble.fit(tiny, 1e-2, X, KEEP, epochs=1, batch_size=8, progress=False, run_dir=run))
     assert isinstance(err, RunDirectoryBusyError), err  # fit opens it the same way
-    with run_lock(run):  # the same thread: nested, and the outer hold stays
+    (tmp_path / "link").symlink_to(run)
+    with run_lock(run), run_lock(tmp_path / "link"):  # the same thread, by another name: nested
         pass
+    assert isinstance(_in_thread(lambda: RunCheckpoints(tmp_path / "link", {"lr": 0.1})), RunDirectoryBusyError)
     assert (run / ".jaxmem-lock").exists()
     a.close()
     assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]  # the lock file goes with the lock
