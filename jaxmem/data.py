@@ -526,7 +526,9 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
     suffix = path.suffix.lower()
     y = None
     if suffix == ".csv":
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" and pandas' encoding="utf-8-sig" start with a byte
+        # order mark, which made the first cell no number (a data row read as the header).
+        with open(path, encoding="utf-8-sig") as f:
             first, second = f.readline(), f.readline()
         if not first.strip():
             raise ValueError(f"{path} is empty (no rows)")
@@ -545,7 +547,7 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
             )
         try:
             table = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2, dtype=np.float64,
-                               quotechar='"')
+                               quotechar='"', encoding="utf-8-sig")
         except ValueError as err:
             raise ValueError(f"{path}: not a numeric CSV table ({err})") from None
         names = cells if has_header else [f"column {j}" for j in range(table.shape[1])]

@@ -554,3 +554,21 @@ def test_nearest_neighbours_memory_is_bounded_for_narrow_tables(monkeypatch):
     np.testing.assert_array_equal(idx, ref)
     # float32 distances from the float64 exact ones: rounding only
     np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(d2, ref, 1)), rtol=1e-6)
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" (and pandas' encoding="utf-8-sig") starts with a byte order mark:
+    the first cell was no number, so a headerless file lost its first data row to the
+    'header' (every index shifted by one), and a header's first name carried the mark."""
+    from jaxmem.data import read_table
+
+    rows = np.arange(12, dtype=np.float64).reshape(4, 3) / 4
+    body = "\n".join(",".join(f"{v:g}" for v in r) for r in rows) + "\n"
+    (tmp_path / "plain.csv").write_text(body, encoding="utf-8-sig")
+    (tmp_path / "named.csv").write_text("y,a,b\n" + body, encoding="utf-8-sig")
+    table, names, _ = read_table(tmp_path / "plain.csv")
+    np.testing.assert_array_equal(table, rows)
+    assert names == ["column 0", "column 1", "column 2"]
+    table, names, _ = read_table(tmp_path / "named.csv")
+    np.testing.assert_array_equal(table, rows)
+    assert names == ["y", "a", "b"]
