@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --target, OLS of the target on the other columns with studentized "
                     "residuals, Cook's distance, DFFITS and the closed-form leave-one-out log "
                     "density ratio of Gaussian regression; without, the closed-form ratio of a "
-                    "Gaussian fitted to the rows. All in float64, no refits.",
+                    "Gaussian fitted to the rows. All in float64 by thin QR, no refits.",
     )
     lev.add_argument("file", metavar="FILE", help=".csv (optional header), .npz (array x, optional y) or .npy")
     lev.add_argument("--target", default=None,
@@ -607,13 +607,17 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
     if n < need:
         raise ValueError(f"{path}: {n} rows for {p} column(s) (+ intercept): the linear baseline "
                          f"needs at least {need} rows")
-    f64 = np.float64
+    # float64 and thin QR throughout: error ~ eps * kappa rather than the Cholesky path's
+    # eps * kappa^2, which a column with a large mean against its spread (e.g. a Unix
+    # timestamp, kappa ~ 1e7 with the intercept) makes visible even in float64. At table
+    # sizes the QR costs nothing noticeable.
+    opts = {"dtype": np.float64, "method": "qr"}
     if y is not None:  # before creating --out, which a refused target would leave empty
         try:
-            inf = linear.influence(design, y, dtype=f64)
+            inf = linear.influence(design, y, **opts)
         except ValueError as err:
             raise ValueError(f"{path}: --target {target!r}: {err}") from None
-        ratio = linear.loo_log_density_ratio_regression(design, y, dtype=f64)
+        ratio = linear.loo_log_density_ratio_regression(design, y, **opts)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cols: dict[str, np.ndarray] = {"index": np.arange(n)}
@@ -630,18 +634,18 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
         keep = ~undefined
         figure = plot_influence(cols["leverage"][keep], cols["studentized_residual"][keep],
                                 cols["cooks_distance"][keep], out / "influence.png",
-                                num_params=int(inf.rank))
+                                num_params=int(inf.rank), index=np.flatnonzero(keep))
         what = (f"OLS of {target!r} on {p} column(s) + intercept (rank {int(inf.rank)}); "
                 "loo_log_density_ratio: Gaussian regression, plug-in ML variance (nats)")
         if undefined.any():
             notes.append(f"{int(undefined.sum())} row(s) with leverage 1 have undefined LOO "
                          "quantities (NaN) and are left out of the figure")
     else:
-        h = np.asarray(linear.leverage(design, dtype=f64))
+        h = np.asarray(linear.leverage(design, **opts))
         cols["leverage"] = h
         what = f"leverage of [1, X], {p} column(s)"
         try:
-            ratio = linear.loo_log_density_ratio_gaussian(X, dtype=f64)
+            ratio = linear.loo_log_density_ratio_gaussian(X, **opts)
         except ValueError as err:
             notes.append(f"no Gaussian LOO density ratio: {err}")
             ratio = None
@@ -650,9 +654,15 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
             what += "; loo_log_density_ratio: Gaussian fitted to the rows by ML (nats)"
         sort_key, sort_name = h, "leverage"
         figure = None
-        if ratio is not None and np.isfinite(cols["loo_log_density_ratio"]).all():
-            figure = plot_memorization_vs_leverage(cols["loo_log_density_ratio"], h,
-                                                   out / "loo_ratio_vs_leverage.png")
+        if ratio is not None:
+            undefined = np.asarray(ratio.undefined)
+            keep = ~undefined & np.isfinite(cols["loo_log_density_ratio"])
+            if undefined.any():
+                notes.append(f"{int(undefined.sum())} row(s) with leverage 1 have an undefined LOO "
+                             "density ratio (NaN) and are left out of the figure")
+            if keep.sum() >= 2:
+                figure = plot_memorization_vs_leverage(cols["loo_log_density_ratio"][keep], h[keep],
+                                                       out / "loo_ratio_vs_leverage.png")
 
     csv_path = out / "leverage.csv"
     tmp = csv_path.with_suffix(".csv.tmp")
@@ -678,7 +688,9 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
         m = cols["loo_log_density_ratio"]
         ok = np.isfinite(m)
         if ok.sum() >= 2:
-            rho = spearman_correlation(m[ok], cols["leverage"][ok])
+            # Leverages equal in exact arithmetic (e.g. all 1/n) differ by rounding (~1e-16 on
+            # the QR path): rank them as ties, not as noise.
+            rho = spearman_correlation(m[ok], np.round(cols["leverage"][ok], 12))
             text = (f"{rho:.3f}" if np.isfinite(rho) else
                     "undefined (the LOO density ratio or the leverage is the same for every row)")
             print(f"\nSpearman rank correlation of the LOO density ratio with leverage: {text}")

@@ -43,7 +43,12 @@ Numerical conventions, shared by every function:
   density ratio instead refuses a singular covariance (it has no density).
 * **Accuracy.** The relative error of ``h`` is about :math:`\epsilon \kappa` for QR and
   :math:`\epsilon \kappa^2` for Cholesky. When :math:`\epsilon \kappa^2 > 10^{-3}` on the
-  Cholesky path a :class:`RuntimeWarning` says so and suggests ``method="qr"`` or float64.
+  Cholesky path a :class:`RuntimeWarning` says so and suggests ``method="qr"`` (and float64,
+  when computing in float32). The Cholesky path's residuals err by up to
+  :math:`\epsilon \kappa^2 \|y\|`, which reaches every statistic of :func:`influence` and
+  the regression density ratio; their per-row precision warning counts it. A column with
+  a large mean against its spread (e.g. a Unix timestamp beside an intercept) makes
+  :math:`\kappa \sim 10^7`: use ``method="qr"`` there even in float64.
 * **h_i = 1 rows.** A row with :math:`1 - h_i \le \sqrt{\epsilon}` is fitted exactly and its
   removal changes the rank: its LOO quantities are :math:`0/0`. They are returned as NaN and
   flagged in the ``undefined`` mask ``[n]`` of every result; PRESS is then NaN too.
@@ -376,6 +381,9 @@ class _Factor(NamedTuple):
     Z: jax.Array | None  # [n, r] = X_s W (QR path only; orthonormal columns)
     rank: int
     logdet: float  # log det X^T X (meaningful only when rank == p)
+    # condition number of the equilibrated X over the kept directions, on the Cholesky path
+    # (its residuals err by ~eps kappa^2 ||y||); nan on the QR path (~eps kappa, not needed)
+    kappa: float = float("nan")
 
 
 def _whitener(
@@ -396,20 +404,21 @@ def _whitener(
     if rank == p and np.all(np.isfinite(np.asarray(W))):
         kappa = sv[-1] / sv[0]
         if warn and float(np.finfo(dt).eps) * kappa**2 > _WARN_LOSS:
+            cure = "method='qr'" if dt == np.float64 else "method='qr' or dtype=float64"
             warnings.warn(
                 f"X is ill-conditioned (condition number {kappa:.3g} after column "
                 f"equilibration): Cholesky leverage in {dt} has relative error ~ "
-                f"{float(np.finfo(dt).eps) * kappa**2:.2g}; use method='qr' or dtype=float64",
+                f"{float(np.finfo(dt).eps) * kappa**2:.2g}; use {cure}",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return _Factor(pre, scale, W, None, p, logdet)
+        return _Factor(pre, scale, W, None, p, logdet, float(kappa))
     # Pseudo-inverse: keep the eigen-directions above the tolerance.
     if warn:
         _warn_if_cut(rank, p, int(np.sum(np.diagonal(np.asarray(G)) == 0)), dt, tol / sv[-1])
     idx = np.nonzero(keep)[0]
     Wp = V[:, idx] * jax.lax.rsqrt(lam[idx])[None, :]
-    return _Factor(pre, scale, Wp, None, rank, float("nan"))
+    return _Factor(pre, scale, Wp, None, rank, float("nan"), float(sv[-1] / sv[keep].min()))
 
 
 def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: float) -> None:
@@ -784,7 +793,7 @@ def _fit(X, y, method, rcond, mesh, dt) -> _Fit:
         else:
             h, Z, e = _rows_fit_sharded(X, y, f.pre, f.scale, f.W, beta_s, mesh)
     rss, yy = _check_not_exact(e, y, dt)
-    _warn_if_imprecise(h, e, rss, yy, n - f.rank, dt)
+    _warn_if_imprecise(h, e, rss, yy, n - f.rank, dt, f.kappa)
     return _Fit(n, f.rank, h, e, Z, f.W, beta)
 
 
@@ -839,7 +848,17 @@ def _sum_squares(e, y):
 # methods), err_i > 3e-3 flagged every problem whose float32 M was off by more than 1%
 # of (1 + |M|) (24 of 24), with no miss; of the 48 it flagged, half were off by 1e-4 to
 # 1e-2 only (the estimate is an upper-side one). Warned, not refused: float64 is the cure.
+# On the Cholesky path the residuals themselves err by up to ~eps kappa^2 ||y|| (normal
+# equations; kappa of the equilibrated X), a relative error ~eps kappa^2 R that reaches every
+# statistic of every row. That bound is a worst case (it is reached where y leans on X's
+# weakest direction); measured on a Unix-timestamp column beside an intercept (kappa 2.4e7
+# in float64, eps kappa^2 R = 1.9) the residuals were off by 0.41 of their rms and the
+# externally studentized residuals by 0.37 of 1 + |t|, so the estimate there is
+#     err_i ~ A_i * (eps * (1000 + 10 R) + _CHOL_RESIDUAL * eps * kappa^2 * R)
+# with _CHOL_RESIDUAL = 0.2 (the full bound would warn on float32 stackloss, kappa 50,
+# whose statistics agree with float64 to 1e-3). method='qr' (error ~eps kappa) is the cure.
 _IMPRECISE_AT = 3e-3
+_CHOL_RESIDUAL = 0.2
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))
@@ -850,16 +869,26 @@ def _loo_amplification(h, e, eps):
     return jnp.where(undefined, 0.0, amp)
 
 
-def _warn_if_imprecise(h: jax.Array, e: jax.Array, rss: float, yy: float, dof: int, dt: np.dtype) -> None:
+def _warn_if_imprecise(
+    h: jax.Array, e: jax.Array, rss: float, yy: float, dof: int, dt: np.dtype, kappa: float = math.nan
+) -> None:
+    """Warn naming the rows whose LOO statistics may err by more than ``_IMPRECISE_AT``;
+    ``kappa``: condition number of the Cholesky path (nan on the QR path)."""
     eps = float(np.finfo(dt).eps)
     r = math.sqrt(yy / rss)
+    chol = _CHOL_RESIDUAL * eps * kappa**2 * r if math.isfinite(kappa) else 0.0  # rel. error of e
     amp = np.asarray(_loo_amplification(h, e, eps), dtype=np.float64)
-    err = eps * amp * (1000 + 10 * r)
+    err = amp * (eps * (1000 + 10 * r) + chol)
     rows = np.flatnonzero(err > _IMPRECISE_AT)
     if not rows.size:
         return
     shown = ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
     hint = "compute in float64 (dtype=jnp.float64)" if dt != np.float64 else "the data are at float64's limits"
+    if chol > _IMPRECISE_AT:
+        hint = (f"X is ill-conditioned for the Cholesky path (condition number {kappa:.3g} after column "
+                f"equilibration): its residuals, and so every statistic of every row (studentized residuals, "
+                f"Cook's distance, M), carry relative errors up to ~{chol:.2g}; "
+                f"use method='qr'" + (" or dtype=jnp.float64" if dt != np.float64 else ""))
     warnings.warn(
         f"leave-one-out statistics of {rows.size} row(s) ({shown}) may carry relative errors up to "
         f"~{float(err.max()):.0e} from rounding in {np.dtype(dt).name}: SSE_(i) = SSE - e_i^2/(1 - h_i) cancels "
@@ -899,10 +928,12 @@ def influence(
     :math:`D (D X^\top X D)^+ D` with :math:`D` the column equilibration (the minimum-norm
     solution in equilibrated coordinates): ``beta`` and DFBETAS are then those of refits in
     those coordinates and depend on the columns' scales, so they differ from statsmodels'
-    (plain pseudo-inverse); ``h``, residuals, ``t``, Cook's distance and DFFITS do not
-    depend on the choice and agree with it. Conventions (precision, rank, ``h_i = 1`` rows) are in the module
-    docstring; with ``mesh`` (Cholesky only) the Gram matrix is psum-ed over the mesh and the
-    row-wise work runs on each shard.
+    (plain pseudo-inverse); ``h``, residuals, ``t`` and DFFITS do not depend on the
+    choice and agree with it. Cook's distance divides by the rank ``r`` (as R's
+    ``cooks.distance`` does); statsmodels divides by the column count ``p``, so for a
+    rank-deficient ``X`` its value is ``r / p`` times this one. Conventions (precision,
+    rank, ``h_i = 1`` rows) are in the module docstring; with ``mesh`` (Cholesky only)
+    the Gram matrix is psum-ed over the mesh and the row-wise work runs on each shard.
 
     Args:
       X: ``[n, p]`` design (include a column of ones for an intercept), ``n >= p + 2``.
@@ -927,8 +958,10 @@ def influence(
         ``studentized_external``, ``dffits``, ``dfbetas``) may have lost more than ~3e-3
         of relative precision to rounding, named: :math:`SSE_{(i)} = SSE - e_i^2/(1-h_i)`
         cancels when ``n - rank`` is small or one row carries most of the SSE, and
-        residuals far below ``y`` are imprecise in float32; use float64 there. Also the
-        rank cut of :func:`leverage`.
+        residuals far below ``y`` are imprecise in float32; use float64 there. On the
+        Cholesky path it also counts the residuals' error ~ :math:`\epsilon \kappa^2 \|y\|`
+        (every row, every statistic; use ``method="qr"``). Also the rank cut and the
+        ill-conditioning warning of :func:`leverage`.
 
     Examples:
       >>> import numpy as np, jaxmem.linear as jl

@@ -623,13 +623,13 @@ def plot_scores_over_epochs(epochs: Sequence[int], M_by_epoch, path: str | os.Pa
 
 def plot_influence(leverage, studentized_residuals, cooks_distance,
                    path: str | os.PathLike, *, num_params: int | None = None,
-                   label_top: int = 5) -> pathlib.Path:
+                   label_top: int = 5, index=None) -> pathlib.Path:
     """The classic influence plot of a linear model.
 
     Studentized residual against leverage, marker area proportional to Cook's
     distance; dashed lines at residuals of +-2 and, given ``num_params``, at the
     rule-of-thumb high leverage ``2 p / n``. The ``label_top`` examples with the
-    largest Cook's distance are labelled with their index.
+    largest Cook's distance are labelled with their index (``index[i]``).
 
     Args:
       leverage: ``[n]`` hat-matrix diagonal ``h_i``.
@@ -638,6 +638,9 @@ def plot_influence(leverage, studentized_residuals, cooks_distance,
       path: the PNG to write.
       num_params: ``p``, the number of columns of the design matrix.
       label_top: how many of the most influential examples to label.
+      index: optional ``[n]`` integer labels of the points, e.g. their rows in the
+        full data when some rows were left out (``np.flatnonzero(keep)``); default
+        ``0 .. n - 1``.
 
     Returns:
       ``path`` as a ``pathlib.Path``.
@@ -648,6 +651,13 @@ def plot_influence(leverage, studentized_residuals, cooks_distance,
     if (d < 0).any():
         raise ValueError(f"cooks_distance must be >= 0; example {int(np.argmax(d < 0))} is "
                          f"{d[np.argmax(d < 0)]}")
+    if index is None:
+        index = np.arange(len(h))
+    else:
+        index = np.asarray(index)
+        if index.shape != (len(h),) or not np.issubdtype(index.dtype, np.integer):
+            raise ValueError(f"index must be [n] = ({len(h)},) integers (the label of each point), "
+                             f"got shape {index.shape} dtype {index.dtype}")
     area = 10 + 400 * d / d.max() if d.max() > 0 else np.full(len(d), 10.0)
     with _figure(path, (7.5, 5.5)) as fig:
         ax = fig.add_subplot()
@@ -660,7 +670,7 @@ def plot_influence(leverage, studentized_residuals, cooks_distance,
                        label=f"high leverage 2p/n = {2 * num_params / len(h):.3f}")
             ax.legend(loc="upper right")
         for i in np.argsort(d)[::-1][:label_top]:
-            ax.annotate(f"#{i}", (h[i], r[i]), xytext=(4, 4), textcoords="offset points",
+            ax.annotate(f"#{index[i]}", (h[i], r[i]), xytext=(4, 4), textcoords="offset points",
                         fontsize=9)
         ax.set_xlabel("leverage h")
         ax.set_ylabel("studentized residual")

@@ -332,6 +332,54 @@ def test_leverage_without_target_and_bad_tables(tmp_path, capsys):
 
 
 
+def test_leverage_qr_labels_and_undefined_rows(tmp_path, capsys, monkeypatch):
+    import matplotlib.axes
+
+    texts = []
+    orig = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: texts.append(text) or orig(self, text, *a, **k))
+    # A Unix-timestamp column beside the intercept (kappa ~ 2e7): the CLI must use QR and be
+    # exact against float64 numpy on the centred design, with no advice it cannot follow.
+    rng = np.random.default_rng(0)
+    n = 300
+    ts = np.round(1.7e9 + rng.uniform(0, 600, n))
+    temp = rng.normal(20, 2, n)
+    y = 0.01 * (ts - ts.min()) + 0.5 * temp + rng.normal(size=n)
+    np.savetxt(tmp_path / "log.csv", np.c_[ts, temp, y], delimiter=",", header="timestamp,temp,y",
+               comments="", fmt="%.10f")
+    code, _, err = run_main(capsys, "leverage", tmp_path / "log.csv", "--target", "y", "--out", tmp_path / "ts")
+    assert code == 0 and "warning" not in err, err
+    got = read_csv(tmp_path / "ts" / "leverage.csv")
+    A = np.c_[np.ones(n), ts - ts.mean(), temp]
+    Q, _ = np.linalg.qr(A)
+    h = (Q**2).sum(1)
+    e = y - A @ np.linalg.lstsq(A, y, rcond=None)[0]
+    cooks = e**2 / (3 * (e @ e) / (n - 3)) * h / (1 - h) ** 2
+    # The CSV keeps 8 significant digits (Cholesky was off by 0.009 of max 0.154 here).
+    np.testing.assert_allclose([float(r["cooks_distance"]) for r in got], cooks, rtol=1e-6, atol=1e-9)
+
+    # A category seen once (h = 1, row 4): left out of the figure, whose labels must still
+    # name rows of leverage.csv (the most influential is row 20).
+    a = rng.normal(size=30)
+    rare = (np.arange(30) == 4).astype(float)
+    yy = a + rng.normal(size=30)
+    yy[20] += 8
+    np.savetxt(tmp_path / "t.csv", np.c_[a, rare, yy], delimiter=",", header="a,rare,y", comments="", fmt="%.10g")
+    texts.clear()
+    code, stdout, err = run_main(capsys, "leverage", tmp_path / "t.csv", "--target", "y", "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = read_csv(tmp_path / "o" / "leverage.csv")
+    cook = np.nan_to_num(np.array([float(r["cooks_distance"]) for r in rows]), nan=-1)
+    assert texts == [f"#{i}" for i in np.argsort(-cook)[:5]] and texts[0] == "#20", texts
+    # Without a target: the same note as with one, and the figure of the other rows.
+    np.savetxt(tmp_path / "u.csv", np.c_[a, rare], delimiter=",", header="a,rare", comments="", fmt="%.10g")
+    code, stdout, err = run_main(capsys, "leverage", tmp_path / "u.csv", "--out", tmp_path / "u")
+    assert code == 0, err
+    assert "note: 1 row(s) with leverage 1 have an undefined LOO density ratio (NaN)" in stdout, stdout
+    assert (tmp_path / "u" / "loo_ratio_vs_leverage.png").is_file()
+
+
 def test_mnist_like_data_are_padded_to_32_as_in_the_paper(tmp_path):
     import tensorflow_datasets as tfds
 

@@ -451,3 +451,30 @@ def test_gaussian_density_ratio_is_translation_invariant_in_float32():
     for offset in (1e4, 1e6):
         got = np.asarray(jl.loo_log_density_ratio_gaussian(Z + offset).score)
         np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_ill_conditioned_cholesky_float64_warns_per_row_and_names_qr():
+    # A Unix-timestamp column beside an intercept: kappa ~ 2e7 after equilibration, so the
+    # float64 Cholesky path's residuals err by tens of percent. The warnings must say so and
+    # advise method='qr' (not float64: it is float64 already); QR is exact and silent.
+    rng = np.random.default_rng(0)
+    n = 300
+    ts = np.round(1.7e9 + rng.uniform(0, 600, n))
+    temp = rng.normal(20, 2, n)
+    y = 0.01 * (ts - ts.min()) + 0.5 * temp + rng.normal(size=n)
+    X = np.c_[np.ones(n), ts, temp]
+    with pytest.warns(RuntimeWarning) as record:
+        jl.influence(X, y, dtype=F64)
+    messages = [str(w.message) for w in record]
+    ill = next(m for m in messages if "ill-conditioned (condition number" in m)
+    assert "use method='qr'" in ill and "float64" not in ill.split("use ")[-1], ill
+    per_row = next(m for m in messages if "may carry relative errors" in m)
+    assert "Cholesky path" in per_row and "use method='qr'" in per_row, per_row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        q = jl.influence(X, y, dtype=F64, method="qr")
+    ref = OLSInfluence(sm.OLS(y, np.c_[np.ones(n), ts - ts.mean(), temp]).fit())  # centred: kappa ~ 1e2
+    # QR's residuals err by ~eps * kappa * ||y|| / ||e|| = 8e-8 of their scale (t and D are
+    # of order 1 and 0.1); an absolute 1e-6 leaves headroom (Cholesky: off by 0.4 and 0.009).
+    np.testing.assert_allclose(np.asarray(q.cooks_distance), ref.cooks_distance[0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(q.studentized_external), ref.resid_studentized_external, atol=1e-6)

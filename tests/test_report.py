@@ -358,3 +358,23 @@ def test_write_report_keeps_the_grid_of_these_scores_when_asked(tmp_path):
     result.M = result.M[::-1].copy()
     out = report.write_report(result, tmp_path, keep_examples=True)
     assert out["kept"] == {} and not grid.exists() and grid.name not in out["markdown"]
+
+
+def test_influence_plot_labels_points_with_the_given_index(tmp_path, monkeypatch):
+    # The CLI leaves out h = 1 rows and passes the rows it kept: the labels must name
+    # those rows, not positions in the filtered arrays.
+    import matplotlib.axes
+
+    texts = []
+    orig = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: texts.append(text) or orig(self, text, *a, **k))
+    h, t = np.array([0.1, 0.2, 0.3]), np.array([1.0, -3.0, 0.5])
+    d = np.array([0.1, 0.9, 0.3])
+    report.plot_influence(h, t, d, tmp_path / "a.png", label_top=2, index=np.array([0, 5, 7]))
+    assert texts == ["#5", "#7"]
+    texts.clear()
+    report.plot_influence(h, t, d, tmp_path / "b.png", label_top=1)  # default: positions
+    assert texts == ["#1"]
+    with pytest.raises(ValueError, match="index must be"):
+        report.plot_influence(h, t, d, tmp_path / "c.png", index=[0, 1])
