@@ -398,6 +398,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--folds {args.folds} needs at least {args.folds} examples; "
                          f"{ds.name} has {n}")
     options = _model_options(args, ds.example_shape, ds.metadata.get("num_classes"))
+    if args.model == "classifier":
+        # One output per label value up to the largest: ids as labels (0..9 and 2e9) would
+        # build a softmax of 2e9 outputs (127 GiB per member), an out-of-memory kill.
+        import numpy as np
+
+        used = len(np.unique(ds.y))
+        if options["num_classes"] > max(2 * used, 1000):
+            raise ValueError(
+                f"the labels reach {options['num_classes'] - 1} but take only {used} distinct values: the "
+                f"classifier would have {options['num_classes']} outputs; number the classes 0..{used - 1} "
+                "(np.unique(y, return_inverse=True)[1]) and save the file again")
     levels = ds.metadata.get("levels")
     if args.model == "conv_vae" and levels != 256:
         _info(f"warning: conv_vae dequantizes pixels as 8-bit values ((round(255 x) + u) / 256) and "
@@ -419,7 +430,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from jaxmem.mesh import make_mesh
 
         mesh = make_mesh(args.devices)
-    out = args.out
+    out = os.path.expanduser(args.out) if args.out else args.out  # `--out=~/x` reaches us unexpanded
     shown_options = dict(options)
     if ds.metadata.get("binarization") == "static":  # drawn when loading; the model keeps the pixels
         shown_options["binarize"] = "static"
@@ -427,7 +438,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     plan_models = args.folds * args.repeats
     models = f"{plan_models} models" + (f" + 1 full model = {members} models" if args.full_model else "")
     scored = (f"log p(y|x) of {n} examples under every model (exact)" if args.model == "classifier" else
-              f"log-likelihood of {n} examples under every model ({args.samples} importance samples)")
+              f"log-likelihood of {n} examples under every model ({args.samples} importance samples"
+              + (f", {args.preprocess_draws} draws of the preprocessing" if args.preprocess_draws > 1 else "") + ")")
     stages = {
         "train": f"training {members} models (progress in model-epochs)",
         "likelihood": scored,
@@ -487,7 +499,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from jaxmem.checkpoint import run_lock
 
-    directory = args.directory
+    directory = os.path.expanduser(args.directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"results directory not found: {directory}")
     with run_lock(directory, "results directory"):  # not while a run writes it
@@ -618,7 +630,7 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ValueError(f"{path}: --target {target!r}: {err}") from None
         ratio = linear.loo_log_density_ratio_regression(design, y, **opts)
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cols: dict[str, np.ndarray] = {"index": np.arange(n)}
     notes = []

@@ -663,9 +663,11 @@ def _check_y(y: np.ndarray, n: int, where: str = "y") -> np.ndarray:
         raise ValueError(f"{where} must be non-negative; example {int(np.argmax(y < 0))} is "
                          f"{y[np.argmax(y < 0)]}")
     # Labels are stored as int32: a larger one would wrap to another class (2**32 + 1 -> 1).
+    # Compared in float64 / int64: float32(2**31 - 1) is 2**31, so 2**31 passed and wrapped.
     top = np.iinfo(np.int32).max
-    if (y > top).any():
-        first = int(np.argmax(y > top))
+    wide = y.astype(np.float64) if np.issubdtype(y.dtype, np.floating) else y
+    if (wide > top).any():
+        first = int(np.argmax(wide > top))
         raise ValueError(f"{where} must hold class labels 0..{top} (int32); example {first} is "
                          f"{y[first]}: number the classes 0, 1, ... (e.g. np.unique(y, "
                          "return_inverse=True)[1])")

@@ -272,6 +272,11 @@ _RUN_CONFIG = "run.json"
 def _check_out_dir(directory: str) -> None:
     """Refuse an ``out_dir`` that is a file, or a folder of other files than a jaxmem run's
     (its results would overwrite them: scores.csv, summary.md, the figures)."""
+    if not directory:
+        raise ValueError("out_dir is an empty path (an unset variable?); give a folder (new or of a jaxmem run)")
+    if os.path.islink(directory) and not os.path.exists(directory):
+        raise ValueError(f"out_dir {directory} is a symbolic link to {os.readlink(directory)}, which does not "
+                         "exist; create that folder first, or give another out_dir")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"out_dir {directory} is a file; give a folder (new or of a jaxmem run)")
     if os.path.isdir(directory) and os.listdir(directory) and not any(
@@ -349,8 +354,9 @@ def _check_labels(y: Any, n: int) -> np.ndarray:
         raise ValueError(f"y must have shape ({n},) to match x, got {y.shape}")
     y = _models.whole_number_labels(y, "y must hold")
     info = np.iinfo(np.int32)
-    if n and (y.min() < info.min or y.max() > info.max):
-        i = int(np.argmax((y < info.min) | (y > info.max)))
+    wide = y.astype(np.float64) if np.issubdtype(y.dtype, np.floating) else y  # float32(2**31-1) is 2**31
+    if n and (wide.min() < info.min or wide.max() > info.max):
+        i = int(np.argmax((wide < info.min) | (wide > info.max)))
         raise ValueError(f"label {y[i]} of example {i} does not fit in int32, the labels' stored type")
     return y
 
@@ -603,6 +609,7 @@ def memorization(
     }
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
+        out_dir = os.path.expanduser(out_dir) if out_dir else out_dir
         _check_out_dir(out_dir)
     # The directory is held from its first look to the result (run_lock): a second run
     # started in it meanwhile is refused, not mixed with this one.

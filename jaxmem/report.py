@@ -712,6 +712,9 @@ def _run_description(config: dict[str, Any]) -> list[str]:
         scored = "- log p(y|x): exact (classifier)"
     else:
         scored = f"- log p: importance-weighted with {scoring.get('num_samples', '?')} samples"
+        if scoring.get("preprocess_draws", 1) > 1:
+            scored += (f", averaged over {scoring['preprocess_draws']} draws of the preprocessing "
+                       "(binarization or dequantization)")
     return [
         f"- data: {data.get('name', '?')} ({data.get('n', '?')} examples of shape "
         f"{tuple(data.get('example_shape', ()))})",

@@ -537,6 +537,8 @@ def test_preprocess_draws_reach_the_scores(tmp_path):
     code, _, err = _run_quietly("run", *quick, "--preprocess-draws", "2", "--out", tmp_path / "two")
     assert code == 0, err
     assert json.loads((tmp_path / "two" / "config.json").read_text())["scoring"]["preprocess_draws"] == 2
+    assert "averaged over 2 draws of the preprocessing" in (tmp_path / "two" / "summary.md").read_text()
+    assert "under every model (2 importance samples, 2 draws of the preprocessing)" in err
     code, _, err = _run_quietly("run", *quick, "--binarize", "static", "--preprocess-draws", "2",
                                 "--out", tmp_path / "static")
     assert_one_line_error(code, err, "preprocess_draws=2 averages over draws", "draws none")
@@ -560,3 +562,16 @@ def test_report_waits_for_the_run_that_holds_the_folder(small_runs):
         proc.wait()
     code, _, err = _run_quietly("report", out)
     assert code == 0, err
+
+
+def test_classifier_labels_far_sparser_than_their_range_are_refused(tmp_path):
+    """num_classes is the largest label + 1: ids as labels (0..9 and 2e9) built a softmax of
+    2e9 outputs, 127 GiB of parameters per member, an out-of-memory kill."""
+    rng = np.random.default_rng(0)
+    y = np.arange(20) % 10
+    y[5] = 2_000_000_000
+    np.savez(tmp_path / "ids.npz", x=rng.uniform(size=(20, 4)).astype(np.float32), y=y)
+    code, _, err = _run_quietly("run", "--data", tmp_path / "ids.npz", "--model", "classifier", "--folds", "2",
+                                "--epochs", "1", "--no-progress", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "the labels reach 2000000000 but take only 11 distinct values",
+                          "np.unique(y, return_inverse=True)[1]")

@@ -572,3 +572,13 @@ def test_csv_with_a_byte_order_mark(tmp_path):
     table, names, _ = read_table(tmp_path / "named.csv")
     np.testing.assert_array_equal(table, rows)
     assert names == ["y", "a", "b"]
+
+
+def test_float32_label_of_two_to_the_31_is_refused_with_its_value(tmp_path):
+    """float32(2**31 - 1) is 2**31, so the int32 check let 2**31 through, and the cast
+    wrapped it: the message then named -2147483648, a value not in the file."""
+    y = np.zeros(4, np.float32)
+    y[2] = 2.0**31
+    np.savez(tmp_path / "d.npz", x=np.full((4, 2, 2), 0.5, np.float32), y=y)
+    with pytest.raises(ValueError, match=r"example 2 is 2147483648"):
+        load_dataset(tmp_path / "d.npz")

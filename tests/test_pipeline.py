@@ -1,6 +1,7 @@
 """End-to-end tests of jaxmem.memorization (data -> plan -> ensemble -> ll -> scores)."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -625,3 +626,25 @@ def test_preprocess_draws_average_the_loglik_over_binarizations(digits):
     with pytest.raises(ValueError, match=r"preprocess_draws=2 averages over draws .* and mlp_vae with "
                                          r"\{'binarize': 'none'\} draws none"):
         jaxmem.memorization(x, epochs=1, preprocess_draws=2, **{**kw, "model_options": {"binarize": "none"}})
+
+
+def test_out_dir_paths_that_are_not_a_folder_yet(digits, tmp_path, monkeypatch):
+    """An empty out_dir (an unset shell variable) trained, wrote checkpoints/ into the
+    working directory and crashed after the first epoch; a symlink to a folder not made
+    yet gave 'File exists'; '~' made a folder named '~'. A float32 label of 2**31 passed
+    the int32 check (float32(2**31 - 1) is 2**31) and was stored as -2**31."""
+    x = digits.x[:40]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="out_dir is an empty path"):
+        jaxmem.memorization(x, epochs=1, out_dir="", **SMALL)
+    (tmp_path / "link").symlink_to(tmp_path / "scratch" / "results")
+    with pytest.raises(ValueError, match=r"out_dir .*link is a symbolic link to .*scratch/results, which does not "):
+        jaxmem.memorization(x, epochs=1, out_dir=tmp_path / "link", **SMALL)
+    assert sorted(os.listdir(tmp_path)) == ["link"]
+    y = np.arange(40, dtype=np.float32) % 2
+    y[3] = 2.0**31
+    with pytest.raises(ValueError, match="label 2147483648.0 of example 3 does not fit in int32"):
+        jaxmem.memorization(x, y, epochs=1, **SMALL)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    r = jaxmem.memorization(x, epochs=1, out_dir="~/run", **SMALL)
+    assert (tmp_path / "home" / "run" / "result.npz").is_file() and r.M.shape == (40,)
