@@ -774,9 +774,21 @@ def _gaussian_ratio(d, logdet, n, k, eps):
     return LooDensityRatio(lp_in, lp_out, lp_in - lp_out, h, undefined)
 
 
+# In float32 the sums of squares of y and of its residuals (residuals ~1e-3 of y and
+# below) under- or overflow outside these magnitudes of y (float32 spans ~1e-38..3e38).
+_Y_RANGE_F32 = (2.0**-50, 2.0**50)
+
+
 def _fit(X, y, method, rcond, mesh, dt) -> _Fit:
     X = _as_design(X, dt, dof=2)
     y = _as_target(y, X.shape[0], dt)
+    top = float(jnp.max(jnp.abs(y))) if y.size else 0.0
+    if dt == np.float32 and top and not _Y_RANGE_F32[0] <= top <= _Y_RANGE_F32[1]:
+        raise ValueError(
+            f"y's largest magnitude is {top:.3g}: in float32 (the default) the sums of squares of y and "
+            f"of its residuals {'underflow' if top < 1 else 'overflow'} (float32 spans ~1e-38..3e38); "
+            "scale y by a power of ten (beta, the residuals and the variances scale with it, every other "
+            "statistic and the density ratio M do not), or use dtype=jnp.float64")
     f, Xty = _factor(X, y, method, rcond, mesh, dt)
     n = X.shape[0]
     if n - f.rank < 2:
@@ -950,7 +962,9 @@ def influence(
       ValueError: bad shapes, non-finite entries (index named), ``n - rank < 2``, ``rcond``
         not in ``[0, 1)``, or ``y`` fitted exactly (constant, or an exact linear function of
         ``X``'s columns: :math:`SSE \le (100 \epsilon)^2 \sum_i y_i^2`), where the
-        residual variance is 0 up to rounding and every statistic above is ``0/0``.
+        residual variance is 0 up to rounding and every statistic above is ``0/0``; in
+        float32, a ``y`` whose largest magnitude is outside ``2^-50 .. 2^50`` (its sums of
+        squares would under- or overflow: scale it, or use float64).
         :func:`leverage`, which needs no ``y``, still works for such data.
 
     Warns:

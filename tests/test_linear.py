@@ -478,3 +478,21 @@ def test_ill_conditioned_cholesky_float64_warns_per_row_and_names_qr():
     # of order 1 and 0.1); an absolute 1e-6 leaves headroom (Cholesky: off by 0.4 and 0.009).
     np.testing.assert_allclose(np.asarray(q.cooks_distance), ref.cooks_distance[0], atol=1e-6)
     np.testing.assert_allclose(np.asarray(q.studentized_external), ref.resid_studentized_external, atol=1e-6)
+
+
+def test_float32_y_far_outside_its_range_is_named_not_called_an_exact_fit():
+    """y in joules (~1e-19) or at 1e20 in float32: the sums of squares under/overflow, and
+    the refusal said 'y is fitted exactly by X' (0 <= 0, inf <= inf). Now the magnitude is
+    named, with what to do; float64 takes it (the statistics do not depend on y's scale)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    X = np.c_[np.ones(50), x]
+    y = 2.0 + 0.5 * x + 0.3 * rng.normal(size=50)
+    ref = jl.influence(X, y, dtype=np.float64)
+    for scale, what in ((1.602176634e-19, "underflow"), (1e20, "overflow")):
+        with pytest.raises(ValueError, match=rf"y's largest magnitude is .*of its residuals {what} .*jnp.float64"):
+            jl.influence(X, y * scale)
+        got = jl.influence(X, y * scale, dtype=np.float64)
+        # scale-free statistics, float64 rounding only
+        np.testing.assert_allclose(np.asarray(got.studentized_external), np.asarray(ref.studentized_external),
+                                   rtol=1e-10)
