@@ -604,6 +604,26 @@ def _read_table(path: pathlib.Path, target: str | None):
     return table, y, names, target_name
 
 
+def _redundant_columns(design: Any) -> list[int]:
+    """Columns of ``design`` (after its intercept, column 0) that lie in the span of the
+    others: removing one leaves the numerical rank unchanged. Empty for a full-rank design."""
+    import numpy as np
+
+    from jaxmem.linear import _default_rcond
+
+    top = np.abs(design).max(axis=0)
+    z = design / np.where(top > 0, top, 1.0)  # equilibrated, and cut as jaxmem.linear cuts the rank
+
+    def rank(a):
+        sv = np.linalg.svd(a, compute_uv=False)
+        return int((sv > sv[0] * _default_rcond(z.shape[1], np.dtype(np.float64))).sum()) if sv[0] > 0 else 0
+
+    full = rank(z)
+    if full == z.shape[1]:
+        return []
+    return [j for j in range(1, z.shape[1]) if rank(np.delete(z, j, axis=1)) == full]
+
+
 def _cmd_leverage(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -624,12 +644,24 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
     # timestamp, kappa ~ 1e7 with the intercept) makes visible even in float64. At table
     # sizes the QR costs nothing noticeable.
     opts = {"dtype": np.float64, "method": "qr"}
-    if y is not None:  # before creating --out, which a refused target would leave empty
-        try:
-            inf = linear.influence(design, y, **opts)
-        except ValueError as err:
-            raise ValueError(f"{path}: --target {target!r}: {err}") from None
-        ratio = linear.loo_log_density_ratio_regression(design, y, **opts)
+    redundant = _redundant_columns(design)
+    with warnings.catch_warnings():
+        if redundant:  # said below by name, instead of the library's advice for Python callers
+            warnings.filterwarnings("ignore", message="X has numerical rank")
+        if y is not None:  # before creating --out, which a refused target would leave empty
+            try:
+                inf = linear.influence(design, y, **opts)
+            except ValueError as err:
+                raise ValueError(f"{path}: --target {target!r}: {err}") from None
+            ratio = linear.loo_log_density_ratio_regression(design, y, **opts)
+        elif redundant:
+            h = np.asarray(linear.leverage(design, **opts))
+    if redundant:
+        cut = ", ".join(repr(names[j - 1]) for j in redundant)
+        _info(f"note: column(s) {cut} are linear combinations of the other columns and the intercept "
+              "(all zero, constant, or collinear); the fit keeps the rank of the table, so leverage, "
+              "residuals, studentized residuals, Cook's distance and DFFITS are those of the table without "
+              "the redundant one(s): drop one of each dependent set to silence this")
     out = pathlib.Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cols: dict[str, np.ndarray] = {"index": np.arange(n)}
@@ -653,11 +685,15 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
             notes.append(f"{int(undefined.sum())} row(s) with leverage 1 have undefined LOO "
                          "quantities (NaN) and are left out of the figure")
     else:
-        h = np.asarray(linear.leverage(design, **opts))
+        if not redundant:
+            h = np.asarray(linear.leverage(design, **opts))
         cols["leverage"] = h
         what = f"leverage of [1, X], {p} column(s)"
         try:
-            ratio = linear.loo_log_density_ratio_gaussian(X, **opts)
+            with warnings.catch_warnings():
+                if redundant:  # named in the note above
+                    warnings.filterwarnings("ignore", message="X has numerical rank")
+                ratio = linear.loo_log_density_ratio_gaussian(X, **opts)
         except ValueError as err:
             notes.append(f"no Gaussian LOO density ratio: {err}")
             ratio = None

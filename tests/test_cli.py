@@ -575,3 +575,27 @@ def test_classifier_labels_far_sparser_than_their_range_are_refused(tmp_path):
                                 "--epochs", "1", "--no-progress", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "the labels reach 2000000000 but take only 11 distinct values",
                           "np.unique(y, return_inverse=True)[1]")
+
+
+def test_leverage_names_redundant_columns(tmp_path):
+    """A table with the same length in inches and in cm: the rank warning advised
+    dtype=jnp.float64 and method='qr' (no options of the command) and named no column."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    y = a + b + rng.normal(size=40)
+    np.savetxt(tmp_path / "dup.csv", np.c_[a, b, 2.54 * a, np.full(40, 3.0), y], delimiter=",",
+               header="inches,b,cm,constant,y", comments="")
+    for extra in (["--target", "y"], []):
+        code, out, err = _run_quietly("leverage", tmp_path / "dup.csv", *extra, "--out", tmp_path / "o")
+        assert code == 0, err
+        assert "column(s) 'inches', 'cm', 'constant' are linear combinations" in err, err
+        assert "method='qr'" not in err and "numerical rank" not in err, err
+    # the fit is the one without the redundant columns (h and t do not depend on the choice)
+    code, _, err = _run_quietly("leverage", tmp_path / "dup.csv", "--target", "y", "--out", tmp_path / "o")
+    rows = read_csv(tmp_path / "o" / "leverage.csv")
+    np.savetxt(tmp_path / "lean.csv", np.c_[a, b, y], delimiter=",", header="inches,b,y", comments="")
+    code, _, err = _run_quietly("leverage", tmp_path / "lean.csv", "--target", "y", "--out", tmp_path / "lean")
+    lean = read_csv(tmp_path / "lean" / "leverage.csv")
+    for key in ("leverage", "studentized_residual"):
+        # 8 significant digits in the CSV
+        np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in lean], rtol=1e-6)
