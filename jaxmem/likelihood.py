@@ -300,8 +300,13 @@ def _units_per_call(units: int) -> int:
     return min(range(lo, hi + 1), key=lambda u: (-(-units // u) * u - units, u))
 
 
+def _is_key(a: Any) -> bool:
+    """Whether ``a`` is a typed PRNG key array (``jax.random.key``), not raw key data."""
+    return jax.dtypes.issubdtype(jnp.result_type(a), jax.dtypes.prng_key)
+
+
 def _key_parts(key):
-    if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+    if _is_key(jnp.asarray(key)):
         return jax.random.key_data(key), str(jax.random.key_impl(key))
     key = jnp.asarray(key)
     if key.shape != (2,) or key.dtype != jnp.uint32:
@@ -462,7 +467,7 @@ def loglik_matrix(
 
 def _host_leaf(a: Any) -> np.ndarray:
     """A state leaf as a numpy array on the host; a PRNG key leaf as its key data."""
-    if jax.dtypes.issubdtype(jnp.result_type(a), jax.dtypes.prng_key):
+    if _is_key(a):
         a = jax.random.key_data(a)
     return np.asarray(a)
 
@@ -658,7 +663,7 @@ def loglik_matrix_multihost(
 
     def global_replicated(leaf, host):
         a = jax.make_array_from_process_local_data(replicated, host, host.shape)
-        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):  # e.g. an nnx.Dropout's key
+        if _is_key(leaf):  # e.g. an nnx.Dropout's key
             return jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf))
         return a
 
