@@ -683,10 +683,7 @@ def memorization(
 
         def loglik(members, samples, progress=False):
             """``ll [members, n]``, averaged over ``preprocess_draws`` draws of the preprocessing."""
-            if preprocess_draws == 1:
-                return loglik_matrix(graphdef, members, data, key=score_key, num_samples=samples,
-                                     mesh=score_mesh, progress=progress, matmul_dtype=matmul_dtype)
-            total = 0.0
+            total = 0.0  # float64, then float32: one draw's values come back exactly
             for d in range(preprocess_draws):
                 total = total + np.asarray(loglik_matrix(
                     graphdef, members, data, key=score_key if d == 0 else jax.random.fold_in(score_key, d),
