@@ -22,6 +22,7 @@ status 130 and keeps its checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import os
@@ -31,7 +32,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser"]
@@ -430,7 +431,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from jaxmem.mesh import make_mesh
 
         mesh = make_mesh(args.devices)
-    out = os.path.expanduser(args.out) if args.out else args.out  # `--out=~/x` reaches us unexpanded
+    out = os.path.expanduser(args.out)  # `--out=~/x` reaches us unexpanded
     shown_options = dict(options)
     if ds.metadata.get("binarization") == "static":  # drawn when loading; the model keeps the pixels
         shown_options["binarize"] = "static"
@@ -624,6 +625,16 @@ def _redundant_columns(design: Any) -> list[int]:
     return [j for j in range(1, z.shape[1]) if rank(np.delete(z, j, axis=1)) == full]
 
 
+@contextlib.contextmanager
+def _quiet_rank_cut(redundant: list[int]) -> Iterator[None]:
+    """jaxmem.linear's rank warning silenced where the command names the redundant columns
+    itself (the warning's advice is for Python callers: dtype and method options)."""
+    with warnings.catch_warnings():
+        if redundant:
+            warnings.filterwarnings("ignore", message="X has numerical rank")
+        yield
+
+
 def _cmd_leverage(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -645,16 +656,14 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
     # sizes the QR costs nothing noticeable.
     opts = {"dtype": np.float64, "method": "qr"}
     redundant = _redundant_columns(design)
-    with warnings.catch_warnings():
-        if redundant:  # said below by name, instead of the library's advice for Python callers
-            warnings.filterwarnings("ignore", message="X has numerical rank")
+    with _quiet_rank_cut(redundant):
         if y is not None:  # before creating --out, which a refused target would leave empty
             try:
                 inf = linear.influence(design, y, **opts)
             except ValueError as err:
                 raise ValueError(f"{path}: --target {target!r}: {err}") from None
             ratio = linear.loo_log_density_ratio_regression(design, y, **opts)
-        elif redundant:
+        else:
             h = np.asarray(linear.leverage(design, **opts))
     if redundant:
         cut = ", ".join(repr(names[j - 1]) for j in redundant)
@@ -685,14 +694,10 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
             notes.append(f"{int(undefined.sum())} row(s) with leverage 1 have undefined LOO "
                          "quantities (NaN) and are left out of the figure")
     else:
-        if not redundant:
-            h = np.asarray(linear.leverage(design, **opts))
         cols["leverage"] = h
         what = f"leverage of [1, X], {p} column(s)"
         try:
-            with warnings.catch_warnings():
-                if redundant:  # named in the note above
-                    warnings.filterwarnings("ignore", message="X has numerical rank")
+            with _quiet_rank_cut(redundant):
                 ratio = linear.loo_log_density_ratio_gaussian(X, **opts)
         except ValueError as err:
             notes.append(f"no Gaussian LOO density ratio: {err}")

@@ -448,15 +448,15 @@ def _load_file(path: pathlib.Path):
     _check_real(x, f"{path}: x", bool_ok=True)
     _check_x(x, f"{path}: x")
     meta = _meta(f"file:{path.resolve()}", "train", levels=None, num_classes=None)
-    if x.dtype == np.uint8 and x.size and int(x.max()) <= 1:
+    top = int(x.max()) if x.dtype == np.uint8 else None  # x is not empty (_check_x)
+    if top is not None and top <= 1:
         # 0/1 bytes are binary images (how binarized MNIST is usually saved), not 8-bit
         # intensities: divided by 255 they would be near-black {0, 1/255}.
         x = x.astype(np.float32)
         meta["levels"] = 2
         meta["preprocessing"].append("uint8 0/1 values read as binary pixels")
-    elif x.dtype == np.uint8:
+    elif top is not None:
         # 8-bit pixels: scaled like the TFDS images so models see [0, 1].
-        top = int(x.max())
         if top < 128:
             warnings.warn(
                 f"{path}: x is uint8 with a largest value of {top}, read as 8-bit intensities k/255 (so its "
@@ -666,8 +666,9 @@ def _check_y(y: np.ndarray, n: int, where: str = "y") -> np.ndarray:
     # Compared in float64 / int64: float32(2**31 - 1) is 2**31, so 2**31 passed and wrapped.
     top = np.iinfo(np.int32).max
     wide = y.astype(np.float64) if np.issubdtype(y.dtype, np.floating) else y
-    if (wide > top).any():
-        first = int(np.argmax(wide > top))
+    over = np.flatnonzero(wide > top)
+    if over.size:
+        first = int(over[0])
         raise ValueError(f"{where} must hold class labels 0..{top} (int32); example {first} is "
                          f"{y[first]}: number the classes 0, 1, ... (e.g. np.unique(y, "
                          "return_inverse=True)[1])")

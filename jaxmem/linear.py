@@ -401,8 +401,8 @@ def _whitener(
     rank = int(keep.sum())
     if rank == 0:
         raise ValueError("X is zero: it has rank 0")
+    kappa = float(sv[-1] / sv[keep].min())  # sv ascending: sv[-1] / sv[0] at full rank
     if rank == p and np.all(np.isfinite(np.asarray(W))):
-        kappa = sv[-1] / sv[0]
         if warn and float(np.finfo(dt).eps) * kappa**2 > _WARN_LOSS:
             cure = "method='qr'" if dt == np.float64 else "method='qr' or dtype=float64"
             warnings.warn(
@@ -412,13 +412,13 @@ def _whitener(
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return _Factor(pre, scale, W, None, p, logdet, float(kappa))
+        return _Factor(pre, scale, W, None, p, logdet, kappa)
     # Pseudo-inverse: keep the eigen-directions above the tolerance.
     if warn:
         _warn_if_cut(rank, p, int(np.sum(np.diagonal(np.asarray(G)) == 0)), dt, tol / sv[-1])
     idx = np.nonzero(keep)[0]
     Wp = V[:, idx] * jax.lax.rsqrt(lam[idx])[None, :]
-    return _Factor(pre, scale, Wp, None, rank, float("nan"), float(sv[-1] / sv[keep].min()))
+    return _Factor(pre, scale, Wp, None, rank, float("nan"), kappa)
 
 
 def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: float) -> None:
@@ -782,8 +782,8 @@ _Y_RANGE_F32 = (2.0**-50, 2.0**50)
 def _fit(X, y, method, rcond, mesh, dt) -> _Fit:
     X = _as_design(X, dt, dof=2)
     y = _as_target(y, X.shape[0], dt)
-    top = float(jnp.max(jnp.abs(y))) if y.size else 0.0
-    if dt == np.float32 and top and not _Y_RANGE_F32[0] <= top <= _Y_RANGE_F32[1]:
+    top = float(jnp.max(jnp.abs(y))) if dt == np.float32 else 0.0  # float64 spans y's of any size
+    if top and not _Y_RANGE_F32[0] <= top <= _Y_RANGE_F32[1]:
         raise ValueError(
             f"y's largest magnitude is {top:.3g}: in float32 (the default) the sums of squares of y and "
             f"of its residuals {'underflow' if top < 1 else 'overflow'} (float32 spans ~1e-38..3e38); "
@@ -882,7 +882,7 @@ def _loo_amplification(h, e, eps):
 
 
 def _warn_if_imprecise(
-    h: jax.Array, e: jax.Array, rss: float, yy: float, dof: int, dt: np.dtype, kappa: float = math.nan
+    h: jax.Array, e: jax.Array, rss: float, yy: float, dof: int, dt: np.dtype, kappa: float
 ) -> None:
     """Warn naming the rows whose LOO statistics may err by more than ``_IMPRECISE_AT``;
     ``kappa``: condition number of the Cholesky path (nan on the QR path)."""

@@ -105,7 +105,7 @@ def as_mesh(mesh: Any, default: Mesh | None = None) -> Mesh:
     if mesh is None:
         if default is not None:
             return default
-        return make_mesh(devices=jax.local_devices()) if jax.process_count() > 1 else make_mesh()
+        return make_mesh(devices=jax.local_devices())  # all devices, with one process
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be None or a jax.sharding.Mesh (jaxmem.make_mesh), got {type(mesh).__name__}")
     if len(mesh.axis_names) != 1:
