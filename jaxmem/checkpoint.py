@@ -320,7 +320,7 @@ class RunCheckpoints:
                 self._check(stored, config, mutable)
             elif stored != config:
                 # A run stopped before its first checkpoint: no state to mix with this run's.
-                _write_config(path, config)
+                _write_json(path, config, indent=1)
         elif epochs:
             # A fresh config.json would adopt checkpoints of an unknown run as this one's.
             raise ValueError(
@@ -328,7 +328,7 @@ class RunCheckpoints:
                 "cannot be checked against this run; restore config.json or use another directory"
             )
         else:
-            _write_config(path, config)
+            _write_json(path, config, indent=1)
         self._steps_dir = steps_dir = os.path.join(self.run_dir, _STEPS_DIR)
         # Handlers named up front so that a checkpoint's metadata can be read before restoring.
         self._manager = ocp.CheckpointManager(
@@ -506,11 +506,13 @@ def _differences(stored: dict, config: dict, mutable: tuple[str, ...]) -> list[s
     ]
 
 
-def _write_config(path: str, config: dict[str, Any]) -> None:
+def _write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``obj`` as JSON (keys sorted) at ``path``, whole or not at all: written under a
+    temporary name, then renamed (a killed process never leaves half a file)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a killed process never leaves half a config
+        json.dump(obj, f, indent=indent, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -607,22 +607,17 @@ def _read_table(path: pathlib.Path, target: str | None):
 
 def _redundant_columns(design: Any) -> list[int]:
     """Columns of ``design`` (after its intercept, column 0) that lie in the span of the
-    others: removing one leaves the numerical rank unchanged. Empty for a full-rank design."""
+    others: removing one leaves the numerical rank unchanged, the rank being the one the fit
+    itself finds (jaxmem.linear's float64 QR: its equilibration and its cut). Empty for a
+    full-rank design."""
     import numpy as np
 
-    from jaxmem.linear import _default_rcond
+    from jaxmem.linear import _qr_rank
 
-    top = np.abs(design).max(axis=0)
-    z = design / np.where(top > 0, top, 1.0)  # equilibrated, and cut as jaxmem.linear cuts the rank
-
-    def rank(a):
-        sv = np.linalg.svd(a, compute_uv=False)
-        return int((sv > sv[0] * _default_rcond(z.shape[1], np.dtype(np.float64))).sum()) if sv[0] > 0 else 0
-
-    full = rank(z)
-    if full == z.shape[1]:
+    full = _qr_rank(design)
+    if full == design.shape[1]:
         return []
-    return [j for j in range(1, z.shape[1]) if rank(np.delete(z, j, axis=1)) == full]
+    return [j for j in range(1, design.shape[1]) if _qr_rank(np.delete(design, j, axis=1)) == full]
 
 
 @contextlib.contextmanager

@@ -441,18 +441,32 @@ def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: fl
         )
 
 
+def _qr_keep(sv: jax.Array, p: int, dt: np.dtype, rcond: float | None) -> tuple[np.ndarray, float]:
+    """The QR path's rank cut: which of ``_qr``'s singular values (descending) are kept, and
+    the cut relative to the largest."""
+    sv_h = np.asarray(sv, dtype=np.float64)
+    rel = rcond if rcond is not None else _default_rcond(p, dt)
+    return sv_h > rel * sv_h[0], rel
+
+
+def _qr_rank(X: np.ndarray) -> int:
+    """The numerical rank ``method='qr'`` with ``dtype=float64`` finds in ``X`` (same
+    equilibration, same cut): what the fit keeps, for callers that name dropped columns."""
+    with jax.enable_x64(True):
+        sv = _qr(jnp.asarray(X, dtype=jnp.float64))[3]
+        return int(_qr_keep(sv, X.shape[1], np.dtype(np.float64), None)[0].sum())
+
+
 def _factor_qr(X: jax.Array, dt: np.dtype, rcond: float | None) -> _Factor:
     Q, scale, U, sv, Vt, W, logdet = _qr(X)
     p = X.shape[1]
-    sv_h = np.asarray(sv, dtype=np.float64)  # descending
-    tol = (rcond if rcond is not None else _default_rcond(p, dt)) * sv_h[0]
-    keep = sv_h > tol
+    keep, rel = _qr_keep(sv, p, dt, rcond)
     rank = int(keep.sum())
     if rank == 0:
         raise ValueError("X is zero: it has rank 0")
     if rank == p:
         return _Factor(None, scale, W, Q, p, float(logdet))
-    _warn_if_cut(rank, p, int(jnp.sum(jnp.all(X == 0, axis=0))), dt, tol / sv_h[0])
+    _warn_if_cut(rank, p, int(jnp.sum(jnp.all(X == 0, axis=0))), dt, rel)
     idx = np.nonzero(keep)[0]
     Z = jnp.matmul(Q, U[:, idx], precision=_HI)
     Wp = Vt[idx].T / sv[idx][None, :]

@@ -41,7 +41,14 @@ import numpy as np
 import optax
 
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
-from jaxmem.checkpoint import _LOCK_FILE, ConfigMismatchError, incomplete_note, latest_epoch, run_lock
+from jaxmem.checkpoint import (
+    _LOCK_FILE,
+    ConfigMismatchError,
+    _write_json,
+    incomplete_note,
+    latest_epoch,
+    run_lock,
+)
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int, _check_seed
 from jaxmem.mesh import as_mesh, make_mesh
@@ -116,7 +123,19 @@ class MemorizationResult:
         last, holding the configuration and the sha256 of ``scores.csv``, so that the files
         of a save stopped half way (new ``config.json`` and ``scores.csv`` beside the old
         ``result.npz``) are refused by :func:`load_result` rather than read as one result.
+        ``directory`` is held while writing (:func:`jaxmem.run_lock`), so a save never
+        interleaves with a run or a report writing the same directory.
+
+        Raises:
+          RunDirectoryBusyError: another thread or process (a run, ``jaxmem report``)
+            holds ``directory``.
         """
+        path = os.path.expanduser(os.fspath(directory))
+        with run_lock(path, "results directory"):  # re-entrant for memorization's own save
+            self._save(path)
+        return str(directory)
+
+    def _save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         arrays = {
             k: v for k, v in dataclasses.asdict(self).items()
@@ -129,7 +148,6 @@ class MemorizationResult:
         arrays["config_json"] = np.asarray(_canonical_json(self.config))
         arrays["scores_csv_sha256"] = np.asarray(self._write_csv(os.path.join(directory, "scores.csv")))
         _atomic_npz(os.path.join(directory, "result.npz"), arrays)
-        return str(directory)
 
     def _write_csv(self, path: str) -> str:
         """Write ``scores.csv``; returns the sha256 (hex) of the file written."""
@@ -166,13 +184,6 @@ def _fmt(v: Any) -> str:
 def _atomic_npz(path: str, arrays: dict[str, Any]) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 

@@ -799,6 +799,9 @@ def write_report(result, directory: str | os.PathLike, dataset=None, *,
         than the scored ones (``config["data"]["example_shape"]``), the quantile in
         ``config["scoring"]`` is outside [0, 1], ``label_memorization`` is not ``[n]``
         finite values, or a field of ``result`` is refused by :func:`summary`.
+      RunDirectoryBusyError: another thread or process (a run writing its results,
+        another report) holds ``directory`` (:func:`jaxmem.run_lock`), which the report
+        holds while it writes.
     """
     lacking = [f for f in ("M", "U", "n_in", "n_out", "highly_memorized") if not hasattr(result, f)]
     if lacking:
@@ -816,7 +819,19 @@ def write_report(result, directory: str | os.PathLike, dataset=None, *,
     s = summary(M, logp=result.U, leverage=leverage, in_counts=result.n_in,
                 out_counts=result.n_out, highly_memorized=np.asarray(result.highly_memorized),
                 quantile=quantile)
-    directory = pathlib.Path(directory)
+    from jaxmem.checkpoint import run_lock  # orbax: imported when a report is written
+
+    directory = pathlib.Path(directory).expanduser()
+    # Held as `jaxmem report` holds it: not while a run (memorization, `jaxmem run`)
+    # writes this directory, nor two reports at once (re-entrant for the run itself).
+    with run_lock(directory, "results directory"):
+        return _write_files(result, directory, s, M, images, leverage, label_mem, config,
+                            quantile, conditional, keep_examples)
+
+
+def _write_files(result, directory: pathlib.Path, s: dict, M: np.ndarray, images, leverage, label_mem,
+                 config: dict, quantile: float, conditional: bool, keep_examples: bool) -> dict[str, Any]:
+    """:func:`write_report` after its checks, with ``directory`` held."""
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, pathlib.Path] = {}
     files["distribution"] = plot_score_distribution(

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -599,3 +600,29 @@ def test_leverage_names_redundant_columns(tmp_path):
     for key in ("leverage", "studentized_residual"):
         # 8 significant digits in the CSV
         np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in lean], rtol=1e-6)
+
+
+def test_redundant_columns_follow_the_fits_rank_cut():
+    """The columns named redundant are those whose removal leaves the rank that the fit
+    (jaxmem.linear's float64 QR) finds unchanged. A near-dependence (col 4 = spike + e +
+    3e-8 a) sits between two equilibrations' cuts: the command's own by-column-maximum
+    rank check did not name column a, which the fit's rank treats as redundant."""
+    from jaxmem import linear
+
+    rng = np.random.default_rng(0)
+    n = 400
+    a, spike, e = rng.normal(size=n), np.zeros(n), np.zeros(n)
+    spike[0], e[1:3] = 1.0, 1.0
+    design = np.c_[np.ones(n), a, spike, e, spike + e + 3e-8 * a]
+    y = rng.normal(size=n)
+
+    def rank(d):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return linear.influence(d, y, dtype=np.float64, method="qr").rank
+
+    full = rank(design)
+    assert full == 4
+    want = [j for j in range(1, design.shape[1]) if rank(np.delete(design, j, axis=1)) == full]
+    assert want == [1, 2, 3, 4]
+    assert cli._redundant_columns(design) == want

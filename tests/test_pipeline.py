@@ -593,6 +593,24 @@ def test_second_run_in_a_directory_in_use_is_refused(digits, tmp_path):
     assert str(refused[0].value).startswith(f"out_dir {out} is in use by another run (pid ")
     assert r.config["training"]["epochs"] == 2 and not (out / ".jaxmem-lock").exists()
     np.testing.assert_array_equal(jaxmem.load_result(out).M, r.M)
+    # From Python, save() and write_report() into a directory a run holds are refused too
+    # (they took no lock: a report or save in a notebook replaced a running run's files),
+    # and work in the thread that holds it (memorization saves inside its own hold).
+    from jaxmem.report import write_report
+
+    def late_writers(epoch):
+        if epoch == 1:
+            before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run2").iterdir())
+            for write in (r.save, lambda d: write_report(r, d)):
+                t = threading.Thread(target=lambda: refused.append(
+                    pytest.raises(jaxmem.RunDirectoryBusyError, write, tmp_path / "run2")))
+                t.start()
+                t.join()
+            assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run2").iterdir()) == before
+            write_report(r, tmp_path / "run2" / "inner")  # a new folder inside: not held
+
+    jaxmem.memorization(x, epochs=2, out_dir=tmp_path / "run2", on_epoch=late_writers, **SMALL)
+    assert len(refused) == 3 and all("is in use by another run" in str(e.value) for e in refused[1:])
     # refused once the folder is held (the model is built there): no folder is left
     with pytest.raises(ValueError, match="channels must name at least one convolution"):
         jaxmem.memorization(x, model="conv_vae", model_options={"channels": []}, epochs=1, folds=2,
