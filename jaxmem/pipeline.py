@@ -416,6 +416,23 @@ def _leverage_baseline(x: np.ndarray) -> np.ndarray | None:
     return np.asarray(leverage(design))
 
 
+def _warn_if_stderr_undefined(plan: _membership.Plan) -> None:
+    """Warn, before training, when the plan leaves examples with one model on a side:
+    their ``stderr`` and ``dof`` (an uncertainty over models) will be NaN."""
+    one_out = int(np.sum(plan.out_counts() < 2))
+    one_in = int(np.sum(plan.in_counts() < 2))
+    if one_out or one_in:
+        sides = " and ".join(f"{k} of {plan.n} examples by a single {side} model" for k, side in
+                             ((one_out, "held-out"), (one_in, "training")) if k)
+        warnings.warn(
+            f"the plan scores {sides}: their stderr and dof will be NaN (an uncertainty over "
+            "models needs two on each side). repeats >= 2 gives every example two held-out models "
+            "(the paper ran 10 folds x 10 repeats)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def memorization(
     x: Any,
     y: Any = None,
@@ -449,7 +466,7 @@ def memorization(
     """Memorization scores of every example of ``x``, end to end.
 
     Trains one model per member of a membership plan (K-fold with ``folds`` x
-    ``repeats`` by default, the paper's design) in one jitted program, then evaluates
+    ``repeats`` by default, the paper's design, which ran 10 x 10) in one jitted program, then evaluates
     ``ll[m, i]``, the importance-weighted log-likelihood (``num_samples`` samples) of
     example ``i`` under member ``m``, and scores it (:func:`jaxmem.scores.memorization_scores`).
 
@@ -459,7 +476,9 @@ def memorization(
       model: a name of :data:`jaxmem.models.MODELS`.
       model_options: keyword options of the model (e.g. ``{"hidden": [512, 256]}``).
       plan: a membership plan; default ``kfold(n, folds, repeats, seed)``.
-      folds, repeats: the default plan's K and R.
+      folds, repeats: the default plan's K and R. With ``repeats=1`` every example has one
+        held-out model, so its ``stderr`` and ``dof`` are NaN (warned before training);
+        ``repeats >= 2`` gives every example an uncertainty.
       epochs: training epochs of every member.
       batch_size: examples per member per optimizer step.
       learning_rate: Adam's step size.
@@ -581,6 +600,7 @@ def memorization(
     if plan.n != n:
         raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
     plan.validate()
+    _warn_if_stderr_undefined(plan)
     model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
     if preprocess_draws > 1 and not _random_preprocessing(model_cfg):
         options = {k: v for k, v in model_cfg.items() if k in ("binarize", "dequantize")}

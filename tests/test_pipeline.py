@@ -518,6 +518,7 @@ def test_stop_while_scoring_a_tracked_epoch_is_scored_on_rerun(digits, tmp_path,
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "not scored" warning
+        warnings.filterwarnings("ignore", message="the plan scores")  # 2 folds x 1 repeat: NaN stderr
         r = jaxmem.memorization(x, out_dir=tmp_path / "run", **kw)
     np.testing.assert_array_equal(r.tracked_epochs, [2, 3])
     np.testing.assert_array_equal(r.M_by_epoch, ref.M_by_epoch)
@@ -666,3 +667,25 @@ def test_out_dir_paths_that_are_not_a_folder_yet(digits, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     r = jaxmem.memorization(x, epochs=1, out_dir="~/run", **SMALL)
     assert (tmp_path / "home" / "run" / "result.npz").is_file() and r.M.shape == (40,)
+
+
+def test_a_plan_that_leaves_the_stderr_undefined_is_warned_of_before_training(digits):
+    """The Python default (10 folds x 1 repeat) holds each example out of one model: every
+    stderr and dof came back NaN without a word. It is warned of, before training, with
+    the counts; 2 models on each side give every example a finite stderr, silently."""
+    import warnings
+
+    x = digits.x[:60]
+    with pytest.warns(UserWarning, match=r"^the plan scores 60 of 60 examples by a single held-out model: "
+                                         r"their stderr and dof will be NaN"):
+        with pytest.raises(ValueError, match="track_epochs"):  # stops it before training
+            jaxmem.memorization(x, epochs=1, track_epochs=[2], progress=False)
+    kw = {**SMALL, "folds": 2}
+    with pytest.warns(UserWarning, match=r"60 of 60 examples by a single held-out model and 60 of 60 "
+                                         r"examples by a single training model"):
+        r = jaxmem.memorization(x, epochs=1, **kw)
+    assert np.isnan(r.stderr).all() and (r.n_out == 1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = jaxmem.memorization(x, epochs=1, repeats=2, **kw)
+    assert np.isfinite(r.stderr).all() and (r.n_out == 2).all() and (r.n_in == 2).all()
