@@ -55,6 +55,7 @@ from jaxmem import mesh as _mesh, models as _models
 from jaxmem.ensemble import _merged_state
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
+from jaxmem.scores import _require_threefry
 
 __all__ = ["KINDS", "loglik_matrix", "loglik_matrix_multihost"]
 
@@ -306,7 +307,15 @@ def _is_key(a: Any) -> bool:
 
 
 def _key_parts(key):
+    """``(key data, "threefry2x32")`` of one base key: a typed threefry key or raw
+    ``uint32[2]`` data; a batch of keys or another implementation is refused."""
     if _is_key(jnp.asarray(key)):
+        key = jnp.asarray(key)
+        if key.shape != ():
+            raise ValueError(
+                f"key must be one PRNG key (jax.random.key(seed)), got a batch of keys of shape {key.shape}: "
+                "every example's randomness is derived from the one base key (fold_in with its index)")
+        _require_threefry(key, "loglik_matrix")
         return jax.random.key_data(key), str(jax.random.key_impl(key))
     key = jnp.asarray(key)
     if key.shape != (2,) or key.dtype != jnp.uint32:

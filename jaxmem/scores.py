@@ -210,16 +210,31 @@ def _check_num_bootstrap(num_bootstrap: Any, uncertainty: str) -> int:
     return int(value)
 
 
+def _require_threefry(key: jax.Array, who: str) -> None:
+    """Refuse a typed key of another implementation than threefry2x32 (``rbg``,
+    ``unsafe_rbg``): their ``fold_in`` and ``split`` streams under ``vmap`` depend on the
+    batch they are drawn with, so values would change with the chunking and the mesh."""
+    impl = str(jax.random.key_impl(key))
+    if impl != "threefry2x32":
+        raise ValueError(
+            f"key must be a threefry2x32 key, got a {impl} key: {who} derives every example's "
+            f"randomness from it with fold_in, and {impl} streams drawn under vmap depend on how "
+            "examples are blocked over calls and devices, so the values would change with the chunk "
+            "size and the mesh. Pass jax.random.key(seed, impl='threefry2x32')"
+        )
+
+
 def _check_key(key: Any) -> jax.Array:
-    """A single PRNG key (``jax.random.key(seed)``, or a raw ``jax.random.PRNGKey(seed)``); None gives key(0)."""
+    """A single threefry2x32 PRNG key (``jax.random.key(seed)``, or raw key data ``uint32[2]``
+    as ``jax.random.PRNGKey(seed)`` gives by default); None gives ``key(0)`` (threefry)."""
     if key is None:
-        return jax.random.key(0)
+        return jax.random.key(0, impl="threefry2x32")
     if isinstance(key, jax.Array):
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+            _require_threefry(key, "the bootstrap")
             return key
-        raw = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        if key.dtype == raw.dtype and key.shape == raw.shape:
-            return key
+        if key.dtype == jnp.uint32 and key.shape == (2,):  # threefry key data
+            return jax.random.wrap_key_data(key, impl="threefry2x32")
     what = f"{type(key).__name__} {key.dtype}{list(key.shape)}" if hasattr(key, "dtype") else repr(key)[:60]
     raise ValueError(f"key must be one PRNG key, jax.random.key(seed), or None (jax.random.key(0)); got {what}")
 

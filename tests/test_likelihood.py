@@ -666,3 +666,22 @@ def test_calls_pad_little():
         waste.append((calls * per_call - units) / units)
     assert _units_per_call(469) * 10 - 469 == 1
     assert np.mean(waste) < 0.002, np.mean(waste)  # 0.09% (the 20-call split: 0.64%)
+
+
+def test_keys_of_other_implementations_and_key_batches_are_refused():
+    """An rbg or unsafe_rbg key was accepted, and its streams under vmap depend on the
+    batch they are drawn with: ll moved by several nats between example_chunk values
+    (threefry: not at all). A batch of keys got JAX's fold_in message. Both are named;
+    a typed threefry key and its raw data give the same matrix."""
+    members = [models.create("mlp_vae", (4, 4), seed=s, hidden=[8], latent_dim=2) for s in range(2)]
+    x = np.random.default_rng(0).random((6, 4, 4)).astype(np.float32)
+    for impl in ("rbg", "unsafe_rbg"):
+        with pytest.raises(ValueError, match=f"key must be a threefry2x32 key, got a {impl} key: loglik_matrix "
+                                             "derives every example's randomness"):
+            loglik_matrix(members, data=x, key=jax.random.key(0, impl=impl), num_samples=4)
+    with pytest.raises(ValueError, match=r"key must be one PRNG key \(jax.random.key\(seed\)\), got a batch "
+                                         r"of keys of shape \(3,\)"):
+        loglik_matrix(members, data=x, key=jax.random.split(KEY, 3), num_samples=4)
+    typed = loglik_matrix(members, data=x, key=jax.random.key(5), num_samples=4)
+    raw = loglik_matrix(members, data=x, key=jax.random.key_data(jax.random.key(5)), num_samples=4)
+    np.testing.assert_array_equal(np.asarray(typed), np.asarray(raw))
