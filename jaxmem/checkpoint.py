@@ -8,6 +8,12 @@ The one module that knows orbax. A run directory holds
   kept), each with the full training state (any pytree of arrays, PRNG keys included)
   and a JSON history of per-epoch metrics.
 
+The configuration also records the software and device it was written under
+(``provenance``: :func:`provenance`), which is never compared: float rounding depends on
+the jax, jaxlib, flax and optax versions, so a run resumed under other versions than
+its checkpoint was saved under continues with a ``UserWarning`` naming both (its
+numbers then match neither version's uninterrupted run, to float rounding).
+
 Opening a run directory with another configuration raises :class:`ConfigMismatchError`
 naming every field that differs, so states from different plans, models or shapes are
 never mixed; one whose ``config.json`` is missing (next to checkpoints) or unreadable is
@@ -37,7 +43,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -47,7 +54,7 @@ import tensorstore as ts
 
 __all__ = [
     "RunCheckpoints", "ConfigMismatchError", "CheckpointDamagedError", "fingerprint_array", "describe_tree",
-    "latest_epoch", "run_lock", "RunDirectoryBusyError",
+    "latest_epoch", "run_lock", "RunDirectoryBusyError", "provenance", "check_x64",
 ]
 
 _FORMAT = 1
@@ -57,6 +64,83 @@ _STEPS_DIR = "checkpoints"
 
 # The lock file of a run directory (removed when the run releases it).
 _LOCK_FILE = ".jaxmem-lock"
+
+# The configuration's record of the software and device it was written under: never
+# compared (a run resumes under other versions, with a warning), and absent from the
+# configurations written before it was recorded.
+PROVENANCE_KEY = "provenance"
+
+# The packages whose versions change training's float rounding (a resume across them warns).
+_ROUNDING_PACKAGES = ("jax", "jaxlib", "flax", "optax")
+
+# (run directory, epoch) whose version change was warned of: once per process.
+_warned_versions: set[tuple[str, int]] = set()
+
+
+def provenance() -> dict[str, Any]:
+    """The software and device this process computes with, as configurations record it.
+
+    Returns:
+      ``{"python", "jax", "jaxlib", "flax", "optax": version strings (None for a package
+      that is not installed), "platform": e.g. "cpu", "gpu", "device_kind": e.g. "cpu",
+      "NVIDIA H200"}`` (of ``jax.devices()[0]``).
+    """
+    import importlib.metadata
+    import platform
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    device = jax.devices()[0]
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            **{p: version(p) for p in _ROUNDING_PACKAGES[1:]},
+            "platform": device.platform, "device_kind": device.device_kind}
+
+
+def _version_change(then: Any, now: dict[str, Any]) -> str | None:
+    """``"jax 0.10.2 -> 0.11.2, ..."`` for the rounding packages whose versions differ
+    between two :func:`provenance` records; None if none does or ``then`` is not one."""
+    if not isinstance(then, dict):
+        return None
+    changed = [f"{p} {then.get(p)} -> {now.get(p)}" for p in _ROUNDING_PACKAGES if then.get(p) != now.get(p)]
+    return ", ".join(changed) or None
+
+
+def _x64_mismatch(stored: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """What to do about a run directory trained under another ``jax_enable_x64`` setting
+    than this run's (:mod:`jaxmem.ensemble` records ``"jax_enable_x64": true`` when it is on),
+    or None if the settings agree."""
+    then, now = bool(stored.get("jax_enable_x64", False)), bool(config.get("jax_enable_x64", False))
+    if then == now:
+        return None
+    cure = ("resume it with JAX_ENABLE_X64=1 in the environment, or jax.config.update('jax_enable_x64', True) "
+            "before any JAX operation" if then else
+            "resume it with JAX_ENABLE_X64 unset (or 0) and without jax.config.update('jax_enable_x64', True)")
+    return (f"was trained with jax_enable_x64 {'on' if then else 'off'} and this process has it "
+            f"{'on' if now else 'off'} (float arithmetic outside jaxmem's control, e.g. optax's, rounds otherwise, "
+            f"so a run resumes only under the setting it began with): {cure}")
+
+
+def check_x64(run_dir: str | os.PathLike) -> None:
+    """Refuse, before anything is opened or written, to resume the checkpoints in
+    ``run_dir`` under another ``jax_enable_x64`` setting than they were trained under.
+
+    For a look before a run (:func:`jaxmem.memorization` checks it before saying that it
+    resumes); :class:`RunCheckpoints` refuses it too. Nothing to check (no checkpoint,
+    no ``config.json``) passes.
+
+    Raises:
+      ConfigMismatchError: the setting differs; the message says how to match it.
+    """
+    path = os.path.join(os.fspath(run_dir), "config.json")
+    if not _epochs_on_disk(run_dir) or not os.path.isfile(path):
+        return
+    mismatch = _x64_mismatch(_read_config(path), {"jax_enable_x64": True} if jax.config.jax_enable_x64 else {})
+    if mismatch:
+        raise ConfigMismatchError(f"run directory {os.path.abspath(run_dir)} {mismatch}")
 
 
 def latest_epoch(run_dir: str | os.PathLike) -> int | None:
@@ -272,8 +356,15 @@ class RunCheckpoints:
         ``config.json`` and checkpoints, every key must match (:class:`ConfigMismatchError`
         otherwise); keys listed in ``mutable`` (e.g. the number of epochs) may change on
         resume. A ``config.json`` with no complete checkpoint behind it is replaced.
+        Stored with ``"format"`` and ``"provenance"`` (:func:`provenance`, never compared)
+        added; a resume under other jax, jaxlib, flax or optax versions than the
+        checkpoint was saved under warns (``UserWarning``, once per process).
       max_to_keep: newest checkpoints kept.
       mutable: config keys allowed to differ from the stored ones.
+      added_later: config keys compared only where the stored configuration has them
+        (keys a run directory written before they were recorded lacks).
+      hints: ``{key: hint(stored_value) -> str}``: advice appended to a difference in
+        ``key`` (e.g. which mesh to pass).
 
     Raises:
       ConfigMismatchError: ``run_dir`` holds checkpoints of a run of another configuration.
@@ -291,6 +382,8 @@ class RunCheckpoints:
         *,
         max_to_keep: int = 3,
         mutable: tuple[str, ...] = (),
+        added_later: tuple[str, ...] = (),
+        hints: dict[str, Callable[[Any], str]] | None = None,
     ):
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         steps_dir = os.path.join(self.run_dir, _STEPS_DIR)
@@ -302,6 +395,8 @@ class RunCheckpoints:
         except (FileExistsError, NotADirectoryError) as e:  # a parent is a file
             raise ValueError(f"run_dir: cannot create directory {self.run_dir}: {e}") from e
         self._lock = _Lock(self.run_dir, "run_dir")  # held until close()
+        self._added_later = tuple(added_later)
+        self._hints = dict(hints or {})
         try:
             self._open(config, max_to_keep, mutable)
         except BaseException:
@@ -309,15 +404,18 @@ class RunCheckpoints:
             raise
 
     def _open(self, config: dict[str, Any], max_to_keep: int, mutable: tuple[str, ...]) -> None:
-        config = json.loads(json.dumps({"format": _FORMAT, **config}))  # normalise tuples etc.
+        # normalise tuples etc.
+        config = json.loads(json.dumps({"format": _FORMAT, **config, PROVENANCE_KEY: provenance()}))
         self.config = config
         self._mutable = tuple(mutable)
+        self._stored_provenance = None  # of config.json, for checkpoints saved without their configuration
         path = os.path.join(self.run_dir, "config.json")
         epochs = _epochs_on_disk(self.run_dir)
         if os.path.lexists(path):
             stored = _read_config(path)  # a damaged file is named, even with nothing behind it
             if epochs:
                 self._check(stored, config, mutable)
+                self._stored_provenance = stored.get(PROVENANCE_KEY)
             elif stored != config:
                 # A run stopped before its first checkpoint: no state to mix with this run's.
                 _write_json(path, config, indent=1)
@@ -339,7 +437,10 @@ class RunCheckpoints:
         )
 
     def _check(self, stored: dict, config: dict, mutable: tuple[str, ...], what: str = "") -> None:
-        diffs = _differences(stored, config, mutable)
+        diffs = _differences(stored, config, mutable, self._added_later, self._hints)
+        x64 = _x64_mismatch(stored, config)
+        if x64 and len(diffs) == 1 and not what:  # the one difference: say how to match it
+            raise ConfigMismatchError(f"run directory {self.run_dir} {x64}")
         if diffs:
             more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
             raise ConfigMismatchError(
@@ -422,6 +523,7 @@ class RunCheckpoints:
                         what=f"checkpoint {epoch} in {self.run_dir} was saved by a run of another configuration "
                              f"than this one and {self.run_dir}/config.json (two runs in one directory?); "
                              f"refusing to resume from it (delete {path}, or use a new run directory)")
+        self._warn_if_other_versions(epoch, (saved_under or {}).get(PROVENANCE_KEY, self._stored_provenance))
         diffs = [
             f"{k}: stored {stored.get(k, '<missing>')} vs now {target[k].shape if k in target else '<missing>'}"
             for k in sorted(set(stored) | set(target))
@@ -455,6 +557,19 @@ class RunCheckpoints:
                 x = jax.random.wrap_key_data(x, impl=jax.random.key_impl(like_leaf))
             new_leaves.append(x)
         return jax.tree.unflatten(treedef, new_leaves), out["history"]
+
+    def _warn_if_other_versions(self, epoch: int, then: Any) -> None:
+        """Warn (once per process) that checkpoint ``epoch``, saved under the software of
+        ``then`` (a :func:`provenance` record, or None where none was recorded), is
+        resumed under other jax, jaxlib, flax or optax versions."""
+        change = _version_change(then, self.config[PROVENANCE_KEY])
+        if change is None or (self.run_dir, int(epoch)) in _warned_versions:
+            return
+        _warned_versions.add((self.run_dir, int(epoch)))
+        warnings.warn(
+            f"checkpoint {epoch} in {self.run_dir} was saved under other versions than this process runs "
+            f"({change}): a run continued from it matches neither version's uninterrupted run, to float rounding "
+            "(to reproduce a run, train it from the start under one set of versions)", UserWarning, stacklevel=4)
 
     def _damaged(self, epoch: int, err: Exception) -> CheckpointDamagedError:
         earlier = [s for s in self._manager.all_steps() if s < epoch]
@@ -496,14 +611,28 @@ def _read_array_store(state_dir: str) -> None:
         store.read(key).result()
 
 
-def _differences(stored: dict, config: dict, mutable: tuple[str, ...]) -> list[str]:
-    """``"key: stored X vs now Y"`` for every flattened key that differs, ``mutable`` ones aside."""
+def _differences(stored: dict, config: dict, mutable: tuple[str, ...], added_later: tuple[str, ...] = (),
+                 hints: dict[str, Callable[[Any], str]] | None = None) -> list[str]:
+    """``"key: stored X vs now Y"`` for every flattened key that differs, ``mutable`` ones,
+    the provenance, and ``added_later`` ones the stored configuration lacks aside;
+    ``jax_enable_x64`` as on/off, ``hints[key](stored value)`` appended in parentheses."""
     old, new = _flatten(stored), _flatten(config)
-    return [
-        f"{key}: stored {_short(old.get(key, '<missing>'))} vs now {_short(new.get(key, '<missing>'))}"
-        for key in sorted(set(old) | set(new))
-        if key.split(".")[0] not in mutable and old.get(key, "<missing>") != new.get(key, "<missing>")
-    ]
+
+    def shown(key: str, conf: dict) -> str:
+        if key == "jax_enable_x64":  # recorded only when on
+            return "on" if conf.get(key) else "off"
+        return _short(conf.get(key, "<missing>"))
+
+    out = []
+    for key in sorted(set(old) | set(new)):
+        top = key.split(".")[0]
+        if (top in mutable or top == PROVENANCE_KEY or (key in added_later and key not in old)
+                or old.get(key, "<missing>") == new.get(key, "<missing>")):
+            continue
+        hint = (hints or {}).get(key)
+        out.append(f"{key}: stored {shown(key, old)} vs now {shown(key, new)}"
+                   + (f" ({hint(old[key])})" if hint is not None and key in old else ""))
+    return out
 
 
 def _write_json(path: str, obj: Any, indent: int = 2) -> None:

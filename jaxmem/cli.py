@@ -58,7 +58,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: Any) -> NoReturn:
-    text = " ".join(str(message).replace("\n", "; ").split())
+    # One line: a list after "...:" on lines of its own reads "...: a; b".
+    text = " ".join(str(message).replace(":\n", ": ").replace("\n", "; ").split())
     print(f"{_PROG}: error: {text}", file=sys.stderr, flush=True)
     raise SystemExit(_EXIT_ERROR)
 
@@ -428,8 +429,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     mesh = None
     if args.devices is not None:
-        from jaxmem.mesh import make_mesh
+        import jax
 
+        from jaxmem.mesh import _more_devices_advice, make_mesh
+
+        have = len(jax.devices())
+        if have < args.devices:  # XLA_FLAGS, an accelerator or a JAX started before decided the count
+            raise ValueError(f"--devices {args.devices}: this process has {have} device(s); "
+                             f"{_more_devices_advice(args.devices)}")
         mesh = make_mesh(args.devices)
     out = os.path.expanduser(args.out)  # `--out=~/x` reaches us unexpanded
     shown_options = dict(options)

@@ -43,7 +43,11 @@ that its losses do not depend on ``eval_batch_size`` or on the other examples of
 chunk, and leaves ``rest`` unchanged.
 
 Randomness depends only on (seed, member, epoch, step), never on the device count or on
-interruptions, so a resumed run continues bit for bit. With
+interruptions, so a resumed run continues bit for bit where float rounding is the same:
+on as many devices (the count changes how XLA compiles the program, and so its rounding:
+:func:`fit` records it in ``run_dir`` and refuses a resume on another) and under the same
+jax, jaxlib, flax and optax versions (recorded too; a resume under others warns, as its
+numbers then match neither version's uninterrupted run). With
 ``member_key = fold_in(key(seed), m)``:
 
 * schedule of epoch ``e``: ``fold_in(fold_in(member_key, 0), e)``;
@@ -73,6 +77,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxmem import models as _models
 from jaxmem.membership import _check_int, _check_keep, _check_seed
 from jaxmem.mesh import (
+    _more_devices_advice,
     as_mesh,
     compiler_options,
     jit_with_options,
@@ -875,12 +880,23 @@ def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: Ens
         "steps_per_epoch": ens.steps_per_epoch,
         "seed": int(seed),
         "epochs": int(epochs),
+        # Training's float rounding depends on how many devices the members are split over.
+        # Compared only where recorded (run directories written before it resume).
+        "devices": int(ens.mesh.size),
         "user": user,
         # Under x64, float arithmetic outside jaxmem's control (optax's bias corrections,
         # float64 data) rounds otherwise: a run is resumed under the setting it began with.
         # Recorded only when on, so that run directories written before stay resumable.
         **({"jax_enable_x64": True} if jax.config.jax_enable_x64 else {}),
     }
+
+
+def _devices_hint(stored: Any) -> str:
+    """How to resume a run directory trained on ``stored`` devices (its ``"devices"``)."""
+    text = f"the devices training ran on: pass mesh=jaxmem.make_mesh({stored})"
+    if isinstance(stored, int) and stored > len(jax.devices()):
+        text += f"; make_mesh({stored}) needs {stored} devices and {_more_devices_advice(stored)}"
+    return text
 
 
 def _history_problem(restored: Any, names: Any, epochs: int, members: int) -> str | None:
@@ -941,7 +957,12 @@ def fit(
         after the last); if it already holds a checkpoint of the same configuration,
         training resumes from the latest one. Another configuration raises
         :class:`jaxmem.checkpoint.ConfigMismatchError` if the directory holds a
-        checkpoint (one with none, a run stopped before its first, is replaced).
+        checkpoint (one with none, a run stopped before its first, is replaced). The
+        configuration includes the number of devices of the mesh (a resume on another
+        is refused, naming the mesh to pass; run directories written before it was
+        recorded are not checked) and ``jax_enable_x64``; it records the software
+        versions and device kind (:func:`jaxmem.checkpoint.provenance`), not compared: a
+        resume under other jax, jaxlib, flax or optax versions warns.
       checkpoint_every: epochs between checkpoints.
       keep_checkpoints: newest checkpoints kept.
       progress: show a tqdm bar counting member-epochs.
@@ -968,7 +989,8 @@ def fit(
         jaxmem's models, data out of their range (:func:`jaxmem.models.check_model_data`).
       TrainingDivergedError: a member's training loss or parameters became non-finite
         (checked after every epoch, before its checkpoint is written).
-      ConfigMismatchError: ``run_dir`` holds a run of another configuration.
+      ConfigMismatchError: ``run_dir`` holds a run of another configuration (e.g.
+        trained on another number of devices, or under another ``jax_enable_x64``).
       CheckpointDamagedError: the checkpoint to resume from cannot be read (it names the
         earlier checkpoint kept, which deleting the damaged one resumes from).
     """
@@ -1003,7 +1025,8 @@ def fit(
         from jaxmem.checkpoint import RunCheckpoints
 
         cfg = _run_config(ens, model, tx_config, data, state, seed=seed, epochs=epochs, user=config)
-        ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",))
+        ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",),
+                              added_later=("devices",), hints={"devices": _devices_hint})
         try:
             latest = ckpt.latest_epoch()
             if latest is not None and latest > epochs:

@@ -75,6 +75,7 @@ def make_mesh(
         if not 1 <= num_devices <= len(all_devices):
             raise ValueError(
                 f"num_devices={num_devices} but {len(all_devices)} device(s) are available"
+                + (f"; {_more_devices_advice(num_devices)}" if num_devices > len(all_devices) else "")
             )
         devices = all_devices[:num_devices]
     devices = list(devices)
@@ -399,6 +400,35 @@ def _forced_cpu_devices() -> int | None:
     is set too."""
     found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
     return int(found[-1]) if found else None
+
+
+def _more_devices_advice(wanted: int) -> str:
+    """How a process with fewer than ``wanted`` devices gets ``wanted``, for error messages.
+
+    Names what decided the count: ``--xla_force_host_platform_device_count`` in
+    ``XLA_FLAGS`` (it wins over :func:`use_cpu_devices` and ``jaxmem run --devices``),
+    the ``JAX_NUM_CPU_DEVICES`` variable, JAX's default of one CPU device (which
+    :func:`use_cpu_devices` changes only before JAX starts), or an accelerator (where
+    ``JAX_PLATFORMS=cpu`` runs on CPU devices instead, e.g. to continue a run trained on
+    a CPU host).
+    """
+    devices = jax.devices()
+    have, platform = len(devices), devices[0].platform
+    setup = (f"call jaxmem.use_cpu_devices({wanted}) right after the imports, before any JAX operation "
+             f"(`jaxmem run --devices {wanted}` does)")
+    if platform != "cpu":
+        return (f"this process runs on {have} {platform.upper()} device(s); to run on {wanted} CPU devices instead "
+                f"(e.g. to continue a run trained on a CPU host), set JAX_PLATFORMS=cpu in the environment and {setup}")
+    forced = _forced_cpu_devices()
+    configured = int(jax.config.jax_num_cpu_devices)
+    if forced is not None and configured < 1:  # JAX reads the option first, the flag where it is unset
+        return (f"XLA_FLAGS=--xla_force_host_platform_device_count={forced} gives JAX {forced} CPU device(s) and "
+                f"wins over jaxmem.use_cpu_devices and `jaxmem run --devices`: unset XLA_FLAGS, or set its count "
+                f"to {wanted}, before starting Python")
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return (f"JAX_NUM_CPU_DEVICES={os.environ['JAX_NUM_CPU_DEVICES']} gives JAX {have} CPU device(s): "
+                f"set it to {wanted} (or unset it and {setup})")
+    return f"JAX runs {have} CPU device(s): {setup}"
 
 
 def use_cpu_devices(count: int | None = None, *, at_most: int | None = None) -> int:

@@ -7,7 +7,8 @@ memorization scores (:mod:`jaxmem.scores`). The result saves to and loads from a
 results directory::
 
     DIR/config.json      the full configuration (data, model, plan, training, scoring) of
-                         the result beside it, written with it
+                         the result beside it, written with it, and its provenance (the
+                         software and device it was computed with; see memorization)
     DIR/scores.csv       one row per example: index, label, fold, U, V, M, stderr, n_in,
                          n_out, highly_memorized, logp_full, leverage, label_memorization
                          (an empty cell where a run has no such value; floats written
@@ -43,15 +44,18 @@ import optax
 from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
 from jaxmem.checkpoint import (
     _LOCK_FILE,
+    PROVENANCE_KEY,
     ConfigMismatchError,
     _write_json,
+    check_x64,
     incomplete_note,
     latest_epoch,
+    provenance,
     run_lock,
 )
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int, _check_seed
-from jaxmem.mesh import as_mesh, make_mesh
+from jaxmem.mesh import _more_devices_advice, as_mesh, make_mesh
 from jaxmem.models import _latent
 from jaxmem.scores import _check_quantile, feldman_zhang, memorization_scores
 
@@ -323,7 +327,7 @@ def _check_config(directory: str, config: dict[str, Any], trained: int | None) -
         flat_a = {**_ADDED_LATER, **_flatten(before)}
         differ = sorted(
             k for k in set(flat_a) | set(flat_b)
-            if flat_a.get(k) != flat_b.get(k) and k not in _MUTABLE
+            if flat_a.get(k) != flat_b.get(k) and k not in _MUTABLE and not k.startswith(PROVENANCE_KEY + ".")
         )
         if differ:
             detail = "; ".join(_difference(k, flat_a, flat_b) for k in differ[:6])
@@ -341,9 +345,34 @@ def _difference(key: str, stored: dict[str, Any], asked: dict[str, Any]) -> str:
         return f"{key}: not recorded, asked {asked.get(key)!r}"
     text = f"{key}: stored {stored[key]!r}, asked {asked.get(key)!r}"
     if key == "training.devices":
-        text += (f" (the devices training ran on: pass mesh=jaxmem.make_mesh({stored[key]}), or --devices "
-                 f"{stored[key]} to `jaxmem run`)")
+        count = stored[key]
+        text += (f" (the devices training ran on: pass mesh=jaxmem.make_mesh({count}), or --devices "
+                 f"{count} to `jaxmem run`")
+        if isinstance(count, int) and count > len(jax.devices()):  # e.g. a fresh Python session on a CPU: 1
+            text += f"; make_mesh({count}) needs {count} devices and {_more_devices_advice(count)}"
+        text += ")"
     return text
+
+
+def _run_provenance(directory: str, now: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of a run resumed in ``directory``: ``now`` (this session's
+    :func:`~jaxmem.checkpoint.provenance`), with ``"earlier"``: the records of the earlier
+    sessions that ran other software or devices, oldest first (from the record of the
+    directory's latest session, ``run.json``'s or else ``config.json``'s; a session of a
+    jaxmem that recorded none leaves no entry)."""
+    before = None
+    for name in (_RUN_CONFIG, "config.json"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            before = _read_config(path).get(PROVENANCE_KEY)
+            break
+    if not isinstance(before, dict):
+        return now
+    earlier = list(before.get("earlier", []))
+    last = {k: v for k, v in before.items() if k != "earlier"}
+    if last != now:
+        earlier.append(last)
+    return {**now, "earlier": earlier} if earlier else now
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -533,6 +562,14 @@ def memorization(
         device per core, as ``jaxmem run`` does). The number of devices training runs on
         changes its float rounding, so it is recorded (``training.devices``) and a
         resumed run must train on as many; scores do not depend on the scoring mesh.
+        The software changes training's rounding too: the configuration records the
+        run's ``provenance`` (:func:`jaxmem.checkpoint.provenance`: python, jax, jaxlib,
+        flax and optax versions, platform and device kind), never compared on resume;
+        a run resumed under other jax, jaxlib, flax or optax versions than its
+        checkpoint was saved under warns (``UserWarning``: its numbers match neither
+        version's uninterrupted run, to float rounding), and its ``provenance`` is this
+        session's record with ``"earlier"``, the records of the earlier sessions that
+        ran other software, oldest first.
       checkpoint_every: epochs between checkpoints.
       linear_baseline: compute hat-matrix leverage of the data for comparison.
       on_stage: optional ``callback(stage: str)`` called as stages begin (for CLIs).
@@ -558,8 +595,9 @@ def memorization(
         plan that leaves an example never held out or never trained on, or an
         ``out_dir`` whose files are damaged.
       ConfigMismatchError: ``out_dir`` holds a run of another configuration, e.g.
-        trained on another number of devices (``mesh``), or one written before
-        ``training.devices`` was recorded (the directory is left as it was).
+        trained on another number of devices (``mesh``) or under another
+        ``jax_enable_x64`` setting, or one written before ``training.devices`` was
+        recorded (the directory is left as it was).
     """
     if jax.process_count() > 1:  # before anything is trained: its scoring is one process's
         raise ValueError(
@@ -637,6 +675,8 @@ def memorization(
                     "quantile": float(quantile),
                     "track_epochs": tracked, "track_samples": track_samples,
                     "matmul_dtype": matmul_dtype},
+        # Recorded, never compared: a resume under other versions warns (jaxmem.checkpoint).
+        PROVENANCE_KEY: provenance(),
     }
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
@@ -651,6 +691,10 @@ def memorization(
         if out_dir is not None:
             trained = _latest_checkpoint(out_dir)
             replaces = _check_config(out_dir, config, trained)
+            # Before on_stage("train"), where `jaxmem run` says that it resumes.
+            check_x64(_run_dir(out_dir))
+            if not replaces:
+                config[PROVENANCE_KEY] = _run_provenance(out_dir, config[PROVENANCE_KEY])
             if trained is not None and trained > epochs:
                 # Resuming would restore that checkpoint and score it as `epochs` epochs.
                 raise ConfigMismatchError(

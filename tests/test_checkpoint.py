@@ -23,8 +23,10 @@ from jaxmem.checkpoint import (
     ConfigMismatchError,
     RunCheckpoints,
     RunDirectoryBusyError,
+    check_x64,
     fingerprint_array,
     latest_epoch,
+    provenance,
     run_lock,
 )
 from jaxmem.mesh import make_mesh
@@ -425,3 +427,81 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     for i, a in enumerate(ref_leaves):
         # Same program on the same machine, RNG derived from counters: bit-identical.
         np.testing.assert_array_equal(resumed[f"arr_{i}"], a)
+
+
+def _edit_configs(run_dir, edit):
+    """Apply ``edit(config) -> config`` to a run directory's config.json and to the
+    configuration saved with each of its checkpoints (as another jax, or an older jaxmem,
+    would have written them)."""
+    for path in [os.path.join(run_dir, "config.json"), *glob.glob(os.path.join(run_dir, "checkpoints", "*",
+                                                                                "config", "metadata"))]:
+        with open(path) as f:
+            config = json.load(f)
+        with open(path, "w") as f:
+            json.dump(edit(config), f)
+
+
+def test_provenance_is_recorded_not_compared_and_other_versions_warn_once(tmp_path):
+    """The versions and device a run was written under are recorded; a resume under other
+    jax/jaxlib/flax/optax versions continues (their rounding differs: the result matches
+    neither version's uninterrupted run) with one warning naming both versions; a run
+    directory written before provenance was recorded resumes without one. Before, nothing
+    was recorded and a resume across versions was silent."""
+    import warnings
+
+    now = provenance()
+    assert now["jax"] == jax.__version__ and now["platform"] == jax.devices()[0].platform
+    assert {"python", "jaxlib", "flax", "optax", "device_kind"} <= set(now)
+    tree = {"w": jnp.arange(3.0)}
+    ck = RunCheckpoints(tmp_path, {"a": 1})
+    ck.save(1, tree, {"e": [1]})
+    ck.close()
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["provenance"] == now
+
+    def older_jax(config):
+        return {**config, "provenance": {**config["provenance"], "jax": "0.0.1", "flax": "0.0.2"}}
+
+    _edit_configs(tmp_path, older_jax)
+    ck = RunCheckpoints(tmp_path, {"a": 1})  # not a mismatch
+    try:
+        with pytest.warns(UserWarning, match=rf"jax 0\.0\.1 -> {jax.__version__}, flax 0\.0\.2 -> "
+                                             r".*matches neither version's uninterrupted run"):
+            restored, _ = ck.restore(tree)
+        np.testing.assert_array_equal(restored["w"], tree["w"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ck.restore(tree)  # warned once
+    finally:
+        ck.close()
+    # Written before provenance was recorded: nothing to compare, nothing to warn of.
+    _edit_configs(tmp_path, lambda c: {k: v for k, v in c.items() if k != "provenance"})
+    ck = RunCheckpoints(tmp_path, {"a": 1})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ck.restore(tree)
+    finally:
+        ck.close()
+
+
+def test_an_x64_mismatch_names_the_setting_and_how_to_match_it(tmp_path):
+    """A run directory trained with jax_enable_x64 on, resumed with it off: the message says
+    so and how to resume (not "stored true vs now \"<missing>\"" and "use a new run
+    directory", which threw the training away)."""
+    tree = {"w": jnp.arange(3.0)}
+    ck = RunCheckpoints(tmp_path, {"a": 1, "jax_enable_x64": True})
+    ck.save(1, tree, {"e": [1]})
+    ck.close()
+    cure = r"trained with jax_enable_x64 on and this process has it off .*resume it with JAX_ENABLE_X64=1"
+    with pytest.raises(ConfigMismatchError, match=cure) as err:
+        RunCheckpoints(tmp_path, {"a": 1})
+    assert "<missing>" not in str(err.value) and "new run directory" not in str(err.value)
+    # the look before a run (memorization's, before it says that it resumes) says the same
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ConfigMismatchError, match=cure):
+        check_x64(tmp_path)
+    check_x64(tmp_path / "nothing")  # no run there: nothing to refuse
+    # among other differences, listed as on/off
+    with pytest.raises(ConfigMismatchError, match="jax_enable_x64: stored on vs now off"):
+        RunCheckpoints(tmp_path, {"a": 2})

@@ -626,3 +626,23 @@ def test_redundant_columns_follow_the_fits_rank_cut():
     want = [j for j in range(1, design.shape[1]) if rank(np.delete(design, j, axis=1)) == full]
     assert want == [1, 2, 3, 4]
     assert cli._redundant_columns(design) == want
+
+
+def test_devices_that_xla_flags_overrides_are_refused_naming_it(capsys, tmp_path):
+    """--devices N where XLA_FLAGS forces fewer CPU devices (it wins over use_cpu_devices):
+    one line naming XLA_FLAGS and the cure, before anything is trained (this process: the 8
+    devices conftest forces). Before: 'num_devices=9 but 8 device(s) are available', even
+    when following the resume advice '--devices N'."""
+    code, _, err = run_main(capsys, *RUN, "--devices", 9, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "--devices 9: this process has 8 device(s)",
+                          "XLA_FLAGS=--xla_force_host_platform_device_count=8", "set its count to 9")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_error_lists_after_a_colon_read_as_one_line(capsys):
+    """A message whose list follows "...:" on lines of its own (a ConfigMismatchError's
+    "Differences:") reads "...: a; b", not "...:; a; b"."""
+    with pytest.raises(SystemExit):
+        cli._fail("refusing to resume from it. Differences:\n  a: stored 1 vs now 2\n  b: stored on vs now off")
+    assert capsys.readouterr().err == ("jaxmem: error: refusing to resume from it. Differences: a: stored 1 vs now 2; "
+                                       "b: stored on vs now off\n")

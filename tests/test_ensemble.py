@@ -1,6 +1,8 @@
 """The one-program ensemble: isolation of held-out folds, equivalence with plain training,
 determinism, device-count independence, the user-level step API, and learning on real data."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -609,7 +611,7 @@ def test_x64_draws_the_same_members_and_batches_and_a_resume_keeps_the_setting(t
     kw = dict(batch_size=8, progress=False, run_dir=tmp_path / "run")
     ensemble.fit(tiny, 1e-2, X, folds(3), epochs=1, **kw)
     with jax.enable_x64(True), pytest.raises(ensemble_checkpoint.ConfigMismatchError,
-                                             match="jax_enable_x64: stored \"<missing>\" vs now true"):
+                                             match="trained with jax_enable_x64 off and this process has it on"):
         ensemble.fit(tiny, 1e-2, X, folds(3), epochs=2, **kw)
 
 
@@ -790,3 +792,31 @@ def test_one_ensemble_compiles_its_epoch_once_for_every_seed(caplog):
             ens.evaluate(state, x)
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
     assert not [m for m in compiled if "epoch_fn" in m or "evaluate_fn" in m], compiled
+
+
+def test_fit_resume_on_another_device_count_is_refused(tmp_path):
+    """The device count changes training's rounding (the resumed run matched neither
+    count's uninterrupted run), so fit records it and refuses a resume on another, naming
+    the mesh to pass; a run directory written before it was recorded still resumes.
+    Before, fit resumed on any count without a word."""
+    kw = dict(batch_size=8, progress=False, run_dir=tmp_path / "run")
+    ensemble.fit(tiny, 1e-2, X, folds(2), epochs=1, mesh=make_mesh(2), **kw)
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["devices"] == 2
+    with pytest.raises(ensemble_checkpoint.ConfigMismatchError,
+                       match=r"devices: stored 2 vs now 1 \(the devices training ran on: pass "
+                             r"mesh=jaxmem.make_mesh\(2\)\)"):
+        ensemble.fit(tiny, 1e-2, X, folds(2), epochs=2, mesh=make_mesh(1), **kw)
+    # more devices than this process has: how to get them (conftest forces 8 in XLA_FLAGS)
+    paths = [tmp_path / "run" / "config.json", *(tmp_path / "run" / "checkpoints").glob("*/config/metadata")]
+    for path in paths:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "devices": 9}))
+    with pytest.raises(ensemble_checkpoint.ConfigMismatchError,
+                       match=r"make_mesh\(9\) needs 9 devices and XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+                             r".*set its count to 9"):
+        ensemble.fit(tiny, 1e-2, X, folds(2), epochs=2, mesh=make_mesh(2), **kw)
+    # written before the count was recorded: resumes
+    for path in paths:
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "devices"}))
+    res = ensemble.fit(tiny, 1e-2, X, folds(2), epochs=2, mesh=make_mesh(1), **kw)
+    assert res.history["train_loss"].shape == (2, 2)

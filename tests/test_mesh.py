@@ -159,3 +159,34 @@ def test_jit_with_options_runs_under_a_callers_trace():
     np.testing.assert_array_equal(jax.lax.scan(lambda c, _: (f(c, 2.0), None), X, None, length=1)[0], want)
     assert "multiply" in f.lower(X, 2.0).as_text()
     assert jit_with_options(jnp.tanh, None)(X).shape == X.shape
+
+
+_FEWER_DEVICES_SCRIPT = """
+import sys, jaxmem
+try:
+    jaxmem.make_mesh(2)
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_make_mesh_with_too_few_devices_says_how_to_get_more(fresh_python, monkeypatch):
+    """make_mesh(N) with fewer devices says what decided the count and how to get N: in a
+    plain Python session on a CPU (1 device), jaxmem.use_cpu_devices(N) right after the
+    imports; under a count forced in XLA_FLAGS, that flag (which wins over
+    use_cpu_devices); on an accelerator host, JAX_PLATFORMS=cpu. Before, it said only
+    'num_devices=N but K device(s) are available', a dead end for a run to resume on N."""
+    plain = fresh_python(_FEWER_DEVICES_SCRIPT, env={"JAX_PLATFORMS": "cpu"}, timeout=120).stdout
+    assert plain.startswith("num_devices=2 but 1 device(s) are available; JAX runs 1 CPU device(s): call "
+                            "jaxmem.use_cpu_devices(2) right after the imports, before any JAX operation"), plain
+    with pytest.raises(ValueError, match=r"num_devices=9 but 8 device\(s\) are available; XLA_FLAGS="
+                                         r"--xla_force_host_platform_device_count=8 .*set its count to 9"):
+        make_mesh(9)  # conftest's forced 8
+
+    class Gpu:
+        platform, device_kind = "gpu", "NVIDIA H200"
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+    with pytest.raises(ValueError, match=r"runs on 1 GPU device\(s\); to run on 2 CPU devices instead .*"
+                                         r"JAX_PLATFORMS=cpu .*use_cpu_devices\(2\)"):
+        make_mesh(2)

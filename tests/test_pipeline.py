@@ -689,3 +689,68 @@ def test_a_plan_that_leaves_the_stderr_undefined_is_warned_of_before_training(di
         warnings.simplefilter("error")
         r = jaxmem.memorization(x, epochs=1, repeats=2, **kw)
     assert np.isfinite(r.stderr).all() and (r.n_out == 2).all() and (r.n_in == 2).all()
+
+
+def test_resume_on_more_devices_than_there_are_says_how_to_get_them(digits, tmp_path):
+    """A run trained on more devices than this process has: the refusal says what decided
+    the count and how to get more (here conftest's XLA_FLAGS; in a plain Python session on
+    a CPU, jaxmem.use_cpu_devices(N) right after the imports: test_mesh). Before, it
+    advised make_mesh(N) alone, which then failed with 'N but K device(s) are available'."""
+    x, out = digits.x[:60], tmp_path / "run"
+    jaxmem.memorization(x, epochs=1, out_dir=out, **SMALL)
+    stored = json.loads((out / "config.json").read_text())
+    stored["training"]["devices"] = 9  # conftest forces 8 CPU devices
+    (out / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(jaxmem.ConfigMismatchError,
+                       match=r"pass mesh=jaxmem.make_mesh\(9\), or --devices 9 to `jaxmem run`; make_mesh\(9\) needs 9 "
+                             r"devices and XLA_FLAGS=--xla_force_host_platform_device_count=8 gives JAX 8 CPU "
+                             r"device\(s\) .*unset XLA_FLAGS, or set its count to 9"):
+        jaxmem.memorization(x, epochs=2, out_dir=out, **SMALL)
+
+
+def test_provenance_is_recorded_and_a_resume_under_other_versions_says_so(digits, tmp_path):
+    """Training's rounding depends on the jax/jaxlib/flax/optax versions (jax 0.10.2 and
+    0.11.2 moved the default run's M by 0.07-0.09 nats RMS), so the result records them; a
+    run resumed under other versions is not refused (provenance is not compared) but
+    warned of, and its result records this session's versions and the earlier session's.
+    Before, nothing was recorded and such a resume was silent."""
+    from jaxmem.checkpoint import provenance
+
+    x, out = digits.x[:60], tmp_path / "run"
+    r = jaxmem.memorization(x, epochs=1, out_dir=out, **SMALL)
+    now = provenance()
+    assert r.config["provenance"] == now and now["jax"] == jax.__version__
+    assert jaxmem.load_result(out).config["provenance"] == now  # config.json and result.npz
+    # As if the first session had run another jax: the results' and the checkpoints' record.
+    older = {**now, "jax": "0.0.1"}
+    paths = [out / "config.json", out / "checkpoints" / "config.json",
+             *(out / "checkpoints" / "checkpoints").glob("*/config/metadata")]
+    for path in paths:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "provenance": older}))
+    with pytest.warns(UserWarning, match=rf"jax 0\.0\.1 -> {jax.__version__}\).*matches neither version"):
+        r2 = jaxmem.memorization(x, epochs=2, out_dir=out, **SMALL)
+    assert r2.config["provenance"] == {**now, "earlier": [older]}
+    assert jaxmem.load_result(out).config["provenance"] == {**now, "earlier": [older]}
+    assert r2.history["train_loss"].shape[0] == 2  # resumed, not refused
+    # A directory written before provenance was recorded resumes too.
+    for path in paths:
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "provenance"}))
+    r3 = jaxmem.memorization(x, epochs=3, out_dir=out, **SMALL)
+    assert r3.config["provenance"] == now
+
+
+def test_x64_mismatch_is_refused_before_the_run_says_it_resumes(digits, tmp_path):
+    """A run trained with jax_enable_x64 on, resumed with it off, is refused before
+    on_stage("train") (where `jaxmem run` prints "resuming from the checkpoint"), and the
+    message names the setting and how to resume (before: after that line, with
+    'Differences:; jax_enable_x64: stored true vs now "<missing>"' and 'use a new run
+    directory')."""
+    x, out = digits.x[:60], tmp_path / "run"
+    jaxmem.memorization(x, epochs=1, out_dir=out, **SMALL)
+    ckpt_config = out / "checkpoints" / "config.json"
+    ckpt_config.write_text(json.dumps({**json.loads(ckpt_config.read_text()), "jax_enable_x64": True}))
+    stages = []
+    with pytest.raises(jaxmem.ConfigMismatchError, match=r"trained with jax_enable_x64 on and this process has it "
+                                                         r"off .*JAX_ENABLE_X64=1.*jax.config.update"):
+        jaxmem.memorization(x, epochs=2, out_dir=out, on_stage=stages.append, **SMALL)
+    assert stages == []
