@@ -47,14 +47,18 @@ interruptions, so a resumed run continues bit for bit where float rounding is th
 on as many devices (the count changes how XLA compiles the program, and so its rounding:
 :func:`fit` records it in ``run_dir`` and refuses a resume on another) and under the same
 jax, jaxlib, flax and optax versions (recorded too; a resume under others warns, as its
-numbers then match neither version's uninterrupted run). With
+numbers then match neither version's uninterrupted run). Seeds lie in ``[0, 2**32)`` and
+keys are threefry2x32 whatever ``jax_default_prng_impl`` says (:func:`seed_key`). With
 ``member_key = fold_in(key(seed), m)``:
 
 * schedule of epoch ``e``: ``fold_in(fold_in(member_key, 0), e)``;
 * loss key of global step ``t``: ``fold_in(fold_in(member_key, 1), t)``;
 * held-out evaluation, chunk ``c``: ``fold_in(fold_in(member_key, 2), c)`` (the same
   every epoch, so held-out losses of successive epochs are comparable);
-* initialisation: ``model_fn(member_init_seed(seed, m))`` when a factory is given.
+* initialisation: ``model_fn(member_init_seed(seed, m))`` when a factory is given; from
+  one module instance, every member starts from its parameters, and member ``m >= 1``'s
+  PRNG keys held in the module (an ``nnx.Dropout``'s ``rngs``) are the instance's folded
+  with ``m`` (member 0 keeps the instance's), so members draw their own dropout masks.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ __all__ = [
     "fit",
     "member",
     "member_init_seed",
+    "seed_key",
     "default_mesh",
     "plan_fingerprint",
 ]
@@ -248,6 +253,28 @@ class FitResult(NamedTuple):
     ensemble: Ensemble
 
 
+def _check_key_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2**32)``: a run's seed, which JAX keys take.
+
+    ``jax.random.key`` keeps 32 bits of a seed with ``jax_enable_x64`` off and 64 with it
+    on, so a larger seed would draw the same members, batches and samples as its low 32
+    bits, or other ones with x64: refused instead (bools, floats and negatives too).
+    """
+    seed = _check_seed(seed, name)
+    if seed >= 2**32:
+        raise ValueError(f"{name} must be below 2**32, got {seed}: JAX keys take 32 bits of it (seeds "
+                         f"2**32 apart would train and score the same members); use {seed % 2**32} or "
+                         "another seed below 2**32")
+    return seed
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The root key of a run: ``jax.random.key(seed, impl="threefry2x32")``, whatever
+    ``jax_default_prng_impl`` says (``rbg`` keys drawn under ``vmap`` depend on the batch
+    they are drawn with, so schedules and samples would depend on the chunking)."""
+    return jax.random.key(_check_key_seed(seed), impl="threefry2x32")
+
+
 def member_init_seed(seed: int, m: int) -> int:
     """The integer seed member ``m`` of a run with ``seed`` is initialised from.
 
@@ -255,7 +282,7 @@ def member_init_seed(seed: int, m: int) -> int:
     Derived with ``jax.random`` from ``fold_in(key(seed), m)`` so that runs with nearby
     seeds do not share members.
     """
-    k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), m), 3)
+    k = jax.random.fold_in(jax.random.fold_in(seed_key(seed), m), 3)
     # int32 (as the schedule's keys are float32) whatever jax_enable_x64: the same seed starts
     # the same members and draws the same batches with and without it.
     return int(jax.random.randint(k, (), 0, np.iinfo(np.int32).max, dtype=jnp.int32))
@@ -385,10 +412,20 @@ def _build_members(model: Any, num_members: int, seed: int):
     """(graphdef, stacked params, stacked rest, member 0's module) from a factory or a
     module instance."""
     if isinstance(model, nnx.Module):
-        # One instance: every member starts from its parameters (a shared initialisation).
+        # One instance: every member starts from its parameters (a shared initialisation),
+        # but draws its own random numbers: member m >= 1's PRNG keys (an nnx.Dropout's
+        # rngs) are the instance's folded with m. Copied as they are, every member drew the
+        # same dropout masks at every step. Member 0 keeps the instance's, so that one
+        # member trains as the instance would alone.
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         stack = lambda s: jax.tree.map(lambda a: jnp.stack([a] * num_members), s)  # noqa: E731
-        return graphdef, stack(params), stack(rest), model
+
+        def own_keys(a):
+            if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return jnp.stack([a] * num_members)
+            return jnp.stack([a] + [jax.random.fold_in(a, m) for m in range(1, num_members)])
+
+        return graphdef, stack(params), jax.tree.map(own_keys, rest), model
     modules, parts = [], []
     for m in range(num_members):
         module = model(member_init_seed(seed, m))
@@ -815,13 +852,13 @@ def make(
         return pick_chunk((state.params, state.rest, state.opt_state), local)
 
     def init(seed: int) -> EnsembleState:
-        seed = _check_seed(seed)
+        seed = _check_key_seed(seed)
         built, params, rest, first = _build_members(model, num_members, seed)
         if built != graphdef:
             raise ValueError("the model factory built a model with another structure at init than "
                              "model(0) at make" + _structure_difference(module, first, "model(0)", "member 0"))
         opt_state = jax.vmap(tx.init)(params)
-        keys = jax.vmap(lambda m: jax.random.fold_in(jax.random.key(seed), m))(
+        keys = jax.vmap(lambda m: jax.random.fold_in(seed_key(seed), m))(
             jnp.arange(num_members)
         )
         # Members split over the mesh when they divide evenly; otherwise replicated, and
@@ -997,7 +1034,7 @@ def fit(
     epochs = _check_int("epochs", epochs, 0)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     keep_checkpoints = _check_int("keep_checkpoints", keep_checkpoints, 1)
-    seed = _check_seed(seed)
+    seed = _check_key_seed(seed)
     if isinstance(tx, (int, float, np.integer, np.floating)) and not isinstance(tx, (bool, np.bool_)):
         learning_rate = check_learning_rate(tx)
         tx_config: Any = {"name": "adam", "learning_rate": learning_rate}

@@ -54,7 +54,7 @@ from jaxmem.checkpoint import (
     run_lock,
 )
 from jaxmem.likelihood import loglik_matrix
-from jaxmem.membership import _check_int, _check_seed
+from jaxmem.membership import _check_int
 from jaxmem.mesh import _more_devices_advice, as_mesh, make_mesh
 from jaxmem.models import _latent
 from jaxmem.scores import _check_quantile, feldman_zhang, memorization_scores
@@ -445,6 +445,22 @@ def _leverage_baseline(x: np.ndarray) -> np.ndarray | None:
     return np.asarray(leverage(design))
 
 
+def _score_keys(seed: int, num_trained: int, draws: int) -> tuple[jax.Array, list[jax.Array]]:
+    """The scoring key of a run and the base key of each preprocessing draw.
+
+    Member ``m`` trains from ``fold_in(seed_key(seed), m)`` (:mod:`jaxmem.ensemble`), so
+    scoring takes a stream no member has: ``fold_in(root, 0x5C0)`` when fewer than 1473
+    models are trained (the key of every run so far), else ``fold_in(root, 2**32 - 1)``
+    (member 1472's key is ``fold_in(root, 0x5C0)``). Draw 0 is scored with it; draw
+    ``d >= 1`` with ``fold_in(fold_in(root, 2**32 - 2), d)``, apart from the examples'
+    keys ``fold_in(score_key, i)`` (``fold_in(score_key, d)`` was example d's key).
+    """
+    root = _ensemble.seed_key(seed)
+    score_key = jax.random.fold_in(root, 0x5C0 if num_trained <= 0x5C0 else 2**32 - 1)
+    others = jax.random.fold_in(root, 2**32 - 2)
+    return score_key, [score_key] + [jax.random.fold_in(others, d) for d in range(1, draws)]
+
+
 def _warn_if_stderr_undefined(plan: _membership.Plan) -> None:
     """Warn, before training, when the plan leaves examples with one model on a side:
     their ``stderr`` and ``dof`` (an uncertainty over models) will be NaN."""
@@ -528,7 +544,9 @@ def memorization(
       matmul_dtype: ``None``/``"float32"`` (default) or ``"bfloat16"``: the matmul
         inputs of every likelihood evaluation (training is float32 either way); see
         :func:`jaxmem.likelihood.loglik_matrix`, which states what bf16 changes.
-      seed: everything random (plan, initialisation, batches, samples) derives from it.
+      seed: everything random (plan, initialisation, batches, samples) derives from it; an
+        integer in [0, 2**32) (JAX keys take 32 bits). The samples are drawn from a stream
+        no member trains from.
       quantile: "highly memorized" means ``M`` above this quantile.
       full_model: also train a model on all examples (as one more member of the same
         program) and report ``logp_full``. It takes the same number of steps per epoch
@@ -617,7 +635,7 @@ def memorization(
         y = _check_labels(y, n)
     # Every option is checked here, before anything is trained or written: an option
     # found bad only when the scores are computed would cost the whole training.
-    seed = _check_seed(seed)
+    seed = _ensemble._check_key_seed(seed)
     if isinstance(epochs, (bool, np.bool_)) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r} (untrained models memorize nothing)")
     epochs = int(epochs)
@@ -726,7 +744,7 @@ def memorization(
         plan_steps = -(-int(keep.sum(axis=1).max()) // batch_size)
         data = _model_data(model_cfg, x, y)
         score_mesh = mesh if mesh is not None else make_mesh()
-        score_key = jax.random.fold_in(jax.random.key(seed), 0x5C0)
+        score_key, draw_keys = _score_keys(seed, train_keep.shape[0], preprocess_draws)
 
         def plan_members(state):
             return jax.tree.map(lambda a: a[:num_plan], state)
@@ -761,7 +779,7 @@ def memorization(
             total = 0.0  # float64, then float32: one draw's values come back exactly
             for d in range(preprocess_draws):
                 total = total + np.asarray(loglik_matrix(
-                    graphdef, members, data, key=score_key if d == 0 else jax.random.fold_in(score_key, d),
+                    graphdef, members, data, key=draw_keys[d],
                     num_samples=samples, mesh=score_mesh, progress=progress, matmul_dtype=matmul_dtype), np.float64)
             return (total / preprocess_draws).astype(np.float32)
 

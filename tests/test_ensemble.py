@@ -820,3 +820,59 @@ def test_fit_resume_on_another_device_count_is_refused(tmp_path):
         path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "devices"}))
     res = ensemble.fit(tiny, 1e-2, X, folds(2), epochs=2, mesh=make_mesh(1), **kw)
     assert res.history["train_loss"].shape == (2, 2)
+
+
+def test_members_of_one_module_instance_draw_their_own_dropout_masks():
+    """An nnx.Module instance gave every member its PRNG streams too: all members drew the
+    same dropout mask at every step (a factory's members did not). Member m >= 1's keys are
+    now the instance's folded with m; member 0 keeps the instance's own."""
+    from flax import nnx
+
+    class Drop(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Param(jnp.ones((64,)))
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def loss(self, batch, key):  # depends only on this step's dropout mask
+            mask = self.drop(jnp.ones((batch.shape[0], 64)))
+            return jnp.sum(mask * self.w * jnp.arange(64.0), axis=-1)
+
+    keep = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 1, 1]], bool)
+    instance = Drop(nnx.Rngs(0))
+    ens = ensemble.make(instance, optax.sgd(0.0), keep, batch_size=1)
+    st = ens.init(0)
+    losses = []
+    for _ in range(3):
+        st, loss = ens.step(st, jnp.ones((3, 1, 1)))
+        losses.append(np.asarray(loss))
+    losses = np.array(losses)  # [steps, members]
+    assert all(len(set(row.tolist())) == 3 for row in losses), losses  # three masks a step
+    # member 0 draws the instance's own masks: its losses are the instance's alone
+    alone = Drop(nnx.Rngs(0))
+    for t in range(3):
+        np.testing.assert_array_equal(losses[t, 0], np.asarray(alone.loss(jnp.ones((1, 1)), None))[0])
+
+
+def test_run_keys_are_threefry_whatever_the_default_implementation():
+    """With jax_default_prng_impl='rbg' (common on TPUs) a run's keys were rbg keys, whose
+    streams drawn under vmap depend on the members drawn with them: schedules and samples
+    changed with member_chunk (ll by 4.9 nats). The run's keys are threefry whatever the
+    default, so a run draws the same members, schedules and keys under either setting."""
+    keep = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], bool)
+
+    def run():
+        ens = ensemble.make(tiny, optax.adam(1e-2), keep, batch_size=2)
+        st = ens.init(3)
+        return (np.asarray(jax.random.key_data(st.keys)), ensemble.member_init_seed(3, 1),
+                str(jax.random.key_impl(st.keys)))
+
+    ref = run()
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        got = run()
+    finally:
+        jax.config.update("jax_default_prng_impl", previous)
+    assert got[2] == ref[2] == "threefry2x32"
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert got[1] == ref[1]

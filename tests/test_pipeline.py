@@ -633,9 +633,11 @@ def test_preprocess_draws_average_the_loglik_over_binarizations(digits):
     fitted = jaxmem.ensemble.fit(lambda s: jaxmem.models.from_config(r1.config["model"], seed=s),
                                  optax.adam(1e-3), x, r1.keep, epochs=1, batch_size=16, seed=0, progress=False)
     graphdef = fitted.graphdef
-    key = jax.random.fold_in(jax.random.key(0), 0x5C0)
+    # the documented keys: draw 0 fold_in(root, 0x5C0), draw d fold_in(fold_in(root, 2**32 - 2), d)
+    root = jax.random.key(0)
+    others = jax.random.fold_in(root, 2**32 - 2)
     draws = [np.asarray(jaxmem.loglik_matrix(graphdef, fitted.state, x, key=k, num_samples=4), np.float64)
-             for k in (key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2))]
+             for k in (jax.random.fold_in(root, 0x5C0), jax.random.fold_in(others, 1), jax.random.fold_in(others, 2))]
     np.testing.assert_array_equal(r1.ll, draws[0].astype(np.float32))  # the first draw is the single draw's
     # float32 rounding of a mean of three float64 values of ~-40 nats: 1e-5 relative
     np.testing.assert_allclose(r3.ll, np.mean(draws, axis=0), rtol=1e-5)
@@ -754,3 +756,38 @@ def test_x64_mismatch_is_refused_before_the_run_says_it_resumes(digits, tmp_path
                                                          r"off .*JAX_ENABLE_X64=1.*jax.config.update"):
         jaxmem.memorization(x, epochs=2, out_dir=out, on_stage=stages.append, **SMALL)
     assert stages == []
+
+
+def test_scoring_keys_are_streams_no_member_or_example_has():
+    """The scoring key fold_in(key(seed), 0x5C0) was member 1472's key in plans of 1473 or
+    more models (Feldman & Zhang runs thousands), and draw d of preprocess_draws was scored
+    from fold_in(score_key, d), example d's own key: draws shared random numbers with the
+    examples. Neither key is now any member's or example's; runs of up to 1472 models keep
+    the scoring key of every earlier run."""
+    from jaxmem.pipeline import _score_keys
+
+    data = lambda k: tuple(np.asarray(jax.random.key_data(k)).tolist())  # noqa: E731
+    root = jax.random.key(7)
+    members = {data(jax.random.fold_in(root, m)) for m in range(1500)}
+    small, small_draws = _score_keys(7, 1472, 4)
+    assert data(small) == data(jax.random.fold_in(root, 0x5C0))  # unchanged for every run so far
+    big, big_draws = _score_keys(7, 1473, 4)
+    assert data(big) not in members and data(small_draws[0]) == data(small)
+    for score, draws in ((small, small_draws), (big, big_draws)):
+        examples = {data(jax.random.fold_in(score, i)) for i in range(64)}
+        assert len({data(k) for k in draws}) == 4
+        assert not {data(k) for k in draws[1:]} & (examples | members)
+    assert [data(k) for k in small_draws[1:]] == [data(k) for k in big_draws[1:]]
+
+
+def test_seeds_from_2_to_the_32_are_refused():
+    """JAX keys take 32 bits of a seed with x64 off (64 with it on): seeds 0 and 2**32 drew
+    the same members, batches and samples (bit-identical ll under one plan), and 2**63
+    crashed with a bare OverflowError. Refused, naming the bound."""
+    x = np.zeros((8, 4, 4), np.float32)
+    for seed in (2**32, 2**40 + 7, 2**63):
+        with pytest.raises(ValueError, match=rf"seed must be below 2\*\*32, got {seed}: JAX keys take 32 bits"):
+            jaxmem.memorization(x, epochs=1, seed=seed, progress=False)
+        with pytest.raises(ValueError, match=r"seed must be below 2\*\*32"):
+            jaxmem.ensemble.member_init_seed(seed, 0)
+    assert jaxmem.ensemble.member_init_seed(2**32 - 1, 0) >= 0
