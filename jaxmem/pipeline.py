@@ -656,7 +656,6 @@ def memorization(
     if plan.n != n:
         raise ValueError(f"the plan covers {plan.n} examples but x has {n}")
     plan.validate()
-    _warn_if_stderr_undefined(plan)
     model_cfg = _models.model_config(model, x.shape[1:], **(model_options or {}))
     if preprocess_draws > 1 and not _random_preprocessing(model_cfg):
         options = {k: v for k, v in model_cfg.items() if k in ("binarize", "dequantize")}
@@ -813,6 +812,7 @@ def memorization(
 
         if on_stage:
             on_stage("train")
+        _warn_if_stderr_undefined(plan)  # after every check (not before a one-line refusal) and the CLI's header
         if unscored:
             warnings.warn(
                 f"track_epochs {unscored} are not scored: {out_dir} holds a run already trained for {trained} "

@@ -678,9 +678,21 @@ def test_a_plan_that_leaves_the_stderr_undefined_is_warned_of_before_training(di
     import warnings
 
     x = digits.x[:60]
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch):
+        raise Stop
+
     with pytest.warns(UserWarning, match=r"^the plan scores 60 of 60 examples by a single held-out model: "
                                          r"their stderr and dof will be NaN"):
-        with pytest.raises(ValueError, match="track_epochs"):  # stops it before training
+        with pytest.raises(Stop):  # warned before the first epoch ends
+            jaxmem.memorization(x, epochs=1, progress=False, on_epoch=stop, model_options={"hidden": [8]},
+                                linear_baseline=False, num_samples=2)
+    with warnings.catch_warnings():  # not before a refusal of the options
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="track_epochs"):
             jaxmem.memorization(x, epochs=1, track_epochs=[2], progress=False)
     kw = {**SMALL, "folds": 2}
     with pytest.warns(UserWarning, match=r"60 of 60 examples by a single held-out model and 60 of 60 "
