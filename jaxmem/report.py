@@ -715,6 +715,7 @@ def _run_description(config: dict[str, Any]) -> list[str]:
         if scoring.get("preprocess_draws", 1) > 1:
             scored += (f", averaged over {scoring['preprocess_draws']} draws of the preprocessing "
                        "(binarization or dequantization)")
+    lines = _software(config.get("provenance"))
     return [
         f"- data: {data.get('name', '?')} ({data.get('n', '?')} examples of shape "
         f"{tuple(data.get('example_shape', ()))})",
@@ -723,7 +724,21 @@ def _run_description(config: dict[str, Any]) -> list[str]:
         f"- training: {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
         f"{optimizer}, seed {train.get('seed', '?')}",
         scored + (", bf16 matmuls (float32 accumulation)" if scoring.get("matmul_dtype") == "bfloat16" else ""),
+        *lines,
     ]
+
+
+def _software(p: Any) -> list[str]:
+    """The run's software line (its ``provenance``: the versions that set training's float
+    rounding), with the earlier sessions' jax versions of a run resumed under others."""
+    if not isinstance(p, dict):  # results written before it was recorded
+        return []
+    line = (f"- software: jax {p.get('jax')} (jaxlib {p.get('jaxlib')}), flax {p.get('flax')}, "
+            f"optax {p.get('optax')}, Python {p.get('python')}, on {p.get('device_kind')}")
+    earlier = [e for e in p.get("earlier", []) if isinstance(e, dict)]
+    if earlier:
+        line += "; resumed from sessions under jax " + ", ".join(str(e.get("jax")) for e in earlier)
+    return [line]
 
 
 def _dataset_images(dataset, n: int, config: dict[str, Any]) -> np.ndarray | None:

@@ -285,6 +285,14 @@ def test_run_description_says_what_was_run():
     lines = report._run_description(config)
     assert "- log p(y|x): exact (classifier)" in lines and "- plan: 2 folds x 1 repeat(s), 2 models" in lines
     assert not any("importance" in line or "binarize" in line for line in lines)
+    assert not any("software" in line for line in lines)  # results written before provenance
+    # the versions that set training's rounding, and those of earlier sessions of a resumed run
+    now = {"python": "3.12.3", "jax": "0.11.2", "jaxlib": "0.11.2", "flax": "0.12.12", "optax": "0.2.8",
+           "platform": "gpu", "device_kind": "NVIDIA H200"}
+    config["provenance"] = {**now, "earlier": [{**now, "jax": "0.10.2", "device_kind": "cpu"}]}
+    assert report._run_description(config)[-1] == (
+        "- software: jax 0.11.2 (jaxlib 0.11.2), flax 0.12.12, optax 0.2.8, Python 3.12.3, on NVIDIA H200; "
+        "resumed from sessions under jax 0.10.2")
 
 
 def _drawn_figures(monkeypatch):
