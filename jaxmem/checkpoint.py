@@ -24,7 +24,15 @@ one: nothing is skipped or overwritten silently.
 
 Saves are asynchronous (orbax writes in a background thread into a temporary directory
 and renames it when complete), so a process killed mid-save leaves the previous
-checkpoint as the latest one.
+checkpoint as the latest one. A save that fails (full disk, read-only folder) raises an
+``OSError`` naming the run directory, the checkpoint not written and the one kept; one
+whose run directory (or ``checkpoints`` folder) was removed or moved during the run
+raises ``FileNotFoundError`` saying so. orbax's own reports of such a failure (its log
+records and tracebacks from every thread) are kept off stderr while the checkpoints are
+open.
+
+The other files of a run and of its results are written whole or not at all
+(:func:`_write_atomically`).
 
 A run holds its directory for as long as it works in it (:func:`run_lock`, an advisory
 ``flock`` on ``DIR/.jaxmem-lock``): a second run started in the same directory meanwhile
@@ -39,13 +47,16 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import socket
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any, NoReturn
 
 import jax
 import numpy as np
@@ -260,9 +271,13 @@ class _Lock:
         if self.fd is not None:
             with _Lock._guard:
                 _Lock._held.pop(self.path, None)
-            # Removed before it is unlocked, so that nobody locks a file about to go.
+            # Removed before it is unlocked, so that nobody locks a file about to go; and
+            # only while it is this lock's file: a directory renamed during the run may have
+            # a new run's directory, locked by its own file, at its old path by now.
             with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+                here, mine = os.stat(self.path), os.fstat(self.fd)
+                if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                    os.remove(self.path)
             os.close(self.fd)
             self.fd = None
         if self.created_dir:  # a run refused before it wrote anything leaves no folder behind
@@ -279,10 +294,12 @@ def run_lock(directory: str | os.PathLike, what: str = "run directory") -> Itera
     (process id, host, start time). The kernel drops it when the holding process ends,
     however it ends (``SIGKILL`` included), so no stale lock is ever left to clear (a
     child forked while it is held shares it until the child ends too). On release the
-    lock file is removed, and a directory that the lock created is removed again if it
-    is still empty. Re-entrant within a thread: code that holds the directory may call
-    what takes it again (``jaxmem run`` holds it around ``memorization`` and the report);
-    another thread or process is refused. Where ``fcntl`` or ``flock`` is missing
+    lock file is removed (unless another file has taken its path meanwhile: the lock of
+    a new run in a directory made where this one was before it was renamed), and a
+    directory that the lock created is removed again if it is still empty. Re-entrant
+    within a thread: code that holds the directory may call what takes it again
+    (``jaxmem run`` holds it around ``memorization`` and the report); another thread or
+    process is refused. Where ``fcntl`` or ``flock`` is missing
     (Windows; some network file systems), nothing is locked.
 
     Args:
@@ -342,6 +359,94 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
     data = jax.random.key_data(x) if _is_key(x) else x
     sharding = getattr(data, "sharding", None)
     return jax.ShapeDtypeStruct(np.shape(data), data.dtype, sharding=sharding)
+
+
+class _OrbaxNoise(logging.Filter):
+    """Keeps what a failed orbax save scatters over stderr off it while checkpoints are open.
+
+    A save that fails (full disk, a folder removed under it) has orbax log the error with
+    its traceback through absl from each of its threads, tensorstore report "Event loop is
+    closed" from callbacks onto the event loops orbax has closed (``sys.unraisablehook``),
+    and asyncio log "exception was never retrieved" for the futures orbax left behind
+    (when they are collected: as late as the raised error that refers to them):
+    hundreds of lines, while the failure itself is raised from :meth:`RunCheckpoints.save`,
+    ``wait`` or ``close`` (:meth:`RunCheckpoints._raise_failure` words it). Only those are
+    dropped, asyncio's for as long as the process lives: orbax's records below ERROR,
+    asyncio's about other folders, other packages' records and other unraisable
+    exceptions pass.
+    """
+
+    _ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__)))  # .../orbax
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        self._steps_dirs: list[str] = []  # of the open RunCheckpoints
+        self._failed: set[str] = set()  # checkpoint folders whose save failed
+        self._previous_hook: Any = None
+
+    def hold(self, steps_dir: str) -> None:
+        with self._guard:
+            if not self._steps_dirs:
+                logging.getLogger("absl").addFilter(self)
+                logging.getLogger("asyncio").addFilter(self)  # (a second add is no-op)
+                self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+            self._steps_dirs.append(steps_dir)
+
+    def failed(self, steps_dir: str) -> None:
+        with self._guard:
+            self._failed.add(steps_dir)
+
+    def release(self, steps_dir: str) -> None:
+        with self._guard:
+            self._steps_dirs.remove(steps_dir)
+            if not self._steps_dirs:
+                logging.getLogger("absl").removeFilter(self)
+                if not self._failed:
+                    logging.getLogger("asyncio").removeFilter(self)
+                if sys.unraisablehook == self._unraisable:  # (not if another hook replaced it since)
+                    sys.unraisablehook = self._previous_hook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "absl":
+            return not (record.levelno == logging.ERROR
+                        and os.path.abspath(record.pathname).startswith(self._ORBAX_DIR + os.sep))
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and "exception was never retrieved" in str(record.msg)
+                    and any(d in str(exc) for d in (*self._steps_dirs, *self._failed)))
+
+    def _unraisable(self, unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None):
+            self._previous_hook(unraisable)
+
+
+_orbax_noise = _OrbaxNoise()
+
+# The errnos of failed writes that a message can name a cure for, in the order they are
+# looked for by their text (strerror) in an error that has no errno.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The errno behind a failed write: of the first ``OSError`` in ``err``'s chain, or read
+    from tensorstore's text (``... No space left on device [os_error_code='28']``,
+    as orbax raises it in a ``ValueError``); None if there is none."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        text = str(e)
+        code = re.search(r"os_error_code='?(\d+)", text)
+        if code:
+            return int(code.group(1))
+        for number in _WRITE_ERRNOS:
+            if os.strerror(number) in text:
+                return number
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class RunCheckpoints:
@@ -435,6 +540,13 @@ class RunCheckpoints:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "history": ocp.JsonCheckpointHandler(),
                            "config": ocp.JsonCheckpointHandler()},
         )
+        self._pending: int | None = None  # the epoch of the last save not known to be on disk
+        # Which folders these are: orbax recreates a removed one as it goes on writing into it
+        # (where a new folder may get the old one's inode number: its newest checkpoint tells).
+        self._folders = {path: _identity(path) for path in (self.run_dir, steps_dir)}
+        self._newest = max(epochs, default=None)  # the newest checkpoint known to be complete
+        self._failure: Exception | None = None  # of a save, once raised
+        _orbax_noise.hold(steps_dir)  # until close()
 
     def _check(self, stored: dict, config: dict, mutable: tuple[str, ...], what: str = "") -> None:
         diffs = _differences(stored, config, mutable, self._added_later, self._hints)
@@ -463,21 +575,34 @@ class RunCheckpoints:
         Raises:
           ConfigMismatchError: ``config.json`` now holds another configuration (another
             run replaced it while this one had no checkpoint): nothing is saved.
+          OSError: the previous save failed (see :meth:`wait`).
+          FileNotFoundError: ``run_dir`` was removed or moved during the run.
         """
+        epoch = int(epoch)
+        gone = self._gone(epoch, steps=False)  # (a checkpoints folder removed: orbax makes a new one)
+        if gone is not None:
+            self._failure = gone
+            raise gone
         self._check(_read_config(os.path.join(self.run_dir, "config.json")), self.config, self._mutable,
                     what=f"run directory {self.run_dir} now holds another run's configuration (started there "
-                         f"while this run had no checkpoint?); refusing to save checkpoint {int(epoch)} under it "
+                         f"while this run had no checkpoint?); refusing to save checkpoint {epoch} under it "
                          "(use a run directory per run)")
-        self._manager.save(
-            int(epoch),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_saveable(state)),
-                # A copy: orbax writes the JSON in the background, while the caller goes on
-                # appending to its history (a checkpoint of epoch 1 held 2 epochs' rows).
-                history=ocp.args.JsonSave(json.loads(json.dumps(history))),
-                config=ocp.args.JsonSave(self.config),
-            ),
-        )
+        try:
+            self._manager.save(
+                epoch,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_to_saveable(state)),
+                    # A copy: orbax writes the JSON in the background, while the caller goes on
+                    # appending to its history (a checkpoint of epoch 1 held 2 epochs' rows).
+                    history=ocp.args.JsonSave(json.loads(json.dumps(history))),
+                    config=ocp.args.JsonSave(self.config),
+                ),
+            )
+        except Exception as e:  # orbax waits for the previous save first: its failure, or this one's
+            self._raise_failure(e, epoch)
+        if self._pending is not None:  # complete, then
+            self._newest = self._pending
+        self._pending = epoch
 
     def restore(self, like: Any, epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restore the checkpoint of ``epoch`` (default: the latest) into ``like``'s structure.
@@ -585,16 +710,97 @@ class RunCheckpoints:
         )
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every started save is on disk.
 
-    def close(self) -> None:
-        """Finish pending saves, release orbax's threads and the run directory."""
+        Raises:
+          OSError: a save failed (full disk, read-only folder, ...): of its errno (e.g.
+            ``ENOSPC``), naming ``run_dir``, with a note (``add_note``) naming the checkpoint
+            not written and the one kept; raised from orbax's error. The checkpoints
+            already complete are kept, and a rerun resumes from the newest.
+          FileNotFoundError: ``run_dir`` or its ``checkpoints`` folder was removed or
+            moved during the run.
+        """
         try:
             self._manager.wait_until_finished()
-            self._manager.close()
+        except Exception as e:
+            self._raise_failure(e)
+        if self._pending is not None:
+            self._newest, self._pending = self._pending, None
+
+    def close(self) -> None:
+        """Finish pending saves, release orbax's threads and the run directory.
+
+        Raises:
+          OSError, FileNotFoundError: a save failed (see :meth:`wait`), unless
+            :meth:`save` or :meth:`wait` raised its failure already.
+        """
+        try:
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:
+                reported = self._failure is not None
+                with contextlib.suppress(Exception):
+                    self._manager.close()  # releases orbax's threads; the failure is raised below
+                if not reported:
+                    self._raise_failure(e)
+            else:
+                self._manager.close()
         finally:
+            _orbax_noise.release(self._steps_dir)
             self._lock.release()
+
+    def _gone(self, epoch: int | None, steps: bool = True) -> FileNotFoundError | None:
+        """The error for the checkpoint of ``epoch`` if ``run_dir`` or (if ``steps``) its
+        checkpoints folder is no longer the one opened (removed or moved during the run;
+        perhaps recreated since by orbax's save in flight), else None."""
+        newest = os.path.join(self._steps_dir, str(self._newest))
+        for path, what, gone in (
+            (self.run_dir, "run directory", _identity(self.run_dir) != self._folders[self.run_dir]
+             or not os.path.lexists(os.path.join(self.run_dir, "config.json"))),
+            (self._steps_dir, "checkpoints folder", steps and (
+                _identity(self._steps_dir) != self._folders[self._steps_dir]
+                or (self._newest is not None and not os.path.isdir(newest)))),
+        ):
+            if gone:
+                return FileNotFoundError(
+                    f"{what} {path} was removed or moved during the run, so the checkpoint of "
+                    f"{f'epoch {epoch}' if epoch is not None else 'the last epoch'} was not written; "
+                    "put it back and rerun to resume from its checkpoints, or rerun to start over")
+        return None
+
+    def _raise_failure(self, err: Exception, epoch: int | None = None) -> NoReturn:
+        """Raise, from orbax's ``err`` of a save (of ``epoch``) or a wait, :meth:`_gone`'s
+        error, an ``OSError`` of the errno behind ``err`` naming ``run_dir`` (with a note
+        naming the checkpoint not written and the one kept), or else ``err`` itself."""
+        self._failure = err
+        _orbax_noise.failed(self._steps_dir)
+        on_disk = _epochs_on_disk(self.run_dir)
+        lost = min((e for e in (self._pending, epoch) if e is not None and e not in on_disk), default=None)
+        self._pending = None
+        gone = self._gone(lost)
+        if gone is not None:
+            raise gone from err
+        code = _errno_of(err)
+        if code is None:
+            raise err
+        out = OSError(code, os.strerror(code), self.run_dir)
+        cure = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EROFS: "make it writable",
+                errno.EACCES: "make it writable", errno.EPERM: "make it writable"}.get(code, "remove the cause")
+        kept = max(on_disk, default=None)
+        out.add_note(
+            (f"the checkpoint of epoch {lost} was not written; " if lost is not None else "")
+            + (f"epoch {kept} is kept: {cure} and rerun to resume" if kept is not None
+               else f"no checkpoint is kept yet: {cure} and rerun to start over"))
+        raise out from err
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory ``path``, or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
 
 
 def _read_array_store(state_dir: str) -> None:
@@ -635,13 +841,36 @@ def _differences(stored: dict, config: dict, mutable: tuple[str, ...], added_lat
     return out
 
 
-def _write_json(path: str, obj: Any, indent: int = 2) -> None:
-    """``obj`` as JSON (keys sorted) at ``path``, whole or not at all: written under a
-    temporary name, then renamed (a killed process never leaves half a file)."""
+def _write_atomically(path: str | os.PathLike, write: Callable[[IO], Any], *, binary: bool = False) -> None:
+    """Write the file ``path`` whole or not at all.
+
+    ``write(f)`` fills ``f``, a new file ``path + ".tmp"`` in the same folder (text, UTF-8,
+    newlines as written; or ``binary``), which then replaces ``path`` (``os.replace``: atomic
+    on one file system). A killed process, a full disk or a read-only folder never leaves
+    half a file at ``path``: a file there stays as it was until the new one is complete.
+
+    Raises:
+      OSError: writing or renaming failed (e.g. ``ENOSPC``, a full disk): the temporary
+        file is removed, and the error (of the same errno, raised from the original) names
+        ``path``. Any other exception of ``write`` removes it too.
+    """
+    path = os.fspath(path)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename != path:
+            raise OSError(e.errno, e.strerror or str(e), path) from e
+        raise
+
+
+def _write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``obj`` as JSON (keys sorted) at ``path``, whole or not at all (:func:`_write_atomically`)."""
+    _write_atomically(path, lambda f: json.dump(obj, f, indent=indent, sort_keys=True))
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -719,14 +719,16 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
                 figure = plot_memorization_vs_leverage(cols["loo_log_density_ratio"][keep], h[keep],
                                                        out / "loo_ratio_vs_leverage.png")
 
-    csv_path = out / "leverage.csv"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    def write_csv(f) -> None:
         w = csv.writer(f)
         w.writerow(list(cols))
         for i in range(n):
             w.writerow([str(i)] + [f"{cols[c][i]:.8g}" for c in list(cols)[1:]])
-    os.replace(tmp, csv_path)
+
+    from jaxmem.checkpoint import _write_atomically
+
+    csv_path = out / "leverage.csv"
+    _write_atomically(csv_path, write_csv)  # whole or not at all
 
     print(f"{path.name}: {n} rows; {what}")
     for note in notes:
@@ -783,7 +785,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # training that diverged (ensemble.TrainingDivergedError, a FloatingPointError).
         _fail(err)
     except OSError as err:  # unwritable output directory, full disk, ...
-        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else err)
+        # e.g. "No space left on device: DIR/checkpoints (the checkpoint of epoch 3 was not
+        # written; epoch 2 is kept: ...)": the notes (add_note) say what was lost and kept.
+        notes = "; ".join(getattr(err, "__notes__", ()))
+        text = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
+        _fail(f"{text} ({notes})" if notes else text)
 
 
 if __name__ == "__main__":

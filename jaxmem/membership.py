@@ -337,17 +337,19 @@ class Plan:
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan to ``path`` (an ``.npz`` file: ``keep``, ``fold``, JSON metadata).
 
-        The file is written to exactly ``path`` (no suffix is appended) and is read back
-        losslessly by :func:`load_plan`.
+        The file is written to exactly ``path`` (no suffix is appended), whole or not at
+        all (under a temporary name, then renamed: a full disk leaves an earlier file as it
+        was, and the ``OSError`` names ``path``), and is read back losslessly by
+        :func:`load_plan`.
         """
+        from jaxmem.checkpoint import _write_atomically  # orbax's module: only when saving
         arrays = {
             "keep": self.keep,
             "metadata": np.array(json.dumps(self.metadata())),
         }
         if self.fold is not None:
             arrays["fold"] = self.fold
-        with open(path, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        _write_atomically(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):

@@ -46,6 +46,7 @@ from jaxmem.checkpoint import (
     _LOCK_FILE,
     PROVENANCE_KEY,
     ConfigMismatchError,
+    _write_atomically,
     _write_json,
     check_x64,
     incomplete_note,
@@ -133,6 +134,8 @@ class MemorizationResult:
         Raises:
           RunDirectoryBusyError: another thread or process (a run, ``jaxmem report``)
             holds ``directory``.
+          OSError: a file cannot be written (e.g. ``ENOSPC``, a full disk): the error
+            names it, and no temporary file is left behind.
         """
         path = os.path.expanduser(os.fspath(directory))
         with run_lock(path, "results directory"):  # re-entrant for memorization's own save
@@ -164,15 +167,15 @@ class MemorizationResult:
             "logp_full": self.logp_full, "leverage": self.leverage,
             "label_memorization": self.label_memorization,
         }
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+
+        def write(f) -> None:
             w = csv.writer(f)
             w.writerow(_CSV_COLUMNS)
             for i in range(n):
                 w.writerow(["" if cols[c] is None else _fmt(cols[c][i]) for c in _CSV_COLUMNS])
-        digest = _sha256_file(tmp)
-        os.replace(tmp, path)
-        return digest
+
+        _write_atomically(path, write)
+        return _sha256_file(path)  # (the directory is held: nobody has replaced it since)
 
 
 def _fmt(v: Any) -> str:
@@ -186,9 +189,8 @@ def _fmt(v: Any) -> str:
 
 
 def _atomic_npz(path: str, arrays: dict[str, Any]) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """``arrays`` as an ``.npz`` at exactly ``path``, whole or not at all (:func:`_write_atomically`)."""
+    _write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)  # a file: numpy appends no .npz
 
 
 def _canonical_json(obj: Any) -> str:

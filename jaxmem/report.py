@@ -312,13 +312,19 @@ def figure3_bins(logp, highly_memorized, bins: int = 20):
 
 @contextlib.contextmanager
 def _figure(path, figsize, metadata: dict[str, str] | None = None):
+    """A figure to draw on, saved to ``path`` (format by its suffix) whole or not at all:
+    a full disk leaves an earlier file there as it was, and raises an ``OSError`` naming
+    ``path`` (:func:`jaxmem.checkpoint._write_atomically`)."""
+    from jaxmem.checkpoint import _write_atomically
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with mpl.rc_context(_STYLE):
         fig = Figure(figsize=figsize, layout="constrained")
         FigureCanvasAgg(fig)
         yield fig
-        fig.savefig(path, metadata=metadata)
+        fmt = path.suffix[1:].lower() or mpl.rcParams["savefig.format"]
+        _write_atomically(path, lambda f: fig.savefig(f, format=fmt, metadata=metadata), binary=True)
 
 
 # PNG text chunk of the example grid: the sha256 of the scores it shows, by which
@@ -817,6 +823,9 @@ def write_report(result, directory: str | os.PathLike, dataset=None, *,
       RunDirectoryBusyError: another thread or process (a run writing its results,
         another report) holds ``directory`` (:func:`jaxmem.run_lock`), which the report
         holds while it writes.
+      OSError: a file cannot be written (e.g. ``ENOSPC``, a full disk): the error names
+        it; every file is written whole or not at all, so an earlier report's file of
+        that name is left as it was, and no temporary file is left behind.
     """
     lacking = [f for f in ("M", "U", "n_in", "n_out", "highly_memorized") if not hasattr(result, f)]
     if lacking:
@@ -847,6 +856,8 @@ def write_report(result, directory: str | os.PathLike, dataset=None, *,
 def _write_files(result, directory: pathlib.Path, s: dict, M: np.ndarray, images, leverage, label_mem,
                  config: dict, quantile: float, conditional: bool, keep_examples: bool) -> dict[str, Any]:
     """:func:`write_report` after its checks, with ``directory`` held."""
+    from jaxmem.checkpoint import _write_atomically
+
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, pathlib.Path] = {}
     files["distribution"] = plot_score_distribution(
@@ -885,9 +896,7 @@ def _write_files(result, directory: pathlib.Path, s: dict, M: np.ndarray, images
     markdown = "\n".join(lines) + "\n"
     for kind, text in (("summary", markdown), ("summary_json", _json_text(s))):
         path = directory / REPORT_FILES[kind]
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        _write_atomically(path, lambda f, text=text: f.write(text))
         files[kind] = path
     # A figure of an earlier report that this one did not draw (images not given, no
     # leverage...) would look current beside this summary, which does not list it.

@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -505,3 +506,145 @@ def test_an_x64_mismatch_names_the_setting_and_how_to_match_it(tmp_path):
     # among other differences, listed as on/off
     with pytest.raises(ConfigMismatchError, match="jax_enable_x64: stored on vs now off"):
         RunCheckpoints(tmp_path, {"a": 2})
+
+
+TENSORSTORE_FULL = ('RESOURCE_EXHAUSTED: Error writing local file "{d}/checkpoints/2.orbax-checkpoint-tmp/state/'
+                    'manifest.ocdbt": Failed to write 446 bytes to file 11: No space left on device '
+                    "[os_error_code='28']")
+
+
+def test_a_failed_save_is_an_os_error_naming_the_run_and_what_it_kept(tmp_path, monkeypatch, caplog):
+    """A save that fails as orbax reports a full disk (a ValueError of tensorstore's text)
+    or a read-only folder (an OSError without a file name) is an OSError of that errno
+    naming run_dir, whose note names the checkpoint not written and the one kept; the
+    checkpoints already complete resume. orbax's noise about it stays off stderr."""
+    import errno
+    import logging
+    import types
+
+    tree = {"w": jnp.arange(3.0)}
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    ck = RunCheckpoints(tmp_path, {"a": 1})  # filters what reaches this hook until closed
+    ck.save(1, tree, {"e": [1]})
+    ck.wait()
+    # Epoch 2's save starts (nothing is written) and fails in the background.
+    monkeypatch.setattr(ck._manager, "save", lambda *a, **k: None)
+    ck.save(2, tree, {"e": [2]})
+    full = ValueError(TENSORSTORE_FULL.format(d=tmp_path))
+
+    def fails():
+        raise full
+
+    monkeypatch.setattr(ck._manager, "wait_until_finished", fails)
+    with pytest.raises(OSError) as info:
+        ck.wait()
+    assert (info.value.errno, info.value.filename, info.value.__cause__) == (errno.ENOSPC, str(tmp_path), full)
+    assert info.value.__notes__ == ["the checkpoint of epoch 2 was not written; epoch 1 is kept: free space and "
+                                    "rerun to resume"]
+    # While it is open, orbax's ERROR records and tensorstore's "Event loop is closed" are dropped,
+    # and asyncio's "exception was never retrieved" of its futures (until the process ends).
+    orbax_file = os.path.join(os.path.dirname(ocp.__file__), "_src", "x.py")
+    with caplog.at_level(logging.INFO):
+        for name, path, level, exc in (("absl", orbax_file, logging.ERROR, None),  # dropped
+                                       ("absl", orbax_file, logging.WARNING, None),  # kept
+                                       ("absl", __file__, logging.ERROR, None),  # kept
+                                       ("asyncio", "x", logging.ERROR, full)):  # dropped
+            record = logging.LogRecord(name, level, path, 1, "Task exception was never retrieved", None,
+                                       (type(exc), exc, None) if exc else None)
+            logging.getLogger(name).handle(record)
+    assert [(r.name, r.levelno, r.pathname) for r in caplog.records] == [
+        ("absl", logging.WARNING, orbax_file), ("absl", logging.ERROR, __file__)]
+    closed = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                   exc_traceback=None, err_msg=None, object=None)
+    other = types.SimpleNamespace(**{**vars(closed), "exc_value": RuntimeError("something else")})
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert seen == [other]
+    ck.close()  # the failure was raised already: not again
+    assert sys.unraisablehook == seen.append  # restored
+    monkeypatch.undo()
+
+    # A read-only folder, reported when the next save waits for this one.
+    ck = RunCheckpoints(tmp_path, {"a": 1})
+    assert ck.latest_epoch() == 1
+    monkeypatch.setattr(ck._manager, "save", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(OSError, match="Read-only file system") as info:
+        ck.save(3, tree, {"e": [3]})
+    assert (info.value.errno, info.value.filename) == (errno.EROFS, str(tmp_path))
+    assert info.value.__notes__ == ["the checkpoint of epoch 3 was not written; epoch 1 is kept: make it writable "
+                                    "and rerun to resume"]
+    monkeypatch.undo()
+    ck.close()
+    ck = RunCheckpoints(tmp_path, {"a": 1})
+    got, hist = ck.restore(tree)
+    assert hist == {"e": [1]}
+    np.testing.assert_array_equal(got["w"], np.arange(3.0))
+    ck.close()
+
+
+def test_a_run_directory_removed_or_moved_during_the_run_is_named(tmp_path, monkeypatch):
+    """The run directory moved away between saves, or its checkpoints folder removed under
+    a save in flight (orbax reports a tensorstore NOT_FOUND, or recreates the folder):
+    a FileNotFoundError that says so; a rerun resumes from the checkpoint moved back."""
+    tree = {"w": jnp.arange(3.0)}
+    run = tmp_path / "run"
+    ck = RunCheckpoints(run, {"a": 1})
+    ck.save(1, tree, {"e": [1]})
+    ck.wait()
+    os.rename(run, tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=f"run directory {run} was removed or moved during the run, so the "
+                                                "checkpoint of epoch 2 was not written"):
+        ck.save(2, tree, {"e": [2]})
+    ck.close()
+    os.rename(tmp_path / "moved", run)
+    ck = RunCheckpoints(run, {"a": 1})
+    assert ck.latest_epoch() == 1
+    monkeypatch.setattr(ck._manager, "save", lambda *a, **k: None)
+    ck.save(2, tree, {"e": [2]})
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()  # as orbax's save in flight recreates it
+
+    def fails():
+        raise ValueError(f'NOT_FOUND: Error opening "zarr" driver: Error writing "leaf_00001/.zarray" in OCDBT '
+                         f'database at local file "{run}/checkpoints/2.orbax-checkpoint-tmp/state"')
+
+    monkeypatch.setattr(ck._manager, "wait_until_finished", fails)
+    with pytest.raises(FileNotFoundError, match=f"checkpoints folder {run / 'checkpoints'} was removed or moved "
+                                                "during the run, so the checkpoint of epoch 2 was not written"):
+        ck.close()
+    assert not (run / ".jaxmem-lock").exists()  # released all the same
+
+
+def test_a_released_lock_leaves_the_lock_of_a_directory_made_in_its_place(tmp_path):
+    """A run directory renamed while held, and a new run's directory (with its lock file)
+    made at its old path: releasing the first lock leaves the second one's file alone."""
+    run = tmp_path / "run"
+    with run_lock(run):
+        os.rename(run, tmp_path / "renamed")
+        run.mkdir()
+        (run / ".jaxmem-lock").write_text("pid 1 on another host, since ...\n")
+    assert (run / ".jaxmem-lock").read_text() == "pid 1 on another host, since ...\n"
+
+
+def test_a_json_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """config.json written as far as a full disk allows: the earlier file stays, the
+    temporary is removed, and the error names config.json."""
+    import errno
+
+    from jaxmem import checkpoint
+
+    path = tmp_path / "config.json"
+    checkpoint._write_json(str(path), {"a": 1})
+
+    def dump(obj, f, **kwargs):  # noqa: ARG001
+        f.write('{"a": ')
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump)
+    with pytest.raises(OSError) as info:
+        checkpoint._write_json(str(path), {"a": 2})
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(path))
+    assert os.listdir(tmp_path) == ["config.json"] and json.loads(path.read_text()) == {"a": 1}

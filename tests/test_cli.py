@@ -646,3 +646,43 @@ def test_error_lists_after_a_colon_read_as_one_line(capsys):
         cli._fail("refusing to resume from it. Differences:\n  a: stored 1 vs now 2\n  b: stored on vs now off")
     assert capsys.readouterr().err == ("jaxmem: error: refusing to resume from it. Differences: a: stored 1 vs now 2; "
                                        "b: stored on vs now off\n")
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_what_was_kept(tmp_path, capsys, monkeypatch):
+    """`jaxmem report` into a full disk: one line naming the figure (the earlier one kept
+    whole); an OSError's notes (a checkpoint not written, the one kept) close the line."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    import jaxmem
+
+    res = tmp_path / "res"
+    n, f32 = 20, np.ones(20, np.float32)
+    keep = jaxmem.kfold(n, 2, seed=0).keep
+    jaxmem.MemorizationResult(  # scores without training: the report is what is tested
+        U=-f32, V=-2 * f32, M=f32, stderr=f32, dof=f32, n_in=np.ones(n, np.int32), n_out=np.ones(n, np.int32),
+        highly_memorized=np.arange(n) > 17, threshold=1.0, ll=np.zeros(keep.shape, np.float32), keep=keep,
+        fold=np.zeros(n, np.int32), labels=np.arange(n, dtype=np.int32), logp_full=-f32, leverage=None,
+        label_memorization=None, tracked_epochs=np.zeros(0, np.int32), M_by_epoch=np.zeros((0, n), np.float32),
+        history={}, config={}).save(res)
+    (res / "figure3_logp.png").write_bytes(b"an earlier report's figure")
+
+    def full(self, fname, **kwargs):  # noqa: ARG001
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    code, _, err = run_main(capsys, "report", res)
+    assert_one_line_error(code, err, f"No space left on device: {res / 'memorization_distribution.png'}")
+    assert sorted(p.name for p in res.iterdir()) == ["config.json", "figure3_logp.png", "result.npz", "scores.csv"]
+    assert (res / "figure3_logp.png").read_bytes() == b"an earlier report's figure"
+
+    def failed_save(args):  # noqa: ARG001
+        e = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "checkpoints"))
+        e.add_note("the checkpoint of epoch 3 was not written; epoch 2 is kept: free space and rerun to resume")
+        raise e
+
+    monkeypatch.setattr(cli, "_cmd_report", failed_save)
+    code, _, err = run_main(capsys, "report", res)
+    assert err == (f"jaxmem: error: No space left on device: {tmp_path / 'out' / 'checkpoints'} (the checkpoint of "
+                   "epoch 3 was not written; epoch 2 is kept: free space and rerun to resume)\n")

@@ -233,3 +233,26 @@ def test_load_plan_errors_name_the_file(tmp_path):
         np.savez(path, **arrays)
         with pytest.raises(ValueError, match=rf"{name}\.npz'.*{match}"):
             load_plan(path)
+
+
+def test_a_plan_saved_into_a_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
+    """Plan.save wrote in place: a full disk left half a plan at the path. It writes
+    under a temporary name and renames it: the earlier plan stays readable, nothing else
+    is left, and the error names the file."""
+    import errno
+
+    path = tmp_path / "plan.npz"
+    first = kfold(20, 4, seed=0)
+    first.save(path)
+    real = np.savez_compressed
+
+    def full_disk(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device: '.*plan\.npz'") as err:
+        kfold(20, 5, seed=1).save(path)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.setattr(np, "savez_compressed", real)
+    assert load_plan(path) == first and sorted(p.name for p in tmp_path.iterdir()) == ["plan.npz"]

@@ -803,3 +803,41 @@ def test_seeds_from_2_to_the_32_are_refused():
         with pytest.raises(ValueError, match=r"seed must be below 2\*\*32"):
             jaxmem.ensemble.member_init_seed(seed, 0)
     assert jaxmem.ensemble.member_init_seed(2**32 - 1, 0) >= 0
+
+
+def _full_disk_after(nbytes):
+    """A stand-in for np.savez that writes ``nbytes`` of its file, then fails as a full disk does."""
+    import errno
+
+    def savez(file, **arrays):  # noqa: ARG001
+        f = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
+        f.write(b"\0" * nbytes)
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return savez
+
+
+def test_a_save_into_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """result.npz written as far as the disk allows: the half-written temporary is removed
+    (it holds the space a retry needs), the error names result.npz, and the result saved
+    there before is kept whole."""
+    import errno
+
+    rng = np.random.default_rng(0)
+    first = _result(20, rng)
+    first.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    monkeypatch.setattr(np, "savez", _full_disk_after(1000))
+    with pytest.raises(OSError) as info:
+        _result(20, rng).save(tmp_path)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path / "result.npz")
+    assert isinstance(info.value.__cause__, OSError)  # the original, with no file name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no *.tmp* left
+    assert (tmp_path / "result.npz").read_bytes() == before["result.npz"]
+    monkeypatch.undo()
+    # config.json and scores.csv of the second result were written: they do not match
+    # the first result.npz, and are refused as such (never read as one result).
+    with pytest.raises(ValueError, match="scores.csv does not belong to its result.npz"):
+        jaxmem.load_result(tmp_path)

@@ -302,7 +302,8 @@ def _drawn_figures(monkeypatch):
     figures, save = {}, Figure.savefig
 
     def record(fig, path, *args, **kwargs):
-        figures[str(path).rsplit("/", 1)[-1]] = fig
+        name = str(getattr(path, "name", path)).rsplit("/", 1)[-1]  # (a file: the figure's temporary)
+        figures[name.removesuffix(".tmp")] = fig
         return save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", record)
@@ -386,3 +387,34 @@ def test_influence_plot_labels_points_with_the_given_index(tmp_path, monkeypatch
     assert texts == ["#1"]
     with pytest.raises(ValueError, match="index must be"):
         report.plot_influence(h, t, d, tmp_path / "c.png", index=[0, 1])
+
+
+def test_a_report_into_a_full_disk_keeps_the_earlier_figures_whole(tmp_path, monkeypatch):
+    """A figure that fails part-way (a full disk) leaves the earlier report's PNG of that
+    name as it was and no temporary file, and the error names the figure."""
+    import errno
+    import os
+
+    from matplotlib.figure import Figure
+
+    result = _fake_result()
+    report.write_report(result, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = Figure.savefig
+
+    def savefig(self, fname, **kwargs):
+        if "figure3" in os.fspath(getattr(fname, "name", fname)):
+            f = fname if hasattr(fname, "write") else open(fname, "wb")  # (a path: in place)
+            f.write(b"\x89PNG" + b"\0" * 1000)  # as far as the disk allows
+            f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fname, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(OSError) as info:
+        report.write_report(result, tmp_path)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path / "figure3_logp.png")
+    assert sorted(before) == sorted(p.name for p in tmp_path.iterdir())  # no *.tmp left
+    assert (tmp_path / "figure3_logp.png").read_bytes() == before["figure3_logp.png"]
+    _check_png(tmp_path / "figure3_logp.png")
