@@ -274,12 +274,15 @@ class _Lock:
             # Removed before it is unlocked, so that nobody locks a file about to go; and
             # only while it is this lock's file: a directory renamed during the run may have
             # a new run's directory, locked by its own file, at its old path by now.
-            with contextlib.suppress(FileNotFoundError):
-                here, mine = os.stat(self.path), os.fstat(self.fd)
-                if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
-                    os.remove(self.path)
-            os.close(self.fd)
-            self.fd = None
+            try:
+                # (a folder made read-only or removed meanwhile: the file stays, the lock goes)
+                with contextlib.suppress(OSError):
+                    here, mine = os.stat(self.path), os.fstat(self.fd)
+                    if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                        os.remove(self.path)
+            finally:
+                os.close(self.fd)
+                self.fd = None
         if self.created_dir:  # a run refused before it wrote anything leaves no folder behind
             self.created_dir = False
             with contextlib.suppress(OSError):
@@ -412,8 +415,11 @@ class _OrbaxNoise(logging.Filter):
             return not (record.levelno == logging.ERROR
                         and os.path.abspath(record.pathname).startswith(self._ORBAX_DIR + os.sep))
         exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and "exception was never retrieved" in str(record.msg)
-                    and any(d in str(exc) for d in (*self._steps_dirs, *self._failed)))
+        if exc is None or "exception was never retrieved" not in str(record.msg):
+            return True
+        with self._guard:  # (hold, release and failed change them from other threads)
+            dirs = (*self._steps_dirs, *self._failed)
+        return not any(d in str(exc) for d in dirs)
 
     def _unraisable(self, unraisable: Any) -> None:
         exc = unraisable.exc_value
@@ -546,6 +552,7 @@ class RunCheckpoints:
         self._folders = {path: _identity(path) for path in (self.run_dir, steps_dir)}
         self._newest = max(epochs, default=None)  # the newest checkpoint known to be complete
         self._failure: Exception | None = None  # of a save, once raised
+        self._closed = False
         _orbax_noise.hold(steps_dir)  # until close()
 
     def _check(self, stored: dict, config: dict, mutable: tuple[str, ...], what: str = "") -> None:
@@ -733,7 +740,11 @@ class RunCheckpoints:
         Raises:
           OSError, FileNotFoundError: a save failed (see :meth:`wait`), unless
             :meth:`save` or :meth:`wait` raised its failure already.
+        A second call does nothing.
         """
+        if self._closed:
+            return
+        self._closed = True
         try:
             try:
                 self._manager.wait_until_finished()
@@ -746,8 +757,10 @@ class RunCheckpoints:
             else:
                 self._manager.close()
         finally:
-            _orbax_noise.release(self._steps_dir)
-            self._lock.release()
+            try:
+                _orbax_noise.release(self._steps_dir)
+            finally:
+                self._lock.release()
 
     def _gone(self, epoch: int | None, steps: bool = True) -> FileNotFoundError | None:
         """The error for the checkpoint of ``epoch`` if ``run_dir`` or (if ``steps``) its

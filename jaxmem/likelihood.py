@@ -318,6 +318,11 @@ def _key_parts(key):
         _require_threefry(key, "loglik_matrix")
         return jax.random.key_data(key), str(jax.random.key_impl(key))
     key = jnp.asarray(key)
+    if key.shape == (4,) and key.dtype == jnp.uint32:  # rbg's (jax_default_prng_impl='rbg')
+        raise ValueError(
+            "key must be a threefry2x32 key; got uint32[4], the raw data of an rbg key (jax.random.PRNGKey "
+            "under jax_default_prng_impl='rbg'), whose streams depend on the blocking: pass "
+            "jax.random.key(seed, impl='threefry2x32')")
     if key.shape != (2,) or key.dtype != jnp.uint32:
         raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {key.dtype}{key.shape}")
     return key, "threefry2x32"

@@ -235,6 +235,11 @@ def _check_key(key: Any) -> jax.Array:
             return key
         if key.dtype == jnp.uint32 and key.shape == (2,):  # threefry key data
             return jax.random.wrap_key_data(key, impl="threefry2x32")
+        if key.dtype == jnp.uint32 and key.shape == (4,):  # rbg's (jax_default_prng_impl='rbg')
+            raise ValueError(
+                "key must be one threefry2x32 PRNG key; got uint32[4], the raw data of an rbg key "
+                "(jax.random.PRNGKey under jax_default_prng_impl='rbg'), whose streams depend on the "
+                "blocking: pass jax.random.key(seed, impl='threefry2x32')")
     what = f"{type(key).__name__} {key.dtype}{list(key.shape)}" if hasattr(key, "dtype") else repr(key)[:60]
     raise ValueError(f"key must be one PRNG key, jax.random.key(seed), or None (jax.random.key(0)); got {what}")
 

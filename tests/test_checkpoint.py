@@ -648,3 +648,15 @@ def test_a_json_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         checkpoint._write_json(str(path), {"a": 2})
     assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(path))
     assert os.listdir(tmp_path) == ["config.json"] and json.loads(path.read_text()) == {"a": 1}
+
+
+def test_close_twice_does_nothing_and_releases_the_directory(tmp_path):
+    """A second close() raised 'list.remove(x): x not in list' from the log filter's
+    release, before the lock was released."""
+    ckpt = RunCheckpoints(tmp_path / "run", {"lr": 0.1})
+    ckpt.save(1, {"w": np.zeros(3, np.float32)}, {"loss": [1.0]})
+    ckpt.close()
+    ckpt.close()
+    again = RunCheckpoints(tmp_path / "run", {"lr": 0.1})  # the directory is free
+    assert again.latest_epoch() == 1
+    again.close()

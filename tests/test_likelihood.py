@@ -682,6 +682,8 @@ def test_keys_of_other_implementations_and_key_batches_are_refused():
     with pytest.raises(ValueError, match=r"key must be one PRNG key \(jax.random.key\(seed\)\), got a batch "
                                          r"of keys of shape \(3,\)"):
         loglik_matrix(members, data=x, key=jax.random.split(KEY, 3), num_samples=4)
+    with pytest.raises(ValueError, match=r"got uint32\[4\], the raw data of an rbg key"):
+        loglik_matrix(members, data=x, key=jax.random.key_data(jax.random.key(0, impl="rbg")), num_samples=4)
     typed = loglik_matrix(members, data=x, key=jax.random.key(5), num_samples=4)
     raw = loglik_matrix(members, data=x, key=jax.random.key_data(jax.random.key(5)), num_samples=4)
     np.testing.assert_array_equal(np.asarray(typed), np.asarray(raw))

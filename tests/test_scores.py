@@ -477,6 +477,8 @@ def test_bootstrap_keys_of_other_implementations_are_refused():
     for impl in ("rbg", "unsafe_rbg"):
         with pytest.raises(ValueError, match=f"key must be a threefry2x32 key, got a {impl} key: the bootstrap"):
             memorization_scores(ll, keep, uncertainty="bootstrap", key=jax.random.key(0, impl=impl))
+    with pytest.raises(ValueError, match=r"got uint32\[4\], the raw data of an rbg key"):
+        memorization_scores(ll, keep, uncertainty="bootstrap", key=jax.random.key_data(jax.random.key(0, impl="rbg")))
     typed = memorization_scores(ll, keep, uncertainty="bootstrap", num_bootstrap=50, key=jax.random.key(3))
     raw = memorization_scores(ll, keep, uncertainty="bootstrap", num_bootstrap=50,
                               key=jax.random.key_data(jax.random.key(3)))
