@@ -928,9 +928,10 @@ def _run_config(ens: Ensemble, model: Any, tx_config: Any, data: Any, state: Ens
     }
 
 
-def _devices_hint(stored: Any) -> str:
-    """How to resume a run directory trained on ``stored`` devices (its ``"devices"``)."""
-    text = f"the devices training ran on: pass mesh=jaxmem.make_mesh({stored})"
+def _devices_hint(stored: Any, also: str = "") -> str:
+    """How to resume a run directory trained on ``stored`` devices (its ``"devices"``);
+    ``also``: another way to pass them, after the mesh (e.g. the CLI's option)."""
+    text = f"the devices training ran on: pass mesh=jaxmem.make_mesh({stored}){also}"
     if isinstance(stored, int) and stored > len(jax.devices()):
         text += f"; make_mesh({stored}) needs {stored} devices and {_more_devices_advice(stored)}"
     return text

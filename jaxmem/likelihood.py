@@ -55,7 +55,7 @@ from jaxmem import mesh as _mesh, models as _models
 from jaxmem.ensemble import _merged_state
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
-from jaxmem.scores import _require_threefry
+from jaxmem.scores import _refuse_rbg_data, _require_threefry
 
 __all__ = ["KINDS", "loglik_matrix", "loglik_matrix_multihost"]
 
@@ -318,11 +318,7 @@ def _key_parts(key):
         _require_threefry(key, "loglik_matrix")
         return jax.random.key_data(key), str(jax.random.key_impl(key))
     key = jnp.asarray(key)
-    if key.shape == (4,) and key.dtype == jnp.uint32:  # rbg's (jax_default_prng_impl='rbg')
-        raise ValueError(
-            "key must be a threefry2x32 key; got uint32[4], the raw data of an rbg key (jax.random.PRNGKey "
-            "under jax_default_prng_impl='rbg'), whose streams depend on the blocking: pass "
-            "jax.random.key(seed, impl='threefry2x32')")
+    _refuse_rbg_data(key)
     if key.shape != (2,) or key.dtype != jnp.uint32:
         raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {key.dtype}{key.shape}")
     return key, "threefry2x32"

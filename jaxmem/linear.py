@@ -926,6 +926,11 @@ def _loo_amplification(h, e, eps):
     return jnp.where(undefined, 0.0, amp)
 
 
+def _row_list(rows: np.ndarray) -> str:
+    """``"3, 8, 9, 12, 40, ..."``: the first five row indices a warning names."""
+    return ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+
+
 def _warn_if_imprecise(
     h: jax.Array, e: jax.Array, rss: float, yy: float, dof: int, dt: np.dtype, kappa: float
 ) -> None:
@@ -939,7 +944,7 @@ def _warn_if_imprecise(
     rows = np.flatnonzero(err > _IMPRECISE_AT)
     if not rows.size:
         return
-    shown = ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+    shown = _row_list(rows)
     hint = "compute in float64 (dtype=jnp.float64)" if dt != np.float64 else "the data are at float64's limits"
     if chol > _IMPRECISE_AT:
         hint = (f"X is ill-conditioned for the Cholesky path (condition number {kappa:.3g} after column "
@@ -1155,7 +1160,7 @@ def _warn_if_gaussian_imprecise(r: LooDensityRatio, n: int, kappa: float, method
     rows = np.flatnonzero(err > _IMPRECISE_AT)
     if not rows.size:
         return
-    shown = ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+    shown = _row_list(rows)
     if dt != np.float64:
         cure = "use dtype=jnp.float64" + (" (method='qr' in float32 helps but may not suffice)"
                                           if method != "qr" else "")

@@ -56,7 +56,7 @@ from jaxmem.checkpoint import (
 )
 from jaxmem.likelihood import loglik_matrix
 from jaxmem.membership import _check_int
-from jaxmem.mesh import _more_devices_advice, as_mesh, make_mesh
+from jaxmem.mesh import as_mesh, make_mesh
 from jaxmem.models import _latent
 from jaxmem.scores import _check_quantile, feldman_zhang, memorization_scores
 
@@ -348,11 +348,7 @@ def _difference(key: str, stored: dict[str, Any], asked: dict[str, Any]) -> str:
     text = f"{key}: stored {stored[key]!r}, asked {asked.get(key)!r}"
     if key == "training.devices":
         count = stored[key]
-        text += (f" (the devices training ran on: pass mesh=jaxmem.make_mesh({count}), or --devices "
-                 f"{count} to `jaxmem run`")
-        if isinstance(count, int) and count > len(jax.devices()):  # e.g. a fresh Python session on a CPU: 1
-            text += f"; make_mesh({count}) needs {count} devices and {_more_devices_advice(count)}"
-        text += ")"
+        text += f" ({_ensemble._devices_hint(count, also=f', or --devices {count} to `jaxmem run`')})"
     return text
 
 

@@ -224,6 +224,16 @@ def _require_threefry(key: jax.Array, who: str) -> None:
         )
 
 
+def _refuse_rbg_data(key: jax.Array) -> None:
+    """Refuse ``uint32[4]``, the raw data of an rbg key (``jax.random.PRNGKey`` under
+    ``jax_default_prng_impl='rbg'``), naming it (see :func:`_require_threefry`)."""
+    if key.dtype == jnp.uint32 and key.shape == (4,):
+        raise ValueError(
+            "key must be a threefry2x32 key; got uint32[4], the raw data of an rbg key (jax.random.PRNGKey "
+            "under jax_default_prng_impl='rbg'), whose streams depend on the blocking: pass "
+            "jax.random.key(seed, impl='threefry2x32')")
+
+
 def _check_key(key: Any) -> jax.Array:
     """A single threefry2x32 PRNG key (``jax.random.key(seed)``, or raw key data ``uint32[2]``
     as ``jax.random.PRNGKey(seed)`` gives by default); None gives ``key(0)`` (threefry)."""
@@ -235,11 +245,7 @@ def _check_key(key: Any) -> jax.Array:
             return key
         if key.dtype == jnp.uint32 and key.shape == (2,):  # threefry key data
             return jax.random.wrap_key_data(key, impl="threefry2x32")
-        if key.dtype == jnp.uint32 and key.shape == (4,):  # rbg's (jax_default_prng_impl='rbg')
-            raise ValueError(
-                "key must be one threefry2x32 PRNG key; got uint32[4], the raw data of an rbg key "
-                "(jax.random.PRNGKey under jax_default_prng_impl='rbg'), whose streams depend on the "
-                "blocking: pass jax.random.key(seed, impl='threefry2x32')")
+        _refuse_rbg_data(key)
     what = f"{type(key).__name__} {key.dtype}{list(key.shape)}" if hasattr(key, "dtype") else repr(key)[:60]
     raise ValueError(f"key must be one PRNG key, jax.random.key(seed), or None (jax.random.key(0)); got {what}")
 
