@@ -53,9 +53,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmem import mesh as _mesh, models as _models
 from jaxmem.ensemble import _merged_state
+from jaxmem.membership import _check_int
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
-from jaxmem.scores import _refuse_rbg_data, _require_threefry
+from jaxmem.scores import _is_key, _refuse_rbg_data, _require_threefry
 
 __all__ = ["KINDS", "loglik_matrix", "loglik_matrix_multihost"]
 
@@ -299,11 +300,6 @@ def _units_per_call(units: int) -> int:
     lo = -(-units // _CALLS)
     hi = max(lo, -(-units // (_CALLS // 2)))
     return min(range(lo, hi + 1), key=lambda u: (-(-units // u) * u - units, u))
-
-
-def _is_key(a: Any) -> bool:
-    """Whether ``a`` is a typed PRNG key array (``jax.random.key``), not raw key data."""
-    return jax.dtypes.issubdtype(jnp.result_type(a), jax.dtypes.prng_key)
 
 
 def _key_parts(key):
@@ -614,7 +610,7 @@ def loglik_matrix_multihost(
     nproc, ndev_local = jax.process_count(), jax.local_device_count()
     fields = error = None
     try:  # local checks first; every process then hears of any process's refusal
-        num_examples = _mesh._check_int(num_examples, "num_examples")
+        num_examples = _check_int("num_examples", num_examples)
         graphdef, stacked_state, num_models = _split_model(graphdef, stacked_state)
         loop_members = _loop_members(loop_members)
         matmul_dtype = _latent.check_matmul_dtype(matmul_dtype)

@@ -76,11 +76,10 @@ def _check_keep(keep: Any) -> np.ndarray:
     return keep
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+def _check_int(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum`` (a Python or numpy integer; bools, floats, strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmem.membership import _check_int
+
 #: Name of the mesh axis that examples (or ensemble members) are split over.
 AXIS = "d"
 
@@ -377,9 +379,9 @@ def _check_distributed_args(coordinator_address: Any, num_processes: Any, proces
             raise ValueError(f"coordinator_address must be 'host:port' (e.g. '10.0.0.1:1234'; port 1..65535), "
                              f"got {coordinator_address!r}")
     if num_processes is not None:
-        _check_int(num_processes, "num_processes", 1)
+        _check_int("num_processes", num_processes, 1)
     if process_id is not None:
-        pid = _check_int(process_id, "process_id")
+        pid = _check_int("process_id", process_id)
         if num_processes is not None and pid >= num_processes:
             raise ValueError(f"process_id must be in [0, num_processes) = [0, {num_processes}), got {process_id!r}")
 
@@ -515,13 +517,6 @@ def _started_cpu_devices(count: int | None) -> int:
     return have
 
 
-def _check_int(value: Any, name: str, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum`` (a Python or numpy integer; bools, floats, strings refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def host_local_rows(n: int) -> np.ndarray:
     """Indices of the rows of an ``n``-row array that this process feeds in a multi-host run.
 
@@ -531,7 +526,7 @@ def host_local_rows(n: int) -> np.ndarray:
     Raises:
       ValueError: ``n`` is not an integer >= 0.
     """
-    n = _check_int(n, "n")
+    n = _check_int("n", n)
     nproc, pid = jax.process_count(), jax.process_index()
     block = -(-n // nproc)
     return np.arange(pid * block, min(n, (pid + 1) * block))

@@ -46,6 +46,7 @@ from jaxmem.checkpoint import (
     _LOCK_FILE,
     PROVENANCE_KEY,
     ConfigMismatchError,
+    _read_config,
     _write_atomically,
     _write_json,
     check_x64,
@@ -371,18 +372,6 @@ def _run_provenance(directory: str, now: dict[str, Any]) -> dict[str, Any]:
     if last != now:
         earlier.append(last)
     return {**now, "earlier": earlier} if earlier else now
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    """A results directory's ``config.json``; a ValueError naming it if it is not one."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a jaxmem configuration (a JSON {type(config).__name__}, not an object)")
-    return config
 
 
 def _check_labels(y: Any, n: int) -> np.ndarray:

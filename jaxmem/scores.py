@@ -210,6 +210,11 @@ def _check_num_bootstrap(num_bootstrap: Any, uncertainty: str) -> int:
     return int(value)
 
 
+def _is_key(x: Any) -> bool:
+    """Whether ``x`` is a typed PRNG key array (``jax.random.key``), not raw key data."""
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _require_threefry(key: jax.Array, who: str) -> None:
     """Refuse a typed key of another implementation than threefry2x32 (``rbg``,
     ``unsafe_rbg``): their ``fold_in`` and ``split`` streams under ``vmap`` depend on the
@@ -240,7 +245,7 @@ def _check_key(key: Any) -> jax.Array:
     if key is None:
         return jax.random.key(0, impl="threefry2x32")
     if isinstance(key, jax.Array):
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+        if _is_key(key) and key.shape == ():
             _require_threefry(key, "the bootstrap")
             return key
         if key.dtype == jnp.uint32 and key.shape == (2,):  # threefry key data

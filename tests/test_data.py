@@ -514,11 +514,11 @@ def test_nearest_neighbours_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"queries contains NaN or inf .* example 7"):
         nearest_neighbours(bad, pool, 2)
     for kwargs, match in [
-        ({"k": 2.0}, "k must be an integer, got 2.0"),
-        ({"k": 2.5}, "k must be an integer, got 2.5"),
-        ({"k": 0}, "k must be >= 1, got 0"),
-        ({"k": 2, "chunk_size": 0}, "chunk_size must be >= 1, got 0"),
-        ({"k": 2, "chunk_size": -1}, "chunk_size must be >= 1, got -1"),
+        ({"k": 2.0}, "k must be an integer >= 1, got 2.0"),
+        ({"k": 2.5}, "k must be an integer >= 1, got 2.5"),
+        ({"k": 0}, "k must be an integer >= 1, got 0"),
+        ({"k": 2, "chunk_size": 0}, "chunk_size must be an integer >= 1, got 0"),
+        ({"k": 2, "chunk_size": -1}, "chunk_size must be an integer >= 1, got -1"),
     ]:
         with pytest.raises(ValueError, match=match):
             nearest_neighbours(queries, pool, **kwargs)

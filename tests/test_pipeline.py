@@ -227,7 +227,7 @@ def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_p
     cases = [
         (dict(quantile=1.5), r"quantile must be .*\[0, 1\], got 1.5"),
         (dict(num_samples=8.0), "num_samples must be an integer.*got 8.0"),
-        (dict(track_epochs=[1], track_samples=-2), "track_samples must be >= 1, got -2"),
+        (dict(track_epochs=[1], track_samples=-2), "track_samples must be an integer >= 1, got -2"),
         (dict(track_epochs=[1.5]), "track_epochs entries must be an integer.*got 1.5"),
         (dict(learning_rate=-1.0), "learning_rate must be a positive finite number, got -1.0"),
         (dict(learning_rate=float("nan")), "learning_rate must be a positive finite number, got nan"),
@@ -235,7 +235,7 @@ def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_p
         (dict(seed=1.5), "seed must be .*integer.*got 1.5"),
         (dict(batch_size=2.5), "batch_size must be an integer.*got 2.5"),
         (dict(epochs=1.5), r"epochs must be an integer >= 1, got 1.5"),
-        (dict(checkpoint_every=0), "checkpoint_every must be >= 1, got 0"),
+        (dict(checkpoint_every=0), "checkpoint_every must be an integer >= 1, got 0"),
         (dict(plan=jaxmem.kfold(60, 3).keep), "plan must be a jaxmem Plan .*got ndarray"),
         (dict(mesh="x"), "mesh must be None or a jax.sharding.Mesh"),
     ]
@@ -251,10 +251,10 @@ def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_p
     # a results directory whose config.json is damaged is named, not a JSON traceback
     out.mkdir()
     (out / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+    with pytest.raises(ValueError, match="config.json cannot be read as JSON"):
         jaxmem.memorization(x, y, **kw)
     (out / "config.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="config.json: not a jaxmem configuration"):
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not the run's configuration"):
         jaxmem.memorization(x, y, **kw)
     # a file, or a folder of someone else's files, is not taken as out_dir (results would
     # overwrite scores.csv, summary.md...)
