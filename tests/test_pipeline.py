@@ -253,6 +253,9 @@ def test_options_are_checked_before_anything_is_trained_or_written(digits, tmp_p
     (out / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json cannot be read as JSON"):
         jaxmem.memorization(x, y, **kw)
+    (out / "config.json").write_bytes(b"\xff\xfe{")  # not UTF-8: was a raw UnicodeDecodeError
+    with pytest.raises(ValueError, match="config.json cannot be read as JSON"):
+        jaxmem.memorization(x, y, **kw)
     (out / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json holds a JSON list, not the run's configuration"):
         jaxmem.memorization(x, y, **kw)
