@@ -612,16 +612,16 @@ def _read_table(path: pathlib.Path, target: str | None):
     return table, y, names, target_name
 
 
-def _redundant_columns(design: Any) -> list[int]:
+def _redundant_columns(design: Any, full: int | None = None) -> list[int]:
     """Columns of ``design`` (after its intercept, column 0) that lie in the span of the
     others: removing one leaves the numerical rank unchanged, the rank being the one the fit
-    itself finds (jaxmem.linear's float64 QR: its equilibration and its cut). Empty for a
-    full-rank design."""
+    itself finds (jaxmem.linear's float64 QR: its equilibration and its cut; ``full``, the
+    design's rank if already known). Empty for a full-rank design."""
     import numpy as np
 
     from jaxmem.linear import _qr_rank
 
-    full = _qr_rank(design)
+    full = _qr_rank(design) if full is None else full
     if full == design.shape[1]:
         return []
     return [j for j in range(1, design.shape[1]) if _qr_rank(np.delete(design, j, axis=1)) == full]
@@ -641,23 +641,27 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jaxmem import linear
+    from jaxmem.linear import _qr_rank
     from jaxmem.report import plot_influence, plot_memorization_vs_leverage, spearman_correlation
 
     path = pathlib.Path(args.file)
     X, y, names, target = _read_table(path, args.target)
     n, p = X.shape
     design = np.concatenate([np.ones((n, 1)), X], axis=1)
-    # Regression needs n - rank >= 2 residual degrees of freedom; leverage needs n > p.
-    need = p + 3 if y is not None else p + 2
-    if n < need:
-        raise ValueError(f"{path}: {n} rows for {p} column(s) (+ intercept): the linear baseline "
-                         f"needs at least {need} rows")
+    # The rank the fit itself finds (jaxmem.linear's float64 QR and cut): regression needs
+    # n >= rank + 2 (leaving a row out keeps a residual degree of freedom); leverage takes
+    # any n (every row's is 1 when n <= rank), and the Gaussian ratio's own row need is a note.
+    rank = _qr_rank(design)
+    if y is not None and n < rank + 2:
+        raise ValueError(f"{path}: {n} rows for {p} column(s) (+ intercept) of rank {rank}: the regression "
+                         f"on --target {target!r} needs at least rank + 2 = {rank + 2} rows (one row left out, "
+                         "its fit must keep a residual degree of freedom)")
     # float64 and thin QR throughout: error ~ eps * kappa rather than the Cholesky path's
     # eps * kappa^2, which a column with a large mean against its spread (e.g. a Unix
     # timestamp, kappa ~ 1e7 with the intercept) makes visible even in float64. At table
     # sizes the QR costs nothing noticeable.
     opts = {"dtype": np.float64, "method": "qr"}
-    redundant = _redundant_columns(design)
+    redundant = _redundant_columns(design, rank)
     with _quiet_rank_cut(redundant):
         if y is not None:  # before creating --out, which a refused target would leave empty
             try:

@@ -302,7 +302,7 @@ def test_leverage_without_target_and_bad_tables(tmp_path, capsys):
         "nan": (["leverage", tmp_path / "nan.csv"], ["NaN", "row 7", "column 2"]),
         "target": (["leverage", tmp_path / "t.csv", "--target", "weight"], ["--target", "weight"]),
         "missing": (["leverage", tmp_path / "none.csv"], ["not found"]),
-        "few_rows": (["leverage", tmp_path / "short.csv", "--target", "3"], ["at least 6 rows"]),
+        "few_rows": (["leverage", tmp_path / "short.csv", "--target", "3"], ["at least rank + 2 = 6 rows"]),
         # A header name given twice, or a name that is also another column's index.
         "duplicate": (["leverage", tmp_path / "dup.csv", "--target", "a"],
                       ["--target 'a' is ambiguous", "2 columns named 'a'", "columns 0, 2"]),
@@ -600,6 +600,34 @@ def test_leverage_names_redundant_columns(tmp_path):
     for key in ("leverage", "studentized_residual"):
         # 8 significant digits in the CSV
         np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in lean], rtol=1e-6)
+
+
+def test_leverage_row_need_follows_the_rank(tmp_path):
+    """The command asked n >= p + 3 rows (p + 2 without a target) whatever the rank, so a
+    small table with a duplicated column was refused though the fit (rank + 2) takes it."""
+    from jaxmem import linear
+
+    rng = np.random.default_rng(1)
+    a, b, y = rng.normal(size=(3, 5))
+    np.savetxt(tmp_path / "small.csv", np.c_[a, b, 2 * a, y], delimiter=",", header="a,b,a2,y", comments="")
+    # 5 rows, 3 columns of rank 3 with the intercept: 5 >= 3 + 2 (the old check asked 6)
+    code, _, err = _run_quietly("leverage", tmp_path / "small.csv", "--target", "y", "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = read_csv(tmp_path / "o" / "leverage.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = linear.influence(np.c_[np.ones(5), a, b], y, dtype=np.float64, method="qr")
+    for key, ref in (("leverage", want.leverage), ("studentized_residual", want.studentized_external)):
+        np.testing.assert_allclose([float(r[key]) for r in rows], np.asarray(ref), rtol=1e-6)  # 8 digits in the CSV
+    # one row fewer: refused with the rank's need
+    np.savetxt(tmp_path / "four.csv", np.c_[a, b, 2 * a, y][:4], delimiter=",", header="a,b,a2,y", comments="")
+    code, _, err = _run_quietly("leverage", tmp_path / "four.csv", "--target", "y", "--out", tmp_path / "o4")
+    assert_one_line_error(code, err, "4 rows for 3 column(s) (+ intercept) of rank 3", "at least rank + 2 = 5 rows")
+    # without a target a wide table gets its leverage (1 for every row) and a note on the ratio
+    code, out, err = _run_quietly("leverage", tmp_path / "four.csv", "--out", tmp_path / "w")
+    assert code == 0, err
+    assert [float(r["leverage"]) for r in read_csv(tmp_path / "w" / "leverage.csv")] == pytest.approx([1.0] * 4)
+    assert "no Gaussian LOO density ratio" in out
 
 
 def test_redundant_columns_follow_the_fits_rank_cut():
