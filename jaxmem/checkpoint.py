@@ -54,7 +54,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
@@ -63,6 +62,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from jaxmem import _warn
 from jaxmem.scores import _is_key
 
 __all__ = [
@@ -696,10 +696,10 @@ class RunCheckpoints:
         if change is None or (self.run_dir, int(epoch)) in _warned_versions:
             return
         _warned_versions.add((self.run_dir, int(epoch)))
-        warnings.warn(
+        _warn.warn(
             f"checkpoint {epoch} in {self.run_dir} was saved under other versions than this process runs "
             f"({change}): a run continued from it matches neither version's uninterrupted run, to float rounding "
-            "(to reproduce a run, train it from the start under one set of versions)", UserWarning, stacklevel=4)
+            "(to reproduce a run, train it from the start under one set of versions)", UserWarning)
 
     def _damaged(self, epoch: int, err: Exception) -> CheckpointDamagedError:
         earlier = [s for s in self._manager.all_steps() if s < epoch]

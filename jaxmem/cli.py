@@ -74,7 +74,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """jaxmem's own warnings as one ``jaxmem: warning: ...`` line (not Python's
     ``path:line: UserWarning:`` and a source line); other packages' as Python shows them."""
-    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+    if getattr(message, "jaxmem", False) or os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
         _info(f"warning: {message}")
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -55,7 +55,6 @@ import os
 import pathlib
 import re
 import tempfile
-import warnings
 import zipfile
 from typing import Any, Literal
 
@@ -63,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmem import _warn
 from jaxmem.membership import _check_int, _check_seed
 
 __all__ = [
@@ -458,10 +458,10 @@ def _load_file(path: pathlib.Path):
     elif top is not None:
         # 8-bit pixels: scaled like the TFDS images so models see [0, 1].
         if top < 128:
-            warnings.warn(
+            _warn.warn(
                 f"{path}: x is uint8 with a largest value of {top}, read as 8-bit intensities k/255 (so its "
                 f"brightest pixel becomes {top / 255:.3g}); if its values are levels 0..{top} (e.g. the 17 of "
-                f"8x8 digits), save x / {top} as float32 instead", UserWarning, stacklevel=3)
+                f"8x8 digits), save x / {top} as float32 instead", UserWarning)
         x = x.astype(np.float32) / 255.0
         meta["levels"] = 256
         meta["preprocessing"].append("8-bit intensities divided by 255")

@@ -66,7 +66,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -78,7 +77,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmem import models as _models
+from jaxmem import _warn, models as _models
 from jaxmem.membership import _check_int, _check_keep, _check_seed
 from jaxmem.mesh import (
     _more_devices_advice,
@@ -618,10 +617,10 @@ def make(
     axis = mesh.axis_names[0]
     train_sizes = keep.sum(axis=1)
     if batch_size > train_sizes.max():
-        warnings.warn(
+        _warn.warn(
             f"batch_size={batch_size} exceeds the largest member's training set ({int(train_sizes.max())} "
             f"examples): each step's batch repeats examples, some more often than others; pass "
-            f"batch_size <= {int(train_sizes.max())} for batches of distinct examples", UserWarning, stacklevel=2)
+            f"batch_size <= {int(train_sizes.max())} for batches of distinct examples", UserWarning)
     steps = int(math.ceil(train_sizes.max() / batch_size)) if steps_per_epoch is None else steps_per_epoch
     max_out = int((~keep).sum(axis=1).max())
     eval_chunks = int(math.ceil(max_out / eval_batch_size))

@@ -73,7 +73,6 @@ import contextlib
 import functools
 import math
 import numbers
-import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -83,6 +82,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxmem import _warn
 from jaxmem.mesh import as_mesh, shard_examples, sum_over_examples
 
 __all__ = [
@@ -410,12 +410,11 @@ def _whitener(
     if rank == p and np.all(np.isfinite(np.asarray(W))):
         if warn and float(np.finfo(dt).eps) * kappa**2 > _WARN_LOSS:
             cure = "method='qr'" if dt == np.float64 else "method='qr' or dtype=float64"
-            warnings.warn(
+            _warn.warn(
                 f"X is ill-conditioned (condition number {kappa:.3g} after column "
                 f"equilibration): Cholesky leverage in {dt} has relative error ~ "
                 f"{float(np.finfo(dt).eps) * kappa**2:.2g}; use {cure}",
                 RuntimeWarning,
-                stacklevel=4,
             )
         return _Factor(pre, scale, W, None, p, logdet, kappa)
     # Pseudo-inverse: keep the eigen-directions above the tolerance.
@@ -441,12 +440,11 @@ def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: fl
                     "directions can be kept; rcond sets the cut")
         else:
             cure = "If X is full rank, use dtype=jnp.float64 and method='qr'; rcond sets the cut"
-        warnings.warn(
+        _warn.warn(
             f"X has numerical rank {rank} of {p} columns in {np.dtype(dt).name}: {cut} direction(s) besides "
             f"all-zero columns have singular values below {rel_tol:.2g} x the largest (after column "
             f"equilibration) and are dropped (pseudo-inverse). {cure}",
             RuntimeWarning,
-            stacklevel=4,
         )
 
 
@@ -951,14 +949,14 @@ def _warn_if_imprecise(
                 f"equilibration): its residuals, and so every statistic of every row (studentized residuals, "
                 f"Cook's distance, M), carry relative errors up to ~{chol:.2g}; "
                 f"use method='qr'" + (" or dtype=jnp.float64" if dt != np.float64 else ""))
-    warnings.warn(
+    _warn.warn(
         f"leave-one-out statistics of {rows.size} row(s) ({shown}) may carry relative errors up to "
         f"~{float(err.max()):.0e} from rounding in {np.dtype(dt).name}: SSE_(i) = SSE - e_i^2/(1 - h_i) cancels "
         f"(SSE / SSE_(i) up to {float(amp.max()):.3g}: n - rank = {dof} residual degrees of freedom, or "
         f"one row carrying most of the SSE) and/or the residuals are small against y "
         f"(||y|| / ||e|| = {r:.3g}); affected: M (loo_log_density_ratio_regression), sigma2_loo, "
         f"studentized_external, DFFITS, DFBETAS of those rows; {hint}",
-        RuntimeWarning, stacklevel=4)
+        RuntimeWarning)
 
 
 def influence(
@@ -1167,12 +1165,12 @@ def _warn_if_gaussian_imprecise(r: LooDensityRatio, n: int, kappa: float, method
     else:
         cure = "use method='qr'" if method != "qr" else "the data are at float64's limits"
     grows = "eps * kappa^2 on the Cholesky path" if method != "qr" else "eps * kappa on the QR path"
-    warnings.warn(
+    _warn.warn(
         f"the scores M of {rows.size} row(s) ({shown}) may carry relative errors up to ~{float(err.max()):.0e} "
         f"from rounding in {np.dtype(dt).name}: M_i grows like 1 / (1 - h_i) (h_i up to "
         f"{float(h[rows].max()):.6g} there), which multiplies the leverage's relative error (~{grows}; "
         f"condition number {kappa:.3g} of the centred X after column equilibration); {cure}",
-        RuntimeWarning, stacklevel=3)
+        RuntimeWarning)
 
 
 def _gaussian_rows(k: int) -> tuple[int, str]:

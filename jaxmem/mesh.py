@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmem import _warn
 from jaxmem.membership import _check_int
 
 #: Name of the mesh axis that examples (or ensemble members) are split over.
@@ -160,8 +160,8 @@ def cpu_options_supported(program: str) -> bool:
         jax.jit(lambda a: a + 1, compiler_options=options).lower(x).compile()
         return True
     except Exception as e:  # noqa: BLE001 - jaxlib raises JaxRuntimeError("No such compile option")
-        warnings.warn(f"jaxmem: XLA rejected the CPU compile options {options} ({str(e).splitlines()[0]}); "
-                      f"the {program} programs are compiled with XLA's defaults", RuntimeWarning, stacklevel=3)
+        _warn.warn(f"jaxmem: XLA rejected the CPU compile options {options} ({str(e).splitlines()[0]}); "
+                      f"the {program} programs are compiled with XLA's defaults", RuntimeWarning)
         return False
 
 

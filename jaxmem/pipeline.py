@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import pathlib
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmem import ensemble as _ensemble, membership as _membership, models as _models
+from jaxmem import _warn, ensemble as _ensemble, membership as _membership, models as _models
 from jaxmem.checkpoint import (
     _LOCK_FILE,
     PROVENANCE_KEY,
@@ -456,12 +455,11 @@ def _warn_if_stderr_undefined(plan: _membership.Plan) -> None:
     if one_out or one_in:
         sides = " and ".join(f"{k} of {plan.n} examples by a single {side} model" for k, side in
                              ((one_out, "held-out"), (one_in, "training")) if k)
-        warnings.warn(
+        _warn.warn(
             f"the plan scores {sides}: their stderr and dof will be NaN (an uncertainty over "
             "models needs two on each side). repeats >= 2 gives every example two held-out models "
             "(the paper ran 10 folds x 10 repeats)",
             UserWarning,
-            stacklevel=3,
         )
 
 
@@ -801,12 +799,12 @@ def memorization(
             on_stage("train")
         _warn_if_stderr_undefined(plan)  # after every check (not before a one-line refusal) and the CLI's header
         if unscored:
-            warnings.warn(
+            _warn.warn(
                 f"track_epochs {unscored} are not scored: {out_dir} holds a run already trained for {trained} "
                 "epochs without scoring them, and the states of epochs before its newest checkpoint are not kept "
                 "(a new out_dir trains from scratch and scores them); tracked epochs: "
                 f"{config['scoring']['track_epochs']}",
-                UserWarning, stacklevel=2)
+                UserWarning)
         if rescore:
             # Restores that checkpoint (checking it) and trains nothing; training then resumes
             # from the same checkpoint, as after any stop.

@@ -164,6 +164,24 @@ def test_qr_and_cholesky_agree_and_float32_tolerance():
     np.testing.assert_allclose(t32, t64, rtol=1e-3, atol=1e-3 * np.abs(t64).max())
 
 
+def test_warnings_point_at_the_callers_line():
+    """Every public entry reaching a warning at its own depth: a fixed stacklevel pointed the
+    rank warning of influence() and leverage() into linear.py, where the once-per-location
+    filter also merged the warnings of different call sites."""
+    X, y = load("stackloss")
+    dup = np.c_[X, 2 * X[:, 1] - X[:, 2]]
+    calls = {
+        "leverage": lambda: jl.leverage(dup, dtype=F64),
+        "influence": lambda: jl.influence(dup, y, dtype=F64),
+        "ratio": lambda: jl.loo_log_density_ratio_regression(dup, y, dtype=F64),
+    }
+    for name, call in calls.items():
+        with pytest.warns(RuntimeWarning, match="numerical rank 4 of 5") as record:
+            call()
+        where = {(w.filename, w.lineno) for w in record if "numerical rank" in str(w.message)}
+        assert {f for f, _ in where} == {__file__}, (name, where)
+
+
 def test_ill_conditioned_float32_cholesky_warns():
     X, _ = load("scotland")
     with pytest.warns(RuntimeWarning, match="ill-conditioned"):

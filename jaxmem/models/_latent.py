@@ -31,12 +31,13 @@ import contextlib
 import contextvars
 import functools
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxmem import _warn
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -189,14 +190,14 @@ def cpu_multiplies_bf16() -> bool | None:
     return None if flags is None else bool(flags & BF16_CPU_FLAGS)
 
 
-def warn_if_bf16_is_slow(name: str, stacklevel: int = 3) -> None:
+def warn_if_bf16_is_slow(name: str) -> None:
     """Warn when ``name`` is ``"bfloat16"`` and this process computes on a CPU known to lack bf16 units."""
     if name == "bfloat16" and jax.default_backend() == "cpu" and cpu_multiplies_bf16() is False:
-        warnings.warn(
+        _warn.warn(
             "matmul_dtype='bfloat16' on a CPU without bf16 multiply instructions (none of "
             f"{sorted(BF16_CPU_FLAGS)} in /proc/cpuinfo): XLA multiplies in float32 after "
             "converting, so it runs slower than float32 and only adds bf16 rounding",
-            UserWarning, stacklevel=stacklevel,
+            UserWarning,
         )
 
 
