@@ -131,9 +131,17 @@ def _track_epochs(text: str) -> str | tuple[int, ...]:
     return _int_list(text)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except None: an option without a value says what it does in its help
+    (``--latent``: "8 for the MLP VAE on small inputs, else the model's"), not "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jaxmem`` command (subcommands run, report, leverage)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = _Parser(
         prog=_PROG, formatter_class=fmt,
         description="How much does a model memorize each training example? Leave-one-out "
@@ -155,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="TFDS data directory with prepared array_record files")
     g.add_argument("--limit", type=_positive_int, default=None,
-                   help="use only the first LIMIT examples")
+                   help="use only the first LIMIT examples (default: all)")
     g.add_argument("--binarize", choices=("dynamic", "static", "none"), default="dynamic",
                    help="binarization for the MLP VAE's Bernoulli pixels: a fresh draw per "
                         "look (dynamic), one draw when loading (static), or none")
@@ -199,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matmul inputs of the log-likelihoods: bfloat16 scores MLP models faster "
                         "on hardware that multiplies bf16 (accelerators, CPUs with AMX; slower on "
                         "CPUs without, which warn) at a rounding far below the Monte Carlo error "
-                        "(benchmarks/RESULTS.md); training stays float32")
+                        "(the project's benchmarks/RESULTS.md); training stays float32")
     g.add_argument("--quantile", type=float, default=0.95,
                    help="'highly memorized' means M above this quantile")
     g.add_argument("--track-epochs", type=_track_epochs, default="auto",

@@ -214,6 +214,16 @@ def run_main(capsys, *args):
     return code, out, err
 
 
+def test_help_shows_defaults_but_not_none(capsys):
+    """Options without a default value say what they do; argparse appended a second
+    "(default: None)" to --latent's own "(default: 8 for the MLP VAE ...)"."""
+    for command in ("run", "report", "leverage"):
+        code, out, _ = run_main(capsys, command, "--help")
+        assert code == 0 and "(default: None)" not in out, out
+    code, out, _ = run_main(capsys, "run", "--help")
+    assert "(default: 10)" in out  # --folds: real defaults are still shown
+
+
 def test_option_errors_in_process(capsys, tmp_path):
     cases = {
         "option": (["run", "--folds", "ten"], ["--folds", "ten"]),
