@@ -63,7 +63,6 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from jaxmem import _warn
-from jaxmem.scores import _is_key
 
 __all__ = [
     "RunCheckpoints", "ConfigMismatchError", "CheckpointDamagedError", "fingerprint_array", "describe_tree",
@@ -343,6 +342,11 @@ def describe_tree(tree: Any) -> dict[str, str]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         out[jax.tree_util.keystr(path)] = f"{jax.numpy.dtype(leaf.dtype)}{list(np.shape(leaf))}"
     return out
+
+
+def _is_key(x: Any) -> bool:
+    """Whether ``x`` is a typed PRNG key array (``jax.random.key``), not raw key data."""
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _leaf_name(i: int) -> str:

@@ -52,11 +52,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmem import mesh as _mesh, models as _models
+from jaxmem.checkpoint import _is_key
 from jaxmem.ensemble import _merged_state
 from jaxmem.membership import _check_int
 from jaxmem.models import _latent
 from jaxmem.models._latent import LatentVariableModel
-from jaxmem.scores import _is_key, _refuse_rbg_data, _require_threefry
+from jaxmem.scores import _refuse_rbg_data, _require_threefry
 
 __all__ = ["KINDS", "loglik_matrix", "loglik_matrix_multihost"]
 

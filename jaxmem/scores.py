@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxmem.checkpoint import _is_key
 from jaxmem.membership import Plan
 from jaxmem.mesh import as_mesh, shard_examples
 
@@ -208,11 +209,6 @@ def _check_num_bootstrap(num_bootstrap: Any, uncertainty: str) -> int:
         raise ValueError(f"num_bootstrap must be an integer, at least {minimum}{why} (bootstrap replicates), "
                          f"got {num_bootstrap!r}")
     return int(value)
-
-
-def _is_key(x: Any) -> bool:
-    """Whether ``x`` is a typed PRNG key array (``jax.random.key``), not raw key data."""
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _require_threefry(key: jax.Array, who: str) -> None:
