@@ -1114,12 +1114,14 @@ def fit(
                         else f"; {run_dir} holds no checkpoint yet" if ckpt is not None else "")
                 what = []
                 if bad_loss.any():
-                    losses = ", ".join(f"{v:g}" for v in metrics["train_loss"][bad_loss][:3])
+                    bad = metrics["train_loss"][bad_loss]
+                    losses = ", ".join([f"{v:g}" for v in bad[:3]] + ["..."] * (bad.size > 3))
                     what.append(f"a non-finite training loss ({losses})")
                 if bad_params.any():
                     what.append("non-finite parameters")
+                members = ", ".join([str(m) for m in diverged[:10]] + ["..."] * (diverged.size > 10))
                 raise TrainingDivergedError(
-                    f"training diverged in epoch {e + 1}: member(s) {diverged[:10].tolist()} of "
+                    f"training diverged in epoch {e + 1}: member(s) [{members}] of "
                     f"{num_members} have {' and '.join(what)}; lower the learning rate{kept}"
                 )
             for k in history:

@@ -789,11 +789,23 @@ def memorization(
         tx = optimizer or optax.adam(learning_rate)
 
         def train(upto, **kw):
-            return _ensemble.fit(
-                factory, tx, data, train_keep, epochs=upto, batch_size=batch_size, seed=seed, run_dir=run_dir,
-                checkpoint_every=checkpoint_every, mesh=train_mesh, steps_per_epoch=plan_steps if full_model else None,
-                config={"model": model_cfg, "learning_rate": float(learning_rate)}, **kw,
-            )
+            try:
+                return _ensemble.fit(
+                    factory, tx, data, train_keep, epochs=upto, batch_size=batch_size, seed=seed, run_dir=run_dir,
+                    checkpoint_every=checkpoint_every, mesh=train_mesh,
+                    steps_per_epoch=plan_steps if full_model else None,
+                    config={"model": model_cfg, "learning_rate": float(learning_rate)}, **kw,
+                )
+            except _ensemble.TrainingDivergedError as err:
+                if out_dir is None:
+                    raise
+                # fit's "lower the learning rate" and its kept checkpoint: out_dir resumes
+                # only under its own configuration, learning rate and optimizer included.
+                setting = "the optimizer it was given" if optimizer is not None else f"learning rate {learning_rate:g}"
+                raise _ensemble.TrainingDivergedError(
+                    f"{err}. The learning rate is part of the run's configuration: {out_dir} resumes only with "
+                    f"{setting}, so a lower one trains from scratch in a new output directory"
+                ) from None
 
         if on_stage:
             on_stage("train")

@@ -251,6 +251,9 @@ def test_option_errors_in_process(capsys, tmp_path):
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err
     assert last.startswith("jaxmem: error: training diverged in epoch 1") and "holds no checkpoint yet" in last, err
+    # the learning rate is part of the directory's configuration: the advice is a new one
+    assert f"{tmp_path / 'diverged'} resumes only with learning rate 1e+30" in last, err
+    assert "trains from scratch in a new output directory" in last, err
 
 
 def _table(path, header=True):
