@@ -222,6 +222,12 @@ class Ensemble(NamedTuple):
     plan_id: str
 
 
+def _path_name(path: tuple) -> str:
+    """A state leaf's path as the model's attribute path, e.g. ``"encoder.layers.0.kernel"``."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(parts[:-1] if parts and parts[-1] in ("value", "raw_value") else parts)
+
+
 class TrainingDivergedError(FloatingPointError):
     """:func:`fit` stopped: a member's training loss became NaN or infinite.
 
@@ -657,7 +663,18 @@ def make(
             raise ValueError(
                 f"model.loss must return per-example losses of shape ({leading},), got {losses.shape}"
             )
-        _, _, new_rest = nnx.split(model_m, nnx.Param, ...)
+        # Values a loss sows (nnx.Intermediate, e.g. logged activations) are dropped: they
+        # are outputs of one call, not state that steps carry.
+        _, _, _, new_rest = nnx.split(model_m, nnx.Param, nnx.Intermediate, ...)
+        if jax.tree.structure(new_rest) != jax.tree.structure(rest):
+            had = {_path_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(rest)}
+            new = [_path_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(new_rest)]
+            made = [k for k in new if k not in had] or ["(the state's structure changed)"]
+            raise ValueError(
+                f"model.loss created variables {made[:5]}: the state a step carries must keep the model's "
+                "structure; create every variable in the model's __init__ (values sown as nnx.Intermediate "
+                "are dropped)"
+            )
         return losses, new_rest
 
     def member_step(params, rest, opt_state, key, batch, t):
@@ -669,7 +686,15 @@ def make(
             return jnp.mean(losses), new_rest
 
         (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        if isinstance(tx, optax.GradientTransformationExtraArgs):
+            # What optax's loss-aware transformations take (reduce_on_plateau: value;
+            # lbfgs: value, grad and value_fn): this member's batch loss, on the same batch
+            # and key. optax.chain passes each only to the transformations that take it.
+            updates, opt_state = tx.update(
+                grads, opt_state, params, value=loss, grad=grads, value_fn=lambda p: objective(p)[0]
+            )
+        else:
+            updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, rest, opt_state, loss.astype(jnp.float32)
 

@@ -876,3 +876,93 @@ def test_run_keys_are_threefry_whatever_the_default_implementation():
     assert got[2] == ref[2] == "threefry2x32"
     np.testing.assert_array_equal(got[0], ref[0])
     assert got[1] == ref[1]
+
+
+def test_loss_aware_optimizers_get_each_members_batch_loss():
+    """optax's loss-aware transformations (reduce_on_plateau takes value=, lbfgs also grad=
+    and value_fn=) crashed inside the traced step: tx.update was called without them. Each
+    member now passes its own batch loss; checked against a plain loop that does the same."""
+    seed, batch, epochs = 1, 8, 3
+    keep = np.ones((1, N), bool)
+    keep[0, ::5] = False
+
+    def make_tx():
+        return optax.chain(optax.sgd(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5))
+
+    ens = ensemble.make(tiny, make_tx(), keep, batch_size=batch)
+    state = ens.init(seed)
+    for _ in range(epochs):
+        state, _ = ens.epoch(state, X)
+
+    model = tiny(ensemble.member_init_seed(seed, 0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_tx()
+    opt_state = tx.init(params)
+    mkey = jax.random.fold_in(jax.random.key(seed), 0)
+    train_idx = np.flatnonzero(keep[0])
+    steps = -(-train_idx.size // batch)
+
+    @jax.jit
+    def step(params, opt_state, xb, key):
+        loss_fn = lambda p: jnp.mean(nnx.merge(graphdef, p, rest).loss(xb, key))  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+        return optax.apply_updates(params, updates), opt_state
+
+    t = 0
+    for e in range(epochs):
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(mkey, 0), e), (N,)))
+        order = train_idx[np.argsort(u[train_idx], kind="stable")]
+        order = order[np.arange(steps * batch) % order.size].reshape(steps, batch)
+        for s in range(steps):
+            params, opt_state = step(params, opt_state, X[order[s]], jax.random.fold_in(jax.random.fold_in(mkey, 1), t))
+            t += 1
+    scale = float(opt_state[1].scale)
+    assert scale < 1.0  # the plateau rule acted on the losses it was given (else this proves little)
+    assert float(state.opt_state[1].scale[0]) == scale
+    # vmap over one member vs the unbatched program may round differently: float32 tolerance.
+    for a, b in zip(leaves(state.params), leaves(params)):
+        np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
+    # lbfgs (value, grad and value_fn: a line search on the member's own batch) trains
+    keep2 = folds(2)
+    lb = ensemble.make(tiny, optax.lbfgs(), keep2, batch_size=batch)
+    s2 = lb.init(0)
+    first, _ = lb.epoch(s2, X)
+    _, metrics = lb.epoch(first, X)
+    assert np.all(np.isfinite(metrics["train_loss"]))
+
+
+class Sowing(Tiny):
+    """Tiny whose loss logs its hidden activations (nnx.Intermediate), as users do."""
+
+    def loss(self, x, key):
+        noisy = x + 0.1 * jax.random.normal(key, x.shape)
+        h = jnp.tanh(self.enc(noisy))
+        self.sow(nnx.Intermediate, "hidden", h)
+        return jnp.sum((self.dec(h) - x) ** 2, axis=-1)
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside of 'nnx.capture\\(\\)'")  # flax's own notice
+def test_values_a_loss_sows_are_dropped_and_other_new_variables_named():
+    """A loss that sows made fit() fail with scan's carry-structure TypeError, and a user
+    loop's second step say the state belonged to another model or optimizer."""
+    ens_sow = ensemble.make(lambda s: Sowing(nnx.Rngs(s)), optax.adam(1e-2), folds(3), batch_size=8)
+    _, ref, _ = train(3)
+    state = ens_sow.init(0)
+    for _ in range(2):
+        state, _ = ens_sow.epoch(state, X)
+    for a, b in zip(leaves(state.params), leaves(ref.params)):  # sowing changes nothing trained
+        np.testing.assert_array_equal(a, b)
+    idx = np.asarray(ens_sow.schedule(state))
+    for s in range(2):
+        state, _ = ens_sow.step(state, X[idx[:, s]])
+    assert jax.tree.leaves(state.rest) == []
+
+    class Grows(Tiny):
+        def loss(self, x, key):
+            self.extra = nnx.BatchStat(jnp.zeros(3))  # a variable made outside __init__
+            return super().loss(x, key)
+
+    grows = ensemble.make(lambda s: Grows(nnx.Rngs(s)), optax.adam(1e-2), folds(3), batch_size=8)
+    with pytest.raises(ValueError, match=r"model.loss created variables \['extra'\]"):
+        grows.epoch(grows.init(0), X)
