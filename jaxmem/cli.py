@@ -354,6 +354,7 @@ class _Interrupts:
         self.every, self.epochs = checkpoint_every, epochs
         self.training = False
         self.pending = False
+        self.done = 0  # epochs trained (set from the checkpoint a run resumes from)
         self.previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -371,7 +372,11 @@ class _Interrupts:
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         if self.training and not self.pending:
             self.pending = True
-            _info("stopping at the next checkpoint (press Ctrl-C again to stop now)")
+            target = min(self.epochs, (self.done // self.every + 1) * self.every)
+            got, again = ("Ctrl-C", "press Ctrl-C again") if signum == signal.SIGINT else \
+                (signal.Signals(signum).name, f"send {signal.Signals(signum).name} again")
+            _info(f"{got}: stopping after the checkpoint of epoch {target} (and its scores, if the epoch is "
+                  f"tracked); {again} to stop now")
             return
         raise KeyboardInterrupt
 
@@ -379,6 +384,7 @@ class _Interrupts:
         self.training = stage == "train"
 
     def on_epoch(self, epoch: int) -> None:
+        self.done = epoch
         if self.pending and (epoch % self.every == 0 or epoch == self.epochs):
             raise KeyboardInterrupt
 
@@ -480,6 +486,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   f"{args.folds} folds x {args.repeats} repeat(s) = {models} x "
                   f"{args.epochs} epochs; {on}")
             latest = _latest_checkpoint(out)
+            interrupts.done = latest or 0
             if latest is not None and latest >= args.epochs:
                 _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again")
             elif latest is not None:
@@ -787,8 +794,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except KeyboardInterrupt:
         where = getattr(args, "out", None)
-        hint = (f"; training checkpoints are in {os.path.join(where, 'checkpoints')}: run the "
-                "same command again to resume") if args.command == "run" and where else ""
+        hint = ""
+        if args.command == "run" and where:
+            where = os.path.expanduser(where)
+            if os.path.exists(os.path.join(where, "result.npz")) and not os.path.exists(
+                    os.path.join(where, "run.json")):  # the run's result is saved: the report was being written
+                hint = (f"; the scores are saved in {os.path.join(where, 'result.npz')}: run "
+                        f"`{_PROG} report {shlex.quote(where)}` to write the figures and summary")
+            else:
+                hint = (f"; training checkpoints are in {os.path.join(where, 'checkpoints')}: run the "
+                        "same command again to resume")
         print(f"\n{_PROG}: interrupted{hint}", file=sys.stderr, flush=True)
         return _EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

@@ -218,6 +218,13 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
     """
     path = os.path.join(directory, "result.npz")
     if not os.path.exists(path):
+        stopped = _latest_checkpoint(directory) if os.path.isdir(_run_dir(directory)) else None
+        if stopped is not None or os.path.exists(os.path.join(directory, _RUN_CONFIG)):
+            after = f"after epoch {stopped}" if stopped is not None else "before its first checkpoint"
+            raise FileNotFoundError(
+                f"{directory} holds a run stopped {after}, with no result yet: run the same `jaxmem run` "
+                "command (or memorization() call) again to resume it"
+            )
         raise FileNotFoundError(f"{directory} holds no jaxmem result (no result.npz); run `jaxmem run` first")
     from jaxmem.data import _np_load
 

@@ -81,13 +81,56 @@ def finished(tmp_path_factory):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "run the same command again to resume" in err
+    assert "Ctrl-C: stopping after the checkpoint of epoch " in err, err
     assert "Traceback" not in err
     done = _latest(out)
     assert done is not None and 1 <= done < EPOCHS, done
     assert not (out / "result.npz").exists()
+    # loading or reporting the stopped run says what it is (was "run `jaxmem run` first")
+    from jaxmem.pipeline import load_result
+
+    with pytest.raises(FileNotFoundError, match=f"holds a run stopped after epoch {done}, with no result yet"):
+        load_result(out)
     proc = jaxmem(*RUN, "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out, done, proc
+
+
+def test_signals_name_themselves_and_the_epoch_they_stop_after(capsys):
+    interrupts = cli._Interrupts(checkpoint_every=5, epochs=30)
+    interrupts.on_stage("train")
+    interrupts.on_epoch(12)
+    interrupts._handler(signal.SIGTERM, None)  # a scheduler's: not called Ctrl-C
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after the checkpoint of epoch 15" in err and "send SIGTERM again" in err, err
+    interrupts.on_epoch(13)  # training goes on to the checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.on_epoch(15)
+    last = cli._Interrupts(checkpoint_every=5, epochs=17)
+    last.on_stage("train")
+    last.on_epoch(16)
+    last._handler(signal.SIGINT, None)
+    assert "Ctrl-C: stopping after the checkpoint of epoch 17" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+        last._handler(signal.SIGINT, None)
+
+
+def test_interrupted_while_reporting_points_at_jaxmem_report(finished, tmp_path, capsys, monkeypatch):
+    """Stopped after the result was saved (the report was being written): rerunning the
+    command scored everything again; `jaxmem report DIR` finishes the figures."""
+    import jaxmem.report
+
+    out = tmp_path / "done"
+    shutil.copytree(finished[0], out)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jaxmem.report, "write_report", stop)
+    used = json.loads((out / "config.json").read_text())["training"]["devices"]  # this process has 8
+    code, _, err = run_main(capsys, *RUN, "--devices", used, "--out", out)
+    assert code == 130, err
+    assert f"the scores are saved in {out / 'result.npz'}: run `jaxmem report {out}`" in err, err
 
 
 def test_interrupted_run_resumes(finished):
