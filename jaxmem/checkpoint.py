@@ -238,8 +238,9 @@ class _Lock:
                     mine = holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},")
                     raise RunDirectoryBusyError(
                         f"{what} {self.directory} is in use by another run ({holder}"
-                        f"{': another thread of this process' if mine else ''}); wait for it to end, or use "
-                        "another directory (two runs in one directory would overwrite each other's work)") from None
+                        f"{': another thread of this process' if mine else ''}); wait for it to end"
+                        + (", or use another directory (two runs in one directory would overwrite each other's work)"
+                           if what != "results directory" else " (its report is written when it ends)")) from None
                 except OSError as e:
                     if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without flock
                         os.close(fd)

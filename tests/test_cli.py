@@ -613,7 +613,9 @@ def test_report_waits_for_the_run_that_holds_the_folder(small_runs):
     try:
         assert proc.stdout.readline().strip() == "held"
         code, _, err = _run_quietly("report", out)
-        assert_one_line_error(code, err, f"results directory {out} is in use by another run (pid {proc.pid} on ")
+        assert_one_line_error(code, err, f"results directory {out} is in use by another run (pid {proc.pid} on ",
+                              "wait for it to end (its report is written when it ends)")
+        assert "another directory" not in err  # a run's advice, not a report's
     finally:
         proc.kill()
         proc.wait()
