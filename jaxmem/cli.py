@@ -488,7 +488,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             latest = _latest_checkpoint(out)
             interrupts.done = latest or 0
             if latest is not None and latest >= args.epochs:
-                _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again")
+                saved = os.path.exists(os.path.join(out, "result.npz")) and not os.path.exists(
+                    os.path.join(out, "run.json"))
+                _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again" + (
+                    f" (its saved result is replaced; `{_PROG} report {shlex.quote(out)}` redraws the figures "
+                    "without scoring)" if saved else ""))
             elif latest is not None:
                 _info(f"resuming from the checkpoint of epoch {latest} in {out}")
         _info(stages.get(stage, stage))

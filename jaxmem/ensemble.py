@@ -558,7 +558,14 @@ def make(
         member ``m`` from :func:`member_init_seed`), or an ``nnx.Module`` (every member
         starts from its parameters). The module must have ``loss(batch, key) -> f32[B]``
         (nats per example, docs/CONTRACTS.md).
-      tx: optax transformation, applied to each member separately.
+      tx: optax transformation, applied to each member separately. One that takes extra
+        arguments (``optax.GradientTransformationExtraArgs``) gets ``value`` (the member's
+        mean batch loss), ``grad`` and ``value_fn`` (that loss on the same batch and key),
+        as ``optax.contrib.reduce_on_plateau`` and ``optax.lbfgs`` need. The members'
+        parameters are those the optimizer state holds: for optimizers whose evaluation
+        parameters differ (``optax.contrib.schedule_free_*``), the held-out losses and any
+        scores use the training ones unless you map them through
+        ``optax.contrib.schedule_free_eval_params`` yourself.
       keep: bool ``[members, examples]``, or a plan with a ``.keep`` attribute.
       batch_size: examples per member per step.
       mesh: 1-D mesh for the member axis (default :func:`default_mesh`). If ``members``

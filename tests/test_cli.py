@@ -131,6 +131,8 @@ def test_interrupted_while_reporting_points_at_jaxmem_report(finished, tmp_path,
     code, _, err = run_main(capsys, *RUN, "--devices", used, "--out", out)
     assert code == 130, err
     assert f"the scores are saved in {out / 'result.npz'}: run `jaxmem report {out}`" in err, err
+    # and the rerun itself said that it scores again what report would redraw
+    assert f"scoring again (its saved result is replaced; `jaxmem report {out}` redraws" in err, err
 
 
 def test_interrupted_run_resumes(finished):
