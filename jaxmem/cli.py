@@ -542,7 +542,11 @@ def _report(args: argparse.Namespace, directory: str) -> int:
     data = result.config.get("data", {})
     ds = None
     missing = None  # why the scored images are not at hand
-    if _drawable_shape(data.get("example_shape", ())) and "source" in data:
+    if _drawable_shape(data.get("example_shape", ())) and "source" not in data:
+        # memorization(out_dir=...) from Python records no source: a grid drawn there
+        # (write_report(result, DIR, x)) is kept, not deleted.
+        missing = "the run recorded no data source to reload its images from"
+    elif _drawable_shape(data.get("example_shape", ())):
         seed = int(result.config.get("training", {}).get("seed", 0))
         try:
             ds = _load(data, seed=seed, data_dir=args.data_dir)
@@ -555,8 +559,10 @@ def _report(args: argparse.Namespace, directory: str) -> int:
     # moved data folder does not block a resume): only a grid of other scores is deleted.
     report = write_report(result, directory, dataset=ds, keep_examples=missing is not None)
     if missing is not None:
-        source = data["source"]
-        if source in KNOWN_DATASETS:
+        source = data.get("source")
+        if source is None:
+            hint = "draw it from Python: jaxmem.write_report(jaxmem.load_result(DIR), DIR, x)"
+        elif source in KNOWN_DATASETS:
             hint = (f"pass the TFDS data folder the run read: `jaxmem report {shlex.quote(directory)} "
                     "--data-dir FOLDER`")
         else:

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from jaxmem.data import nearest_neighbours
 from jaxmem.membership import _check_int
-from jaxmem.scores import _check_quantile  # 0 flags all above the minimum, 1 none
+from jaxmem.scores import _check_quantile, _quantile_rank  # 0 flags all above the minimum, 1 none
 
 __all__ = [
     "SUMMARY_QUANTILES",
@@ -103,8 +103,9 @@ def _counts(a, name: str, n: int) -> np.ndarray:
 
 
 def _highly_memorized(M: np.ndarray, quantile: float) -> tuple[np.ndarray, float]:
+    """``M`` above its ``quantile`` quantile, decided by rank as :func:`jaxmem.scores.quantile_flags`."""
     threshold = float(np.quantile(M, _check_quantile(quantile)))
-    return M > threshold, threshold
+    return M > np.sort(M)[_quantile_rank(M.size, quantile)], threshold
 
 
 def _drawable_shape(example_shape: Sequence[int]) -> bool:

@@ -67,7 +67,9 @@ class Scores(NamedTuple):
       dof: Welch-Satterthwaite degrees of freedom of ``stderr`` (for t intervals).
       n_in: int32, number of "in" models behind ``U``.
       n_out: int32, number of "out" models behind ``V``.
-      highly_memorized: bool, ``M > threshold``.
+      highly_memorized: bool, ``M`` above its requested quantile over all examples,
+        decided by rank (:func:`quantile_flags`): ``M > threshold`` but for a threshold
+        that rounds onto a score.
       threshold: scalar, the requested quantile of ``M`` over all examples.
     """
 
@@ -387,12 +389,12 @@ def _scores_block(sharded, replicated, *, method, num_bootstrap):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "method", "num_bootstrap"))
-def _scores_program(ll, keep, key, quantile, *, mesh, method, num_bootstrap):
+def _scores_program(ll, keep, key, quantile, rank, *, mesh, method, num_bootstrap):
     n = ll.shape[1]
     sharded = (ll.T, keep.T, jnp.arange(n, dtype=jnp.int32))
     block = functools.partial(_scores_block, method=method, num_bootstrap=num_bootstrap)
     U, V, M, stderr, dof, n_in, n_out = shard_examples(block, mesh, sharded, (key,))
-    flags, threshold = _quantile_flags(M, quantile)
+    flags, threshold = _quantile_flags(M, quantile, rank)
     return Scores(
         U=U,
         V=V,
@@ -406,9 +408,23 @@ def _scores_program(ll, keep, key, quantile, *, mesh, method, num_bootstrap):
     )
 
 
-def _quantile_flags(scores, q):
+def _quantile_rank(n: int, q: float) -> int:
+    """``k = floor(q (n - 1))``, the rank (0-based, ascending) below the ``q`` quantile of
+    ``n`` values (linear interpolation), with ``q (n - 1)`` snapped to a whole number it
+    misses by rounding only (0.95 * 20 is 18.999999999999996 in float64, not 19)."""
+    pos = float(q) * (n - 1)
+    near = round(pos)
+    return int(near) if abs(pos - near) <= 8 * np.finfo(np.float64).eps * max(1.0, pos) else int(np.floor(pos))
+
+
+def _quantile_flags(scores, q, rank):
+    """``(scores above their q quantile, the quantile)``. The quantile lies in
+    ``[s_k, s_{k+1})`` (``s`` sorted, ``k`` = :func:`_quantile_rank`), so a score lies above
+    it exactly when it lies above ``s_k``: flagged by rank. ``scores > threshold`` rounds
+    instead: a float32 threshold between two scores an ulp apart rounds onto the larger,
+    which then went unflagged."""
     threshold = jnp.quantile(scores, q)  # linear interpolation, numpy's default
-    return scores > threshold, threshold
+    return scores > jnp.sort(scores)[rank], threshold
 
 
 # ------------------------------------------------------------------- public API
@@ -538,6 +554,7 @@ def memorization_scores(
         jnp.asarray(plan.keep),
         key,
         jnp.asarray(quantile, dtype),
+        jnp.int32(_quantile_rank(plan.n, quantile)),
         mesh=_resolve_mesh(mesh),
         method=uncertainty,
         num_bootstrap=num_bootstrap if uncertainty == "bootstrap" else 0,
@@ -645,8 +662,11 @@ def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
       quantile: in [0, 1]: 0 flags every score above the minimum, 1 flags none.
 
     Returns:
-      ``(flags, threshold)``: bool ``[examples]`` (``scores > threshold``) and the
-      scalar threshold (linear interpolation, as :func:`numpy.quantile`).
+      ``(flags, threshold)``: bool ``[examples]`` and the scalar threshold (linear
+      interpolation, as :func:`numpy.quantile`). A score is flagged when it lies above
+      the quantile, decided by rank (above the ``floor(quantile * (n - 1))``-th smallest):
+      ``scores > threshold``, except that a threshold rounded onto a score (two scores a
+      few ulps apart around the quantile) does not unflag it.
 
     Raises:
       ValueError: ``scores`` is not 1-D, is empty or holds NaN or inf (named), or
@@ -669,7 +689,8 @@ def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
     bad = np.flatnonzero(~np.isfinite(np.asarray(scores)))
     if bad.size:  # one NaN would make the threshold, hence every flag, meaningless
         raise ValueError(f"scores has {bad.size} non-finite value(s), e.g. at example(s) {bad[:10].tolist()}")
-    return _quantile_flags_jit(scores, jnp.asarray(_check_quantile(quantile), scores.dtype))
+    q = _check_quantile(quantile)
+    return _quantile_flags_jit(scores, jnp.asarray(q, scores.dtype), jnp.int32(_quantile_rank(scores.size, q)))
 
 
 _quantile_flags_jit = jax.jit(_quantile_flags)

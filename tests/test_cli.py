@@ -493,6 +493,25 @@ def small_runs(tmp_path_factory):
     return runs
 
 
+def test_report_keeps_a_grid_drawn_for_a_result_saved_from_python(small_runs, tmp_path):
+    """memorization(out_dir=...) records no data source; a grid the user drew there with
+    write_report(result, DIR, x) was deleted by `jaxmem report DIR`, without a note."""
+    import jaxmem
+
+    result = jaxmem.load_result(small_runs["five"][0])
+    result.config["data"] = {k: v for k, v in result.config["data"].items() if k != "source"}
+    out = tmp_path / "from_python"
+    result.save(out)
+    x = np.load(small_runs["five"][0].parent / "five.npy")
+    jaxmem.write_report(result, out, x)
+    grid = out / "examples_nearest_neighbours.png"
+    drawn = grid.read_bytes()
+    code, _, err = _run_quietly("report", out)
+    assert code == 0, err
+    assert grid.read_bytes() == drawn
+    assert "is kept from the run: the run recorded no data source to reload its images from" in err, err
+
+
 def test_runs_finish_whatever_the_example_grid_can_show(small_runs):
     for name, grid in (("five", True), ("two_channels", False)):
         out, err = small_runs[name]

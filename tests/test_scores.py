@@ -297,6 +297,34 @@ def test_quantile_flags():
     assert int(np.asarray(quantile_flags(x, 1.0)[0]).sum()) == 0
 
 
+def test_quantile_flags_are_exact_where_the_threshold_rounds_onto_a_score():
+    """Two scores a float32 ulp apart around the quantile: the float32 threshold rounded
+    onto the larger, which ``scores > threshold`` then left unflagged though it lies
+    above the quantile (float64 reference: numpy on the same values)."""
+    import jaxmem.report
+
+    M = np.linspace(0, 1, 31).astype(np.float32)
+    M[-2], M[-1] = 1.0, np.nextafter(np.float32(1.0), np.float32(2))
+    q = 0.999
+    want = M > np.quantile(M.astype(np.float64), q)
+    assert want.sum() == 1
+    flags, _ = quantile_flags(M, q)
+    np.testing.assert_array_equal(np.asarray(flags), want)
+    plan = kfold(31, 2, repeats=1, seed=0)
+    scores = memorization_scores(np.where(plan.keep, M, 0).astype(np.float32), plan, quantile=q,
+                                 mesh=make_mesh(1))  # U = M, V = 0
+    np.testing.assert_array_equal(np.asarray(scores.highly_memorized), want)
+    assert jaxmem.report.summary(M, quantile=q)["num_highly_memorized"] == 1
+    # near-ties at random quantiles and sizes: the flags are the float64 rule's, by rank
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 60))
+        x = (1 + rng.integers(0, 4, n) * np.finfo(np.float32).eps).astype(np.float32)
+        q = float(rng.choice([0.5, 0.9, 0.95, 0.99, rng.uniform()]))
+        ref = x > np.quantile(x.astype(np.float64), q)
+        np.testing.assert_array_equal(np.asarray(quantile_flags(x, q)[0]), ref, err_msg=f"n={n} q={q}")
+
+
 # ------------------------------------------------------------ Feldman & Zhang
 def test_feldman_zhang_hand_computed():
     # models x examples; example 0: in = {0, 1}, out = {2, 3}; example 1: out = {1} only
