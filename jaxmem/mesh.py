@@ -74,13 +74,16 @@ def make_mesh(
         all_devices = jax.devices()
         if num_devices is None:
             num_devices = len(all_devices)
-        if not 1 <= num_devices <= len(all_devices):
+        num_devices = _check_int("num_devices", num_devices, 1)
+        if num_devices > len(all_devices):
             raise ValueError(
                 f"num_devices={num_devices} but {len(all_devices)} device(s) are available"
                 + (f"; {_more_devices_advice(num_devices)}" if num_devices > len(all_devices) else "")
             )
         devices = all_devices[:num_devices]
     devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: a mesh needs at least one device (None takes jax.devices())")
     return jax.make_mesh(
         (len(devices),), (axis_name,), axis_types=(AxisType.Auto,), devices=devices
     )

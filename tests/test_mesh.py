@@ -39,6 +39,13 @@ def test_pad_rows_repeats_a_real_row_and_make_mesh_checks_counts():
     with pytest.raises(ValueError, match="num_devices=9"):
         make_mesh(9)
     assert on_cpu(make_mesh(1)) and on_cpu(make_mesh(8))  # the simulated devices are CPUs
+    # a bool is not a count, and an empty device list was an IndexError from inside JAX
+    for bad, message in ((True, "num_devices must be an integer >= 1, got True"),
+                         (0, "num_devices must be an integer >= 1, got 0"), (2.0, "got 2.0")):
+        with pytest.raises(ValueError, match=message):
+            make_mesh(bad)
+    with pytest.raises(ValueError, match="devices is empty"):
+        make_mesh(devices=[])
 
 
 def test_shard_examples_refuses_an_example_axis_it_cannot_place():
