@@ -218,9 +218,9 @@ def load_dataset(
     elif key in _TFDS:
         x, y, meta = _load_tfds(key, split, limit, resize_to, data_dir)
         name = key
-    elif key.lower().endswith(_FILE_SUFFIXES) or os.path.exists(key):
+    elif key.lower().endswith(_FILE_SUFFIXES) or os.path.exists(os.path.expanduser(key)):
         _only_train(split, "a data file")
-        x, y, meta = _load_file(pathlib.Path(key))
+        x, y, meta = _load_file(pathlib.Path(key).expanduser())  # "~/x.npy" from Python
         name = pathlib.Path(key).stem
     else:
         raise ValueError(
@@ -521,7 +521,7 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarr
       refused rather than used as a feature), a first row ``0`` or ``0,1`` above integer
       rows (pandas' column names or data: name the columns).
     """
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     _existing_file(path, "table", ".csv, .npz or .npy")
     suffix = path.suffix.lower()
     y = None

@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -994,7 +995,7 @@ def fit(
     epochs: int,
     batch_size: int,
     seed: int = 0,
-    run_dir: str | None = None,
+    run_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     keep_checkpoints: int = 3,
     progress: bool = True,
@@ -1092,6 +1093,8 @@ def fit(
     ckpt = None
     if run_dir is not None:
         from jaxmem.checkpoint import RunCheckpoints
+
+        run_dir = os.path.expanduser(os.fspath(run_dir))  # "~/run": not a folder named "~" here
 
         cfg = _run_config(ens, model, tx_config, data, state, seed=seed, epochs=epochs, user=config)
         ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",),

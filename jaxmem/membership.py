@@ -342,6 +342,8 @@ class Plan:
         :func:`load_plan`.
         """
         from jaxmem.checkpoint import _write_atomically  # orbax's module: only when saving
+
+        path = os.path.expanduser(os.fspath(path))
         arrays = {
             "keep": self.keep,
             "metadata": np.array(json.dumps(self.metadata())),
@@ -378,7 +380,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         version), or its contents disagree with its metadata or with each other (see
         :class:`Plan`).
     """
-    name = os.fspath(path)
+    name = path = os.path.expanduser(os.fspath(path))
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):

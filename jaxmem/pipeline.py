@@ -216,6 +216,7 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
         ``config.json`` or ``scores.csv`` that is not the one saved with ``result.npz``,
         or a configuration of more or fewer training epochs than the result's history).
     """
+    directory = os.path.expanduser(os.fspath(directory))  # as memorization(out_dir="~/...") wrote it
     path = os.path.join(directory, "result.npz")
     if not os.path.exists(path):
         stopped = _latest_checkpoint(directory) if os.path.isdir(_run_dir(directory)) else None

@@ -966,3 +966,11 @@ def test_values_a_loss_sows_are_dropped_and_other_new_variables_named():
     grows = ensemble.make(lambda s: Grows(nnx.Rngs(s)), optax.adam(1e-2), folds(3), batch_size=8)
     with pytest.raises(ValueError, match=r"model.loss created variables \['extra'\]"):
         grows.epoch(grows.init(0), X)
+
+
+def test_fit_run_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    """fit(run_dir="~/run") made a folder named "~" in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ensemble.fit(tiny, optax.adam(1e-2), X, folds(2), epochs=1, batch_size=8, run_dir="~/run", progress=False)
+    assert (tmp_path / "home" / "run").is_dir() and not (tmp_path / "~").exists()

@@ -672,6 +672,15 @@ def test_out_dir_paths_that_are_not_a_folder_yet(digits, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     r = jaxmem.memorization(x, epochs=1, out_dir="~/run", **SMALL)
     assert (tmp_path / "home" / "run" / "result.npz").is_file() and r.M.shape == (40,)
+    # every path argument reads "~" alike (load_result("~/run") said it held no result)
+    np.testing.assert_array_equal(jaxmem.load_result("~/run").M, r.M)
+    plan = jaxmem.membership.kfold(40, 2, seed=0)
+    plan.save("~/plan.npz")
+    np.testing.assert_array_equal(jaxmem.membership.load_plan("~/plan.npz").keep, plan.keep)
+    np.save(tmp_path / "home" / "x.npy", x)
+    assert jaxmem.load_dataset("~/x.npy").x.shape == x.shape
+    np.save(tmp_path / "home" / "t.npy", x.reshape(40, -1))
+    assert jaxmem.data.read_table("~/t.npy")[0].shape == (40, x[0].size)
 
 
 def test_a_plan_that_leaves_the_stderr_undefined_is_warned_of_before_training(digits):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax.numpy as jnp
 import numpy as np
@@ -129,7 +129,7 @@ def model_config(name: str, example_shape: Sequence[int], **kwargs: Any) -> dict
     return cfg
 
 
-def from_config(config: dict[str, Any], *, seed: int) -> nnx.Module:
+def from_config(config: dict[str, Any], *, seed: int) -> LatentVariableModel | Classifier:
     """Build the model described by ``config`` (from :func:`model_config`), initialised from ``seed``."""
     cfg = dict(config)
     try:
@@ -142,7 +142,20 @@ def from_config(config: dict[str, Any], *, seed: int) -> nnx.Module:
     return MODELS[name](tuple(shape), **kwargs, rngs=nnx.Rngs(seed))
 
 
-def create(name: str, example_shape: Sequence[int], *, seed: int, **kwargs: Any) -> nnx.Module:
+# The model each name builds, for type checkers (create("linear_gaussian_vae", ...).exact_log_prob).
+@overload
+def create(name: Literal["mlp_vae"], example_shape: Sequence[int], *, seed: int, **kwargs: Any) -> MLPVAE: ...
+@overload
+def create(name: Literal["conv_vae"], example_shape: Sequence[int], *, seed: int, **kwargs: Any) -> ConvVAE: ...
+@overload
+def create(name: Literal["linear_gaussian_vae"], example_shape: Sequence[int], *, seed: int,
+           **kwargs: Any) -> LinearGaussianVAE: ...
+@overload
+def create(name: Literal["classifier"], example_shape: Sequence[int], *, seed: int, **kwargs: Any) -> Classifier: ...
+@overload
+def create(name: str, example_shape: Sequence[int], *, seed: int,
+           **kwargs: Any) -> LatentVariableModel | Classifier: ...
+def create(name: str, example_shape: Sequence[int], *, seed: int, **kwargs: Any) -> LatentVariableModel | Classifier:
     """Build model ``name`` for examples of shape ``example_shape``, initialised from ``seed``.
 
     Args:

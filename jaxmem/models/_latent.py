@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jaxmem import _warn
 
@@ -377,7 +378,7 @@ class LatentVariableModel(nnx.Module):
         z, log_q = self._reparameterize(mean, scale, eps)
         return std_normal_log_prob(z) + self.log_likelihood(x, z) - log_q
 
-    def log_prob(self, batch: jax.Array, keys: jax.Array, num_samples: int) -> jax.Array:
+    def log_prob(self, batch: ArrayLike, keys: jax.Array, num_samples: int) -> jax.Array:
         """Importance-weighted estimate of log p(x) with ``num_samples`` samples from q(z|x).
 
         .. math:: \\log \\frac{1}{S} \\sum_{s=1}^S \\frac{p(x, z_s)}{q(z_s | x)}, \\quad z_s \\sim q(z|x)
@@ -397,7 +398,7 @@ class LatentVariableModel(nnx.Module):
         x, q = self.prepare(batch, keys)
         return logmeanexp(self.log_weights(x, q, keys, jnp.arange(num_samples)), axis=-1)
 
-    def elbo(self, batch: jax.Array, keys: jax.Array, num_samples: int = 1) -> jax.Array:
+    def elbo(self, batch: ArrayLike, keys: jax.Array, num_samples: int = 1) -> jax.Array:
         """Monte Carlo ELBO, the mean of ``num_samples`` importance log-weights (nats, ``[B]``).
 
         Uses the same samples as :meth:`log_prob` with the same keys, so
@@ -408,7 +409,7 @@ class LatentVariableModel(nnx.Module):
         x, q = self.prepare(batch, keys)
         return jnp.mean(self.log_weights(x, q, keys, jnp.arange(num_samples)), axis=-1)
 
-    def loss(self, batch: jax.Array, key: jax.Array) -> jax.Array:
+    def loss(self, batch: ArrayLike, key: jax.Array) -> jax.Array:
         """Training loss per example: the negative ELBO (nats, ``[B]``).
 
         One reparameterised sample for the reconstruction term and the KL divergence to

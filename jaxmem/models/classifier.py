@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jaxmem.models._latent import activation_fn, check_batch, check_keys, mlp_layers, run_layers
 
@@ -60,7 +61,7 @@ class Classifier(nnx.Module):
             raise ValueError(f"labels must be int [{x.shape[0]}], got {y.dtype} {y.shape}")
         return x, y
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: ArrayLike) -> jax.Array:
         """Unnormalised log-probabilities ``[B, num_classes]``."""
         return run_layers(self.layers, x.reshape(x.shape[0], -1), activation_fn(self.activation))
 
@@ -89,7 +90,7 @@ class Classifier(nnx.Module):
         """Same as :meth:`log_prob` (there is no latent variable)."""
         return self.log_prob(batch, keys, num_samples)
 
-    def predict(self, x: jax.Array) -> jax.Array:
+    def predict(self, x: ArrayLike) -> jax.Array:
         """Predicted labels, int32 ``[B]``."""
         check_batch(x, self.example_shape, "Classifier.predict")
         return jnp.argmax(self.logits(x), axis=-1).astype(jnp.int32)

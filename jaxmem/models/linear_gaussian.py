@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jaxmem.models._latent import LOG_2PI, LatentVariableModel
 
@@ -96,7 +97,7 @@ class LinearGaussianVAE(LatentVariableModel):
         d = self.example_shape[0]
         return jnp.dot(w, w.T, precision=_HI) + jnp.exp(2.0 * self.log_sigma[...]) * jnp.eye(d)
 
-    def exact_log_prob(self, x: jax.Array) -> jax.Array:
+    def exact_log_prob(self, x: ArrayLike) -> jax.Array:
         """Exact ``log p(x) = log N(x; b, W W^T + sigma^2 I)``, through the k x k posterior.
 
         With ``G = W^T W + sigma^2 I_k`` (``sigma^2`` times the posterior precision) and
