@@ -10,9 +10,10 @@ The one module that knows orbax. A run directory holds
 
 The configuration also records the software and device it was written under
 (``provenance``: :func:`provenance`), which is never compared: float rounding depends on
-the jax, jaxlib, flax and optax versions, so a run resumed under other versions than
-its checkpoint was saved under continues with a ``UserWarning`` naming both (its
-numbers then match neither version's uninterrupted run, to float rounding).
+the jax, jaxlib, flax and optax versions (and, for a CPU device spanning several cores,
+on their number), so a run resumed under other versions (or cores) than its checkpoint
+was saved under continues with a ``UserWarning`` naming both (its numbers then match
+neither version's uninterrupted run, to float rounding).
 
 Opening a run directory with another configuration raises :class:`ConfigMismatchError`
 naming every field that differs, so states from different plans, models or shapes are
@@ -95,7 +96,9 @@ def provenance() -> dict[str, Any]:
     Returns:
       ``{"python", "jax", "jaxlib", "flax", "optax": version strings (None for a package
       that is not installed), "platform": e.g. "cpu", "gpu", "device_kind": e.g. "cpu",
-      "NVIDIA H200"}`` (of ``jax.devices()[0]``).
+      "NVIDIA H200"}`` (of ``jax.devices()[0]``), and on CPUs ``"cpu_cores"``: the cores
+      the process may run on (:func:`jaxmem.mesh.cpu_cores`), over which XLA splits a CPU
+      device's products, so that a device spanning several cores rounds by their number.
     """
     import importlib.metadata
     import platform
@@ -106,18 +109,29 @@ def provenance() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    from jaxmem.mesh import cpu_cores
+
     device = jax.devices()[0]
     return {"python": platform.python_version(), "jax": jax.__version__,
             **{p: version(p) for p in _ROUNDING_PACKAGES[1:]},
-            "platform": device.platform, "device_kind": device.device_kind}
+            "platform": device.platform, "device_kind": device.device_kind,
+            **({"cpu_cores": cpu_cores()} if device.platform == "cpu" else {})}
 
 
-def _version_change(then: Any, now: dict[str, Any]) -> str | None:
+def _version_change(then: Any, now: dict[str, Any], devices: Any = None) -> str | None:
     """``"jax 0.10.2 -> 0.11.2, ..."`` for the rounding packages whose versions differ
-    between two :func:`provenance` records; None if none does or ``then`` is not one."""
+    between two :func:`provenance` records, and ``"CPU cores 2 -> 1"`` where the training
+    ran on fewer CPU devices (``devices``) than cores, so that a device's products were
+    split over the cores (one device per core rounds alike on any number); None if
+    nothing differs or ``then`` is not a record."""
     if not isinstance(then, dict):
         return None
     changed = [f"{p} {then.get(p)} -> {now.get(p)}" for p in _ROUNDING_PACKAGES if then.get(p) != now.get(p)]
+    cores = (then.get("cpu_cores"), now.get("cpu_cores"))
+    if (None not in cores and cores[0] != cores[1] and isinstance(devices, int)
+            and devices < max(cores)):
+        changed.append(f"CPU cores {cores[0]} -> {cores[1]}, over which {devices} training device(s) split "
+                       "their products")
     return ", ".join(changed) or None
 
 
@@ -696,15 +710,17 @@ class RunCheckpoints:
     def _warn_if_other_versions(self, epoch: int, then: Any) -> None:
         """Warn (once per process) that checkpoint ``epoch``, saved under the software of
         ``then`` (a :func:`provenance` record, or None where none was recorded), is
-        resumed under other jax, jaxlib, flax or optax versions."""
-        change = _version_change(then, self.config[PROVENANCE_KEY])
+        resumed under other jax, jaxlib, flax or optax versions, or CPU cores that change
+        how its devices' products are split (:func:`_version_change`)."""
+        change = _version_change(then, self.config[PROVENANCE_KEY], self.config.get("devices"))
         if change is None or (self.run_dir, int(epoch)) in _warned_versions:
             return
         _warned_versions.add((self.run_dir, int(epoch)))
         _warn.warn(
-            f"checkpoint {epoch} in {self.run_dir} was saved under other versions than this process runs "
+            f"checkpoint {epoch} in {self.run_dir} was saved under "
+            f"{'another setup' if 'CPU cores' in change else 'other versions'} than this process runs "
             f"({change}): a run continued from it matches neither version's uninterrupted run, to float rounding "
-            "(to reproduce a run, train it from the start under one set of versions)", UserWarning)
+            "(to reproduce a run, train it from the start under one set of versions and cores)", UserWarning)
 
     def _damaged(self, epoch: int, err: Exception) -> CheckpointDamagedError:
         earlier = [s for s in self._manager.all_steps() if s < epoch]

@@ -376,7 +376,8 @@ def _run_provenance(directory: str, now: dict[str, Any]) -> dict[str, Any]:
         return now
     earlier = list(before.get("earlier", []))
     last = {k: v for k, v in before.items() if k != "earlier"}
-    if last != now:
+    # a key the earlier record lacks (cpu_cores, from an older jaxmem) tells nothing
+    if any(last.get(k) != v for k, v in now.items() if k in last):
         earlier.append(last)
     return {**now, "earlier": earlier} if earlier else now
 

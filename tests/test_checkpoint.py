@@ -486,6 +486,39 @@ def test_provenance_is_recorded_not_compared_and_other_versions_warn_once(tmp_pa
         ck.close()
 
 
+def test_a_resume_on_other_cores_warns_where_a_device_spans_several(tmp_path):
+    """One CPU device splits its products over the process's cores, so its rounding
+    follows their number (taskset -c 0 against two cores moved M by up to 0.07 nats after
+    30 epochs); a resume under another count was silent. One device per core rounds alike
+    on any count: no warning there."""
+    import warnings
+
+    from jaxmem.mesh import cpu_cores
+
+    now = provenance()
+    assert now["cpu_cores"] == cpu_cores()
+    tree = {"w": jnp.arange(3.0)}
+    other = now["cpu_cores"] + 3
+    for devices, warns in ((1, True), (other, False)):
+        run = tmp_path / str(devices)
+        ck = RunCheckpoints(run, {"a": 1, "devices": devices})
+        ck.save(1, tree, {"e": [1]})
+        ck.close()
+        _edit_configs(run, lambda c: {**c, "provenance": {**c["provenance"], "cpu_cores": other}})
+        ck = RunCheckpoints(run, {"a": 1, "devices": devices})
+        try:
+            if warns:
+                with pytest.warns(UserWarning, match=rf"CPU cores {other} -> {now['cpu_cores']}, over which 1 "
+                                                     r"training device\(s\) split their products"):
+                    ck.restore(tree)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    ck.restore(tree)
+        finally:
+            ck.close()
+
+
 def test_an_x64_mismatch_names_the_setting_and_how_to_match_it(tmp_path):
     """A run directory trained with jax_enable_x64 on, resumed with it off: the message says
     so and how to resume (not "stored true vs now \"<missing>\"" and "use a new run
