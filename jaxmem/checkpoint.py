@@ -393,7 +393,8 @@ class _OrbaxNoise(logging.Filter):
     ``wait`` or ``close`` (:meth:`RunCheckpoints._raise_failure` words it). Only those are
     dropped, asyncio's for as long as the process lives: orbax's records below ERROR,
     asyncio's about other folders, other packages' records and other unraisable
-    exceptions pass.
+    exceptions pass. Also dropped: orbax's warning that it removes the unfinished step of
+    a save interrupted in an earlier session (the resume starts from the newest complete one).
     """
 
     _ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__)))  # .../orbax
@@ -429,8 +430,12 @@ class _OrbaxNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "absl":
-            return not (record.levelno == logging.ERROR
-                        and os.path.abspath(record.pathname).startswith(self._ORBAX_DIR + os.sep))
+            if not os.path.abspath(record.pathname).startswith(self._ORBAX_DIR + os.sep):
+                return True
+            # orbax removing the unfinished step of a save interrupted earlier (a notebook's
+            # "interrupt kernel"): the resume restores the newest complete one, as it says.
+            unfinished = "Removing existing directory since it is not finalized" in str(record.msg)
+            return not (record.levelno == logging.ERROR or unfinished)
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or "exception was never retrieved" not in str(record.msg):
             return True

@@ -693,3 +693,26 @@ def test_close_twice_does_nothing_and_releases_the_directory(tmp_path):
     again = RunCheckpoints(tmp_path / "run", {"lr": 0.1})  # the directory is free
     assert again.latest_epoch() == 1
     again.close()
+
+
+def test_orbax_notice_of_an_unfinished_step_is_dropped(tmp_path, caplog):
+    """A save interrupted in an earlier session (a notebook's "interrupt kernel") leaves
+    `<epoch>.orbax-checkpoint-tmp`; saving that epoch again had orbax log an absl WARNING
+    ("... Removing existing directory since it is not finalized") to Python users."""
+    import logging
+
+    tree = {"w": jnp.arange(3.0)}
+    ck = RunCheckpoints(tmp_path, {"a": 1})
+    ck.save(1, tree, {"e": [1]})
+    ck.close()
+    ck = RunCheckpoints(tmp_path, {"a": 1})
+    os.makedirs(os.path.join(ck._steps_dir, "2.orbax-checkpoint-tmp"))
+    try:
+        ck.restore(tree)
+        with caplog.at_level(logging.INFO):
+            ck.save(2, tree, {"e": [1, 2]})
+            ck.wait()
+    finally:
+        ck.close()
+    assert not [r for r in caplog.records if "not finalized" in r.getMessage()], caplog.text
+    assert latest_epoch(str(tmp_path)) == 2
