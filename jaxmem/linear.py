@@ -425,7 +425,8 @@ def _whitener(
     return _Factor(pre, scale, Wp, None, rank, float("nan"), kappa)
 
 
-def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: float, n: int | None = None) -> None:
+def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: float, n: int | None = None,
+                 *, qr: bool = False) -> None:
     """Warn when directions other than all-zero columns fall below the rank tolerance.
 
     Such an ``X`` is exactly collinear, or full rank but too ill-conditioned to resolve in
@@ -439,7 +440,11 @@ def _warn_if_cut(rank: int, p: int, zero_columns: int, dt: np.dtype, rel_tol: fl
             cure = (f"X has only n={n} rows for its {p - zero_columns} non-zero columns, so at most {n} "
                     "directions can be kept; rcond sets the cut")
         else:
-            cure = "If X is full rank, use dtype=jnp.float64 and method='qr'; rcond sets the cut"
+            missing = [opt for opt, used in (("dtype=jnp.float64", np.dtype(dt) == np.float64),
+                                             ("method='qr'", qr)) if not used]
+            cure = (f"If X is full rank, use {' and '.join(missing)}; rcond sets the cut" if missing else
+                    "In float64 by QR this is X's own rank (columns that are linear combinations of "
+                    "others): drop one of each dependent set; rcond sets the cut")
         _warn.warn(
             f"X has numerical rank {rank} of {p} columns in {np.dtype(dt).name}: {cut} direction(s) besides "
             f"all-zero columns have singular values below {rel_tol:.2g} x the largest (after column "
@@ -483,7 +488,7 @@ def _factor_qr(X: jax.Array, dt: np.dtype, rcond: float | None) -> _Factor:
     kappa = float(sv_h[0] / sv_h[keep].min())  # descending
     if rank == p:
         return _Factor(None, scale, W, Q, p, float(logdet), kappa)
-    _warn_if_cut(rank, p, int(jnp.sum(jnp.all(X == 0, axis=0))), dt, rel, n)
+    _warn_if_cut(rank, p, int(jnp.sum(jnp.all(X == 0, axis=0))), dt, rel, n, qr=True)
     idx = np.nonzero(keep)[0]
     Z = jnp.matmul(Q[:n], U[:, idx], precision=_HI)
     Wp = Vt[idx].T / sv[idx][None, :]

@@ -508,6 +508,8 @@ def memorization(
     ``repeats`` by default, the paper's design, which ran 10 x 10) in one jitted program, then evaluates
     ``ll[m, i]``, the importance-weighted log-likelihood (``num_samples`` samples) of
     example ``i`` under member ``m``, and scores it (:func:`jaxmem.scores.memorization_scores`).
+    Each call compiles its training program anew (as :func:`jaxmem.ensemble.fit` does),
+    seconds for small models, even when an identical call ran before in the process.
 
     Args:
       x: f32 ``[n, *example_shape]`` examples (images in [0, 1]).

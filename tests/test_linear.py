@@ -180,6 +180,13 @@ def test_warnings_point_at_the_callers_line():
             call()
         where = {(w.filename, w.lineno) for w in record if "numerical rank" in str(w.message)}
         assert {f for f, _ in where} == {__file__}, (name, where)
+    # the advice names only the options the call did not use
+    for method, advice in (("cholesky", "If X is full rank, use method='qr'"),
+                           ("qr", "In float64 by QR this is X's own rank")):
+        with pytest.warns(RuntimeWarning, match="numerical rank 4 of 5") as record:
+            jl.leverage(dup, dtype=F64, method=method)
+        text = " ".join(str(w.message) for w in record)
+        assert advice in text and "dtype=jnp.float64" not in text, text
 
 
 def test_ill_conditioned_float32_cholesky_warns():
