@@ -64,6 +64,7 @@ keys are threefry2x32 whatever ``jax_default_prng_impl`` says (:func:`seed_key`)
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import os
@@ -396,10 +397,40 @@ def _graphdef_of(model: Any) -> Any:
     return nnx.split(_module_of(model), nnx.Param, ...)[0]
 
 
+def _extra_args_taken(tx: Any) -> tuple[str, ...]:
+    """Which of ``value``, ``grad`` and ``value_fn`` ``tx.update`` takes: all three for an
+    ``optax.GradientTransformationExtraArgs`` whose update has ``**extra_args`` (optax's own:
+    chains, reduce_on_plateau, lbfgs), those it names otherwise, none for a plain
+    ``GradientTransformation`` (whose update takes none)."""
+    names = ("value", "grad", "value_fn")
+    if not isinstance(tx, optax.GradientTransformationExtraArgs):
+        return ()
+    try:
+        parameters = inspect.signature(tx.update).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): optax's protocol
+        return names
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return names
+    return tuple(n for n in names if n in {p.name for p in parameters})
+
+
+def _without_intermediates(module: nnx.Module, *, copy: bool) -> nnx.Module:
+    """``module`` without values it sowed (``nnx.Intermediate``, e.g. from a call of its loss
+    before training): outputs of a call, not state that steps carry (they are dropped after
+    every step too). A copy of a user's instance, not the instance, when ``copy``."""
+    if not nnx.state(module, nnx.Intermediate):
+        return module
+    if copy:
+        module = nnx.clone(module)
+    nnx.pop(module, nnx.Intermediate)
+    return module
+
+
 def _module_of(model: Any) -> nnx.Module:
-    """``model`` itself, or for a factory the abstract module it builds (shapes only)."""
+    """``model`` itself (without sown values), or for a factory the abstract module it builds
+    (shapes only)."""
     if isinstance(model, nnx.Module):
-        return model
+        return _without_intermediates(model, copy=True)
     if not callable(model):
         raise TypeError(
             "model must be an nnx.Module or a factory seed -> nnx.Module, "
@@ -409,7 +440,7 @@ def _module_of(model: Any) -> nnx.Module:
         module = model(0)
         if not isinstance(module, nnx.Module):
             raise TypeError(f"model factory returned {type(module).__name__}, not an nnx.Module")
-        return module
+        return _without_intermediates(module, copy=False)
 
     return nnx.eval_shape(build)  # shapes only: nothing is allocated
 
@@ -423,6 +454,7 @@ def _build_members(model: Any, num_members: int, seed: int):
         # rngs) are the instance's folded with m. Copied as they are, every member drew the
         # same dropout masks at every step. Member 0 keeps the instance's, so that one
         # member trains as the instance would alone.
+        model = _without_intermediates(model, copy=True)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         stack = lambda s: jax.tree.map(lambda a: jnp.stack([a] * num_members), s)  # noqa: E731
 
@@ -437,6 +469,7 @@ def _build_members(model: Any, num_members: int, seed: int):
         module = model(member_init_seed(seed, m))
         if not isinstance(module, nnx.Module):
             raise TypeError(f"model factory returned {type(module).__name__}, not an nnx.Module")
+        module = _without_intermediates(module, copy=False)
         modules.append(module)
         parts.append(nnx.split(module, nnx.Param, ...))
     graphdef = parts[0][0]
@@ -560,9 +593,10 @@ def make(
         starts from its parameters). The module must have ``loss(batch, key) -> f32[B]``
         (nats per example, docs/CONTRACTS.md).
       tx: optax transformation, applied to each member separately. One that takes extra
-        arguments (``optax.GradientTransformationExtraArgs``) gets ``value`` (the member's
-        mean batch loss), ``grad`` and ``value_fn`` (that loss on the same batch and key),
-        as ``optax.contrib.reduce_on_plateau`` and ``optax.lbfgs`` need. The members'
+        arguments (``optax.GradientTransformationExtraArgs``) gets those of ``value`` (the
+        member's mean batch loss), ``grad`` and ``value_fn`` (that loss on the same batch,
+        key and state) that its update accepts, as ``optax.contrib.reduce_on_plateau`` and
+        ``optax.lbfgs`` need. The members'
         parameters are those the optimizer state holds: for optimizers whose evaluation
         parameters differ (``optax.contrib.schedule_free_*``), the held-out losses and any
         scores use the training ones unless you map them through
@@ -652,6 +686,7 @@ def make(
         NamedSharding(mesh, P()),
     )
     plan_id = plan_fingerprint(keep)
+    extra_args = _extra_args_taken(tx)
     module = _module_of(model)  # for a factory, abstract: shapes only
     graphdef, params1, rest1 = nnx.split(module, nnx.Param, ...)
 
@@ -693,18 +728,15 @@ def make(
                 losses, new_rest = member_loss(p, rest, batch, lkey)
             return jnp.mean(losses), new_rest
 
-        (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        if isinstance(tx, optax.GradientTransformationExtraArgs):
-            # What optax's loss-aware transformations take (reduce_on_plateau: value;
-            # lbfgs: value, grad and value_fn): this member's batch loss, on the same batch
-            # and key. optax.chain passes each only to the transformations that take it.
-            updates, opt_state = tx.update(
-                grads, opt_state, params, value=loss, grad=grads, value_fn=lambda p: objective(p)[0]
-            )
-        else:
-            updates, opt_state = tx.update(grads, opt_state, params)
+        (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        # What optax's loss-aware transformations take (reduce_on_plateau: value; lbfgs:
+        # value, grad and value_fn): this member's batch loss, and value_fn that loss on the
+        # same batch, key and state (rest before this step's update of it), for those of
+        # the three that tx.update accepts (optax.chain accepts all and passes them on).
+        extra = {"value": loss, "grad": grads, "value_fn": lambda p: objective(p)[0]}
+        updates, opt_state = tx.update(grads, opt_state, params, **{k: extra[k] for k in extra_args})
         params = optax.apply_updates(params, updates)
-        return params, rest, opt_state, loss.astype(jnp.float32)
+        return params, new_rest, opt_state, loss.astype(jnp.float32)
 
     def member_schedule(plan_m: _PlanRows, key, epoch):
         u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), (n,), jnp.float32)
