@@ -409,12 +409,10 @@ def _scores_program(ll, keep, key, quantile, rank, *, mesh, method, num_bootstra
 
 
 def _quantile_rank(n: int, q: float) -> int:
-    """``k = floor(q (n - 1))``, the rank (0-based, ascending) below the ``q`` quantile of
-    ``n`` values (linear interpolation), with ``q (n - 1)`` snapped to a whole number it
-    misses by rounding only (0.95 * 20 is 18.999999999999996 in float64, not 19)."""
-    pos = float(q) * (n - 1)
-    near = round(pos)
-    return int(near) if abs(pos - near) <= 8 * np.finfo(np.float64).eps * max(1.0, pos) else int(np.floor(pos))
+    """The rank ``k`` (0-based, ascending) of the sorted value at or below the ``q``
+    quantile of ``n`` values: ``floor(q (n - 1))`` in float64, the index at which
+    :func:`numpy.quantile` (linear interpolation) starts interpolating."""
+    return min(max(int(np.floor((n - 1) * float(q))), 0), n - 1)
 
 
 def _quantile_flags(scores, q, rank):
@@ -664,7 +662,8 @@ def quantile_flags(scores: Any, quantile: float) -> tuple[jax.Array, jax.Array]:
     Returns:
       ``(flags, threshold)``: bool ``[examples]`` and the scalar threshold (linear
       interpolation, as :func:`numpy.quantile`). A score is flagged when it lies above
-      the quantile, decided by rank (above the ``floor(quantile * (n - 1))``-th smallest):
+      the quantile, decided by rank (above the ``k``-th smallest, ``k = floor(quantile * (n - 1))``
+      in float64 as numpy places it):
       ``scores > threshold``, except that a threshold rounded onto a score (two scores a
       few ulps apart around the quantile) does not unflag it.
 

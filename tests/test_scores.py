@@ -315,6 +315,13 @@ def test_quantile_flags_are_exact_where_the_threshold_rounds_onto_a_score():
                                  mesh=make_mesh(1))  # U = M, V = 0
     np.testing.assert_array_equal(np.asarray(scores.highly_memorized), want)
     assert jaxmem.report.summary(M, quantile=q)["num_highly_memorized"] == 1
+    # q (n - 1) a hair below a whole number in float64 (0.7 * 90 = 62.99999999999999):
+    # numpy's index, not a rounded one (a snap to 63 left the score 63 unflagged)
+    x = np.arange(91.0, dtype=np.float32)
+    want = x > np.quantile(x.astype(np.float64), 0.7)
+    assert want.sum() == 28
+    np.testing.assert_array_equal(np.asarray(quantile_flags(x, 0.7)[0]), want)
+    assert jaxmem.report.summary(x, quantile=0.7)["num_highly_memorized"] == 28
     # near-ties at random quantiles and sizes: the flags are the float64 rule's, by rank
     rng = np.random.default_rng(0)
     for _ in range(200):
