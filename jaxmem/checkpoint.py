@@ -150,6 +150,11 @@ def _x64_mismatch(stored: dict[str, Any], config: dict[str, Any]) -> str | None:
             f"so a run resumes only under the setting it began with): {cure}")
 
 
+def _path(path: str | os.PathLike) -> str:
+    """A path argument as a string, ``~`` expanded (a folder named ``~`` is never meant)."""
+    return os.path.expanduser(os.fspath(path))
+
+
 def check_x64(run_dir: str | os.PathLike) -> None:
     """Refuse, before anything is opened or written, to resume the checkpoints in
     ``run_dir`` under another ``jax_enable_x64`` setting than they were trained under.
@@ -161,7 +166,8 @@ def check_x64(run_dir: str | os.PathLike) -> None:
     Raises:
       ConfigMismatchError: the setting differs; the message says how to match it.
     """
-    path = os.path.join(os.fspath(run_dir), "config.json")
+    run_dir = _path(run_dir)
+    path = os.path.join(run_dir, "config.json")
     if not _epochs_on_disk(run_dir) or not os.path.isfile(path):
         return
     mismatch = _x64_mismatch(_read_config(path), {"jax_enable_x64": True} if jax.config.jax_enable_x64 else {})
@@ -175,13 +181,13 @@ def latest_epoch(run_dir: str | os.PathLike) -> int | None:
     For a look before a run (to report that it will resume, or refuse it) without
     :class:`RunCheckpoints`, which checks and writes the configuration.
     """
-    return max(_epochs_on_disk(run_dir), default=None)
+    return max(_epochs_on_disk(_path(run_dir)), default=None)
 
 
 def incomplete_note(run_dir: str | os.PathLike, epoch: int) -> str:
     """``""``, or a note for a message about checkpoint ``epoch`` of ``run_dir`` whose
     folder lacks orbax's parts (an empty or partly copied folder, not a checkpoint)."""
-    path = os.path.join(os.fspath(run_dir), _STEPS_DIR, str(epoch))
+    path = os.path.join(_path(run_dir), _STEPS_DIR, str(epoch))
     missing = [part for part in ("state", "history") if not os.path.isdir(os.path.join(path, part))]
     if not missing:
         return ""
@@ -328,7 +334,7 @@ def run_lock(directory: str | os.PathLike, what: str = "run directory") -> Itera
     Raises:
       RunDirectoryBusyError: another run (in another thread or process) holds ``directory``.
     """
-    lock = _Lock(os.path.abspath(os.fspath(directory)), what)
+    lock = _Lock(os.path.abspath(_path(directory)), what)
     try:
         yield
     finally:
@@ -518,7 +524,7 @@ class RunCheckpoints:
         added_later: tuple[str, ...] = (),
         hints: dict[str, Callable[[Any], str]] | None = None,
     ):
-        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.run_dir = os.path.abspath(_path(run_dir))
         steps_dir = os.path.join(self.run_dir, _STEPS_DIR)
         for d in (self.run_dir, steps_dir):  # before orbax, which fails on them with thread noise
             if os.path.lexists(d) and not os.path.isdir(d):
@@ -891,7 +897,7 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[IO], Any], *, bi
         file is removed, and the error (of the same errno, raised from the original) names
         ``path``. Any other exception of ``write`` removes it too.
     """
-    path = os.fspath(path)
+    path = _path(path)
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="") as f:

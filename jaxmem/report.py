@@ -318,7 +318,7 @@ def _figure(path, figsize, metadata: dict[str, str] | None = None):
     ``path`` (:func:`jaxmem.checkpoint._write_atomically`)."""
     from jaxmem.checkpoint import _write_atomically
 
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with mpl.rc_context(_STYLE):
         fig = Figure(figsize=figsize, layout="constrained")

@@ -681,6 +681,16 @@ def test_out_dir_paths_that_are_not_a_folder_yet(digits, tmp_path, monkeypatch):
     assert jaxmem.load_dataset("~/x.npy").x.shape == x.shape
     np.save(tmp_path / "home" / "t.npy", x.reshape(40, -1))
     assert jaxmem.data.read_table("~/t.npy")[0].shape == (40, x[0].size)
+    from jaxmem import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.latest_epoch("~/run/checkpoints") == 1  # was None, silently
+    checkpoint.check_x64("~/run/checkpoints")
+    with jaxmem.run_lock("~/locked"):  # made a folder named "~" in the working directory
+        assert (tmp_path / "home" / "locked").is_dir()
+    jaxmem.report.plot_score_distribution(r.M, "~/figs/m.png")
+    assert (tmp_path / "home" / "figs" / "m.png").is_file()
+    assert not (tmp_path / "~").exists()
 
 
 def test_a_plan_that_leaves_the_stderr_undefined_is_warned_of_before_training(digits):
