@@ -653,7 +653,7 @@ def _redundant_columns(design: Any, full: int | None = None) -> list[int]:
 
 
 @contextlib.contextmanager
-def _quiet_rank_cut(redundant: list[int]) -> Iterator[None]:
+def _quiet_rank_cut(redundant: list[int] | bool) -> Iterator[None]:
     """jaxmem.linear's rank warning silenced where the command names the redundant columns
     itself (the warning's advice is for Python callers: dtype and method options)."""
     with warnings.catch_warnings():
@@ -686,8 +686,9 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
     # timestamp, kappa ~ 1e7 with the intercept) makes visible even in float64. At table
     # sizes the QR costs nothing noticeable.
     opts = {"dtype": np.float64, "method": "qr"}
-    redundant = _redundant_columns(design, rank)
-    with _quiet_rank_cut(redundant):
+    wide = n <= rank  # too few rows, not redundant columns: every row's leverage is 1
+    redundant = [] if wide else _redundant_columns(design, rank)
+    with _quiet_rank_cut(redundant or wide):
         if y is not None:  # before creating --out, which a refused target would leave empty
             try:
                 inf = linear.influence(design, y, **opts)
@@ -696,6 +697,9 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
             ratio = linear.loo_log_density_ratio_regression(design, y, **opts)
         else:
             h = np.asarray(linear.leverage(design, **opts))
+    if wide:
+        _info(f"note: {n} row(s) for {p} column(s) + intercept: the rows span no more than the columns, so "
+              "every row's leverage is 1 (each row alone decides a direction of the fit)")
     if redundant:
         cut = ", ".join(repr(names[j - 1]) for j in redundant)
         _info(f"note: column(s) {cut} are linear combinations of the other columns and the intercept "
@@ -728,7 +732,7 @@ def _cmd_leverage(args: argparse.Namespace) -> int:
         cols["leverage"] = h
         what = f"leverage of [1, X], {p} column(s)"
         try:
-            with _quiet_rank_cut(redundant):
+            with _quiet_rank_cut(redundant or wide):
                 ratio = linear.loo_log_density_ratio_gaussian(X, **opts)
         except ValueError as err:
             notes.append(f"no Gaussian LOO density ratio: {err}")

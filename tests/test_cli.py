@@ -707,6 +707,12 @@ def test_leverage_row_need_follows_the_rank(tmp_path):
     assert code == 0, err
     assert [float(r["leverage"]) for r in read_csv(tmp_path / "w" / "leverage.csv")] == pytest.approx([1.0] * 4)
     assert "no Gaussian LOO density ratio" in out
+    # three rows, three columns: too few rows, not columns that are combinations of others
+    np.savetxt(tmp_path / "three.csv", np.c_[a, b, y][:3], delimiter=",", header="a,b,y", comments="")
+    code, out, err = _run_quietly("leverage", tmp_path / "three.csv", "--out", tmp_path / "t3")
+    assert code == 0, err
+    assert "3 row(s) for 3 column(s) + intercept" in err and "every row's leverage is 1" in err, err
+    assert "linear combinations" not in err and "warning" not in err, err
 
 
 def test_redundant_columns_follow_the_fits_rank_cut():
