@@ -16,6 +16,8 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     reaches a warning through another (``influence`` -> ``leverage`` -> the factorization)
     pointed it into jaxmem, where Python's once-per-location filter also merged the warnings
     of different call sites. (Python 3.12's ``skip_file_prefixes`` does this; 3.11 lacks it.)
+    Their module is then the caller's: filter them by message or category, not by
+    ``module="jaxmem"``.
     """
     frame, level = sys._getframe(1), 2  # stacklevel 2 is warn's caller
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):

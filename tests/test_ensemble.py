@@ -102,6 +102,35 @@ def test_heldout_values_never_reach_their_member():
                    for a, b in zip(leaves(base.params), leaves(changed.params)))
 
 
+def plain_training(tx, keep_row, *, seed, batch, epochs, pass_value=False):
+    """One member trained by a plain optax loop written here, from the documented
+    derivations (init seed, batch order and loss keys) without the ensemble: (params,
+    optimizer state). ``pass_value``: give ``tx.update`` the batch loss as ``value=``."""
+    model = tiny(ensemble.member_init_seed(seed, 0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+    mkey = jax.random.fold_in(jax.random.key(seed), 0)
+    train_idx = np.flatnonzero(keep_row)
+    steps = -(-train_idx.size // batch)
+
+    @jax.jit
+    def step(params, opt_state, xb, key):
+        loss_fn = lambda p: jnp.mean(nnx.merge(graphdef, p, rest).loss(xb, key))  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, **({"value": loss} if pass_value else {}))
+        return optax.apply_updates(params, updates), opt_state
+
+    t = 0
+    for e in range(epochs):
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(mkey, 0), e), (N,)))
+        order = train_idx[np.argsort(u[train_idx], kind="stable")]
+        order = order[np.arange(steps * batch) % order.size].reshape(steps, batch)
+        for s in range(steps):
+            params, opt_state = step(params, opt_state, X[order[s]], jax.random.fold_in(jax.random.fold_in(mkey, 1), t))
+            t += 1
+    return params, opt_state
+
+
 def test_one_member_equals_plain_training():
     """K=1 through the ensemble vs a plain optax loop written here, same seed and order."""
     seed, batch, epochs = 3, 8, 2
@@ -112,31 +141,7 @@ def test_one_member_equals_plain_training():
     for _ in range(epochs):
         state, metrics = ens.epoch(state, X)
 
-    # Reference: the documented derivations, reimplemented without the ensemble.
-    model = tiny(ensemble.member_init_seed(seed, 0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adam(1e-2)
-    opt_state = tx.init(params)
-    mkey = jax.random.fold_in(jax.random.key(seed), 0)
-    train_idx = np.flatnonzero(keep[0])
-    steps = -(-train_idx.size // batch)
-
-    @jax.jit
-    def step(params, opt_state, xb, key):
-        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest).loss(xb, key))  # noqa: E731
-        grads = jax.grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    t = 0
-    for e in range(epochs):
-        u = np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(mkey, 0), e), (N,)))
-        order = train_idx[np.argsort(u[train_idx], kind="stable")]
-        order = order[np.arange(steps * batch) % order.size].reshape(steps, batch)
-        for s in range(steps):
-            key = jax.random.fold_in(jax.random.fold_in(mkey, 1), t)
-            params, opt_state = step(params, opt_state, X[order[s]], key)
-            t += 1
+    params, _ = plain_training(optax.adam(1e-2), keep[0], seed=seed, batch=batch, epochs=epochs)
     # vmap over one member vs the unbatched program may round differently: float32 tolerance.
     for a, b in zip(leaves(state.params), leaves(params)):
         np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
@@ -894,29 +899,7 @@ def test_loss_aware_optimizers_get_each_members_batch_loss():
     for _ in range(epochs):
         state, _ = ens.epoch(state, X)
 
-    model = tiny(ensemble.member_init_seed(seed, 0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_tx()
-    opt_state = tx.init(params)
-    mkey = jax.random.fold_in(jax.random.key(seed), 0)
-    train_idx = np.flatnonzero(keep[0])
-    steps = -(-train_idx.size // batch)
-
-    @jax.jit
-    def step(params, opt_state, xb, key):
-        loss_fn = lambda p: jnp.mean(nnx.merge(graphdef, p, rest).loss(xb, key))  # noqa: E731
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-        return optax.apply_updates(params, updates), opt_state
-
-    t = 0
-    for e in range(epochs):
-        u = np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(mkey, 0), e), (N,)))
-        order = train_idx[np.argsort(u[train_idx], kind="stable")]
-        order = order[np.arange(steps * batch) % order.size].reshape(steps, batch)
-        for s in range(steps):
-            params, opt_state = step(params, opt_state, X[order[s]], jax.random.fold_in(jax.random.fold_in(mkey, 1), t))
-            t += 1
+    params, opt_state = plain_training(make_tx(), keep[0], seed=seed, batch=batch, epochs=epochs, pass_value=True)
     scale = float(opt_state[1].scale)
     assert scale < 1.0  # the plateau rule acted on the losses it was given (else this proves little)
     assert float(state.opt_state[1].scale[0]) == scale
