@@ -432,7 +432,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
               + ": its log p is a density on that 256-level grid, not on the data's own values")
 
     from jaxmem.checkpoint import run_lock
-    from jaxmem.pipeline import _check_out_dir, _latest_checkpoint, memorization
+    from jaxmem.pipeline import _check_out_dir, _holds_saved_result, _latest_checkpoint, memorization
     from jaxmem.report import _drawable, write_report
 
     # What the report can draw is decided now, not after training.
@@ -488,11 +488,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             latest = _latest_checkpoint(out)
             interrupts.done = latest or 0
             if latest is not None and latest >= args.epochs:
-                saved = os.path.exists(os.path.join(out, "result.npz")) and not os.path.exists(
-                    os.path.join(out, "run.json"))
                 _info(f"all {args.epochs} epochs are checkpointed in {out}: scoring again" + (
                     f" (its saved result is replaced; `{_PROG} report {shlex.quote(out)}` redraws the figures "
-                    "without scoring)" if saved else ""))
+                    "without scoring)" if _holds_saved_result(out) else ""))
             elif latest is not None:
                 _info(f"resuming from the checkpoint of epoch {latest} in {out}")
         _info(stages.get(stage, stage))
@@ -542,11 +540,12 @@ def _report(args: argparse.Namespace, directory: str) -> int:
     data = result.config.get("data", {})
     ds = None
     missing = None  # why the scored images are not at hand
-    if _drawable_shape(data.get("example_shape", ())) and "source" not in data:
+    drawable = _drawable_shape(data.get("example_shape", ()))
+    if drawable and "source" not in data:
         # memorization(out_dir=...) from Python records no source: a grid drawn there
         # (write_report(result, DIR, x)) is kept, not deleted.
         missing = "the run recorded no data source to reload its images from"
-    elif _drawable_shape(data.get("example_shape", ())):
+    elif drawable:
         seed = int(result.config.get("training", {}).get("seed", 0))
         try:
             ds = _load(data, seed=seed, data_dir=args.data_dir)
@@ -810,9 +809,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = getattr(args, "out", None)
         hint = ""
         if args.command == "run" and where:
+            from jaxmem.pipeline import _holds_saved_result
+
             where = os.path.expanduser(where)
-            if os.path.exists(os.path.join(where, "result.npz")) and not os.path.exists(
-                    os.path.join(where, "run.json")):  # the run's result is saved: the report was being written
+            if _holds_saved_result(where):  # the report was being written
                 hint = (f"; the scores are saved in {os.path.join(where, 'result.npz')}: run "
                         f"`{_PROG} report {shlex.quote(where)}` to write the figures and summary")
             else:

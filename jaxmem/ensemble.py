@@ -1124,9 +1124,9 @@ def fit(
 
     ckpt = None
     if run_dir is not None:
-        from jaxmem.checkpoint import RunCheckpoints
+        from jaxmem.checkpoint import RunCheckpoints, _path
 
-        run_dir = os.path.expanduser(os.fspath(run_dir))  # "~/run": not a folder named "~" here
+        run_dir = _path(run_dir)  # "~/run" (also in messages): not a folder named "~" here
 
         cfg = _run_config(ens, model, tx_config, data, state, seed=seed, epochs=epochs, user=config)
         ckpt = RunCheckpoints(run_dir, cfg, max_to_keep=keep_checkpoints, mutable=("epochs",),

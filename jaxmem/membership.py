@@ -341,9 +341,8 @@ class Plan:
         was, and the ``OSError`` names ``path``), and is read back losslessly by
         :func:`load_plan`.
         """
-        from jaxmem.checkpoint import _write_atomically  # orbax's module: only when saving
+        from jaxmem.checkpoint import _write_atomically  # orbax's module: only when saving (it expands "~")
 
-        path = os.path.expanduser(os.fspath(path))
         arrays = {
             "keep": self.keep,
             "metadata": np.array(json.dumps(self.metadata())),

@@ -45,6 +45,7 @@ from jaxmem.checkpoint import (
     _LOCK_FILE,
     PROVENANCE_KEY,
     ConfigMismatchError,
+    _path,
     _read_config,
     _write_atomically,
     _write_json,
@@ -137,7 +138,7 @@ class MemorizationResult:
           OSError: a file cannot be written (e.g. ``ENOSPC``, a full disk): the error
             names it, and no temporary file is left behind.
         """
-        path = os.path.expanduser(os.fspath(directory))
+        path = _path(directory)
         with run_lock(path, "results directory"):  # re-entrant for memorization's own save
             self._save(path)
         return str(directory)
@@ -216,10 +217,10 @@ def load_result(directory: str | os.PathLike) -> MemorizationResult:
         ``config.json`` or ``scores.csv`` that is not the one saved with ``result.npz``,
         or a configuration of more or fewer training epochs than the result's history).
     """
-    directory = os.path.expanduser(os.fspath(directory))  # as memorization(out_dir="~/...") wrote it
+    directory = _path(directory)  # as memorization(out_dir="~/...") wrote it
     path = os.path.join(directory, "result.npz")
     if not os.path.exists(path):
-        stopped = _latest_checkpoint(directory) if os.path.isdir(_run_dir(directory)) else None
+        stopped = _latest_checkpoint(directory)
         if stopped is not None or os.path.exists(os.path.join(directory, _RUN_CONFIG)):
             after = f"after epoch {stopped}" if stopped is not None else "before its first checkpoint"
             raise FileNotFoundError(
@@ -394,6 +395,13 @@ def _check_labels(y: Any, n: int) -> np.ndarray:
         i = int(np.argmax((wide < info.min) | (wide > info.max)))
         raise ValueError(f"label {y[i]} of example {i} does not fit in int32, the labels' stored type")
     return y
+
+
+def _holds_saved_result(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds the saved result of its run (``result.npz``, and no
+    ``run.json`` of a run in progress or stopped since)."""
+    return os.path.exists(os.path.join(out_dir, "result.npz")) and not os.path.exists(
+        os.path.join(out_dir, _RUN_CONFIG))
 
 
 def _latest_checkpoint(out_dir: str | os.PathLike) -> int | None:
@@ -693,7 +701,7 @@ def memorization(
     }
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
-        out_dir = os.path.expanduser(out_dir) if out_dir else out_dir
+        out_dir = _path(out_dir) if out_dir else out_dir
         _check_out_dir(out_dir)
     # The directory is held from its first look to the result (run_lock): a second run
     # started in it meanwhile is refused, not mixed with this one.
