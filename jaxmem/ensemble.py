@@ -80,7 +80,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmem import _warn, models as _models
-from jaxmem.membership import _check_int, _check_keep, _check_seed
+from jaxmem.membership import _check_int, _check_keep, _check_seed, _index_list
 from jaxmem.mesh import (
     _more_devices_advice,
     as_mesh,
@@ -1186,7 +1186,7 @@ def fit(
                     what.append(f"a non-finite training loss ({losses})")
                 if bad_params.any():
                     what.append("non-finite parameters")
-                members = ", ".join([str(m) for m in diverged[:10]] + ["..."] * (diverged.size > 10))
+                members = _index_list(diverged)
                 raise TrainingDivergedError(
                     f"training diverged in epoch {e + 1}: member(s) [{members}] of "
                     f"{num_members} have {' and '.join(what)}; lower the learning rate{kept}"

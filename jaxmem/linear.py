@@ -83,6 +83,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxmem import _warn
+from jaxmem.membership import _index_list
 from jaxmem.mesh import as_mesh, shard_examples, sum_over_examples
 
 __all__ = [
@@ -929,11 +930,6 @@ def _loo_amplification(h, e, eps):
     return jnp.where(undefined, 0.0, amp)
 
 
-def _row_list(rows: np.ndarray) -> str:
-    """``"3, 8, 9, 12, 40, ..."``: the first five row indices a warning names."""
-    return ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
-
-
 def _warn_if_imprecise(
     h: jax.Array, e: jax.Array, rss: float, yy: float, dof: int, dt: np.dtype, kappa: float
 ) -> None:
@@ -947,7 +943,7 @@ def _warn_if_imprecise(
     rows = np.flatnonzero(err > _IMPRECISE_AT)
     if not rows.size:
         return
-    shown = _row_list(rows)
+    shown = _index_list(rows, 5)
     hint = "compute in float64 (dtype=jnp.float64)" if dt != np.float64 else "the data are at float64's limits"
     if chol > _IMPRECISE_AT:
         hint = (f"X is ill-conditioned for the Cholesky path (condition number {kappa:.3g} after column "
@@ -1163,7 +1159,7 @@ def _warn_if_gaussian_imprecise(r: LooDensityRatio, n: int, kappa: float, method
     rows = np.flatnonzero(err > _IMPRECISE_AT)
     if not rows.size:
         return
-    shown = _row_list(rows)
+    shown = _index_list(rows, 5)
     if dt != np.float64:
         cure = "use dtype=jnp.float64" + (" (method='qr' in float32 helps but may not suffice)"
                                           if method != "qr" else "")

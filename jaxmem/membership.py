@@ -52,12 +52,15 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _index_list(idx: np.ndarray, limit: int = 10) -> str:
+    """``"3, 8, 9, ..."``: the first ``limit`` indices of ``idx``, and ``...`` if there are more."""
+    return ", ".join(str(int(i)) for i in idx[:limit]) + (", ..." if idx.size > limit else "")
+
+
 def _describe_indices(idx: np.ndarray, limit: int = 10) -> str:
     """``"3 examples: [0, 5, 9]"`` with at most ``limit`` indices shown."""
-    shown = ", ".join(str(int(i)) for i in idx[:limit])
-    more = ", ..." if idx.size > limit else ""
     noun = "example" if idx.size == 1 else "examples"
-    return f"{idx.size} {noun}: [{shown}{more}]"
+    return f"{idx.size} {noun}: [{_index_list(idx, limit)}]"
 
 
 def _check_keep(keep: Any) -> np.ndarray:
