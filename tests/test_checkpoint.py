@@ -430,6 +430,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(resumed[f"arr_{i}"], a)
 
 
+def _saved(run_dir, config, tree):
+    """A run directory with one checkpoint (epoch 1) of ``tree`` under ``config``."""
+    ck = RunCheckpoints(run_dir, config)
+    ck.save(1, tree, {"e": [1]})
+    ck.close()
+
+
+def _restore_without_warning(run_dir, config, tree):
+    """Restore the run directory's checkpoint with every warning an error."""
+    import warnings
+
+    ck = RunCheckpoints(run_dir, config)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ck.restore(tree)
+    finally:
+        ck.close()
+
+
 def _edit_configs(run_dir, edit):
     """Apply ``edit(config) -> config`` to a run directory's config.json and to the
     configuration saved with each of its checkpoints (as another jax, or an older jaxmem,
@@ -454,9 +474,7 @@ def test_provenance_is_recorded_not_compared_and_other_versions_warn_once(tmp_pa
     assert now["jax"] == jax.__version__ and now["platform"] == jax.devices()[0].platform
     assert {"python", "jaxlib", "flax", "optax", "device_kind"} <= set(now)
     tree = {"w": jnp.arange(3.0)}
-    ck = RunCheckpoints(tmp_path, {"a": 1})
-    ck.save(1, tree, {"e": [1]})
-    ck.close()
+    _saved(tmp_path, {"a": 1}, tree)
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["provenance"] == now
 
@@ -477,13 +495,7 @@ def test_provenance_is_recorded_not_compared_and_other_versions_warn_once(tmp_pa
         ck.close()
     # Written before provenance was recorded: nothing to compare, nothing to warn of.
     _edit_configs(tmp_path, lambda c: {k: v for k, v in c.items() if k != "provenance"})
-    ck = RunCheckpoints(tmp_path, {"a": 1})
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            ck.restore(tree)
-    finally:
-        ck.close()
+    _restore_without_warning(tmp_path, {"a": 1}, tree)
 
 
 def test_a_resume_on_other_cores_warns_where_a_device_spans_several(tmp_path):
@@ -491,7 +503,6 @@ def test_a_resume_on_other_cores_warns_where_a_device_spans_several(tmp_path):
     follows their number (taskset -c 0 against two cores moved M by up to 0.07 nats after
     30 epochs); a resume under another count was silent. One device per core rounds alike
     on any count: no warning there."""
-    import warnings
 
     from jaxmem.mesh import cpu_cores
 
@@ -501,20 +512,16 @@ def test_a_resume_on_other_cores_warns_where_a_device_spans_several(tmp_path):
     other = now["cpu_cores"] + 3
     for devices, warns in ((1, True), (other, False)):
         run = tmp_path / str(devices)
-        ck = RunCheckpoints(run, {"a": 1, "devices": devices})
-        ck.save(1, tree, {"e": [1]})
-        ck.close()
+        _saved(run, {"a": 1, "devices": devices}, tree)
         _edit_configs(run, lambda c: {**c, "provenance": {**c["provenance"], "cpu_cores": other}})
+        if not warns:
+            _restore_without_warning(run, {"a": 1, "devices": devices}, tree)
+            continue
         ck = RunCheckpoints(run, {"a": 1, "devices": devices})
         try:
-            if warns:
-                with pytest.warns(UserWarning, match=rf"CPU cores {other} -> {now['cpu_cores']}, over which 1 "
-                                                     r"training device\(s\) split their products"):
-                    ck.restore(tree)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    ck.restore(tree)
+            with pytest.warns(UserWarning, match=rf"CPU cores {other} -> {now['cpu_cores']}, over which 1 "
+                                                 r"training device\(s\) split their products"):
+                ck.restore(tree)
         finally:
             ck.close()
 
@@ -524,9 +531,7 @@ def test_an_x64_mismatch_names_the_setting_and_how_to_match_it(tmp_path):
     so and how to resume (not "stored true vs now \"<missing>\"" and "use a new run
     directory", which threw the training away)."""
     tree = {"w": jnp.arange(3.0)}
-    ck = RunCheckpoints(tmp_path, {"a": 1, "jax_enable_x64": True})
-    ck.save(1, tree, {"e": [1]})
-    ck.close()
+    _saved(tmp_path, {"a": 1, "jax_enable_x64": True}, tree)
     cure = r"trained with jax_enable_x64 on and this process has it off .*resume it with JAX_ENABLE_X64=1"
     with pytest.raises(ConfigMismatchError, match=cure) as err:
         RunCheckpoints(tmp_path, {"a": 1})
@@ -702,9 +707,7 @@ def test_orbax_notice_of_an_unfinished_step_is_dropped(tmp_path, caplog):
     import logging
 
     tree = {"w": jnp.arange(3.0)}
-    ck = RunCheckpoints(tmp_path, {"a": 1})
-    ck.save(1, tree, {"e": [1]})
-    ck.close()
+    _saved(tmp_path, {"a": 1}, tree)
     ck = RunCheckpoints(tmp_path, {"a": 1})
     os.makedirs(os.path.join(ck._steps_dir, "2.orbax-checkpoint-tmp"))
     try:
